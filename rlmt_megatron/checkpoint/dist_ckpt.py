@@ -1,0 +1,83 @@
+"""Megatron distributed checkpoints (``megatron.core.dist_checkpointing``) for resume and convert.
+
+A checkpoint folder holds the sharded tensors, keyed by global names and offsets, so it loads back
+at any TP x PP x VPP plus ``rlmt_model.json`` with what is needed to rebuild the model without the original
+HF folder: the HF config, the role and the padded vocabulary size. Tokenizer files are copied
+beside it so an export needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from rlmt_megatron.errors import CheckpointError
+from rlmt_megatron.models.builder import BuiltModel
+
+META_NAME = "rlmt_model.json"
+FORMAT_VERSION = 1
+
+
+def _sharded_state_dict(built: BuiltModel) -> dict:
+    if len(built.chunks) == 1:
+        return built.chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(built.chunks)}
+
+
+def save_model_checkpoint(built: BuiltModel, ckpt_dir: str | Path, tokenizer_src: Optional[str | Path] = None) -> Path:
+    """Save ``built`` (collective over all ranks) to ``ckpt_dir``."""
+    from megatron.core import dist_checkpointing
+
+    from rlmt_megatron.checkpoint.safetensors_io import copy_tokenizer_files
+
+    ckpt = Path(ckpt_dir)
+    if dist.get_rank() == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(built), str(ckpt))
+    if dist.get_rank() == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "role": built.role,
+            "padded_vocab_size": built.padded_vocab_size,
+            "hf_config": built.spec.raw,
+        }
+        (ckpt / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer_src is not None:
+            copy_tokenizer_files(tokenizer_src, ckpt)
+    dist.barrier()
+    return ckpt
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / META_NAME
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"{ckpt_dir}: not a directory (expected a Megatron checkpoint folder)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a checkpoint written by rlmt_megatron)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    for key in ("role", "padded_vocab_size", "hf_config"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: field '{key}' is missing")
+    return meta
+
+
+def load_model_checkpoint(built: BuiltModel, ckpt_dir: str | Path) -> None:
+    """Load tensors saved by :func:`save_model_checkpoint` into ``built`` (any layout)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        state = dist_checkpointing.load(_sharded_state_dict(built), str(ckpt_dir))
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot load the Megatron checkpoint ({type(e).__name__}: {e})") from None
+    if len(built.chunks) == 1:
+        built.chunks[0].load_state_dict(state, strict=False)
+    else:
+        for i, chunk in enumerate(built.chunks):
+            chunk.load_state_dict(state[f"model{i}"], strict=False)

@@ -1,0 +1,146 @@
+"""Read and write HF safetensors folders (single file or sharded with an index).
+
+Reading is by slice: a TP rank asks for its rows or columns and the file is memory-mapped, so a
+rank never materialises a tensor it does not own. Every failure names the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from rlmt_megatron.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class SafetensorsReader:
+    """Name -> file lookup over an HF folder, with sliced reads."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        single = self.folder / SINGLE_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+        elif single.is_file():
+            self._file_of = {name: single for name in self._keys(single)}
+        else:
+            raise CheckpointError(
+                f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)"
+            )
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+        return self._handles[path]
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def _slice(self, name: str):
+        path = self._file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
+        try:
+            return self._handle(path).get_slice(name), path
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: tensor '{name}' cannot be read ({e})") from None
+
+    def shape(self, name: str) -> list[int]:
+        sl, _ = self._slice(name)
+        return list(sl.get_shape())
+
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Read ``name``, or only ``[start:stop]`` along ``dim``."""
+        sl, path = self._slice(name)
+        try:
+            if dim is None:
+                return sl[:]
+            index = [slice(None)] * len(sl.get_shape())
+            index[dim] = slice(start, stop)
+            return sl[tuple(index)]
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: tensor '{name}' cannot be read ({e})") from None
+
+
+def write_safetensors_folder(
+    tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int = 4 * 2**30
+) -> list[Path]:
+    """Write ``tensors`` as one file, or shards plus an index when larger than ``max_shard_bytes``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        path = folder / SINGLE_NAME
+        save_file(shards[0], str(path), metadata=meta)
+        return [path]
+    paths, weight_map = [], {}
+    for k, shard in enumerate(shards, start=1):
+        path = folder / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=meta)
+        paths.append(path)
+        weight_map.update({name: path.name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_NAME).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    return paths
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path, names: Iterable[str] = ()) -> list[str]:
+    """Copy tokenizer and generation files from an HF folder; returns the names copied."""
+    import shutil
+
+    wanted = set(names) or {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+    }
+    copied = []
+    for name in sorted(wanted):
+        path = Path(src) / name
+        if path.is_file():
+            shutil.copy2(path, Path(dst) / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,64 @@
+"""Typed configuration shared by every role (policy, critic, reference, reward model).
+
+Configs are pydantic models: unknown keys and wrong types fail at load with the field's path,
+which is what a user editing a YAML recipe needs. Later issues add the training sections; this
+module holds what the model builders and the distributed bootstrap consume.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: no unknown keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ParallelConfig(StrictModel):
+    """Model-parallel layout of one role. Data parallelism is derived: world / (tp * pp)."""
+
+    tp: PositiveInt = Field(1, description="tensor-parallel size")
+    pp: PositiveInt = Field(1, description="pipeline-parallel size")
+    vpp: Optional[PositiveInt] = Field(
+        None, description="virtual pipeline stages per rank (interleaved 1F1B); None = off"
+    )
+    sequence_parallel: bool = Field(
+        False, description="shard activations along the sequence inside TP regions (needs tp > 1)"
+    )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        from rlmt_megatron.distributed.layout import check_world_size
+
+        check_world_size(self, world_size)
+        return world_size // (self.tp * self.pp)
+
+
+class PrecisionConfig(StrictModel):
+    """Numerics of one model.
+
+    ``params_dtype`` is the dtype of the weights the model computes with; on CPU only float32 is
+    exercised. ``fp8`` selects a Transformer Engine FP8 recipe and requires the TE layer spec.
+    """
+
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fp8: Optional[Literal["tensorwise", "delayed", "blockwise", "mxfp8"]] = None
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+
+
+class ModelBuildConfig(StrictModel):
+    """How to build a Megatron model from an HF folder."""
+
+    attention_backend: Literal["auto", "te", "sdpa"] = Field(
+        "auto",
+        description="auto: Transformer Engine spec when transformer_engine imports, else local "
+        "spec with SDPA core attention",
+    )
+    make_vocab_size_divisible_by: PositiveInt = Field(
+        128, description="vocab is padded to a multiple of this times tp (Megatron convention)"
+    )
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)

@@ -1,0 +1,77 @@
+"""The one place that starts torch.distributed and Megatron-Core's parallel state.
+
+Backend: NCCL when CUDA is available, gloo otherwise (with the CPU compatibility layer). Under
+torchrun the rendezvous comes from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``, ``LOCAL_RANK``); a plain ``python`` process becomes a world of one on a free
+local port, so every CLI also works without torchrun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from rlmt_megatron.config import ParallelConfig
+from rlmt_megatron.distributed import cpu_compat
+from rlmt_megatron.distributed.layout import check_world_size
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(timeout_minutes: float = 30.0) -> None:
+    """Initialise torch.distributed once; a no-op when it is already initialised."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        cpu_compat.activate()
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: float = 30.0) -> int:
+    """Start torch.distributed and Megatron's TP/PP/DP groups for ``parallel``.
+
+    Returns the data-parallel size. Re-initialising with a different layout tears down the
+    previous model-parallel groups first (tests and CLIs build several roles in one process).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_process_group(timeout_minutes)
+    world = dist.get_world_size()
+    check_world_size(parallel, world)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        distributed_timeout_minutes=int(timeout_minutes),
+    )
+    # Same seed on every rank; Megatron offsets it per TP rank for model-parallel regions.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return world // (parallel.tp * parallel.pp)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's groups and the process group (end of a CLI or test worker)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,186 @@
+"""Build Megatron-Core GPTModels for the three roles from an HF config.
+
+- policy: the LM head (tied to the embedding when the HF model ties them);
+- critic: the same body with a per-token scalar value head;
+- reward: the same body with a scalar score head equal to HF ``*ForSequenceClassification.score``
+  (the score is read at the last non-pad token by the caller).
+
+Both heads replace GPTModel's ``output_layer`` with :class:`ScalarHead`, so GPTModel's own forward,
+pipeline handling and checkpointing stay untouched: the "logits" it returns are [b, s, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from rlmt_megatron.config import ModelBuildConfig
+from rlmt_megatron.distributed.layout import check_model_layout
+from rlmt_megatron.errors import LayoutError
+from rlmt_megatron.models.hf_config import HFModelSpec
+
+Role = Literal["policy", "critic", "reward"]
+ROLES: tuple[str, ...] = ("policy", "critic", "reward")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ScalarHead(torch.nn.Module):
+    """hidden [s, b, h] -> [s, b, 1], replicated on every TP rank.
+
+    Called with GPTModel's output-layer signature. Under sequence parallelism the input is a
+    sequence shard, so it is gathered first; the weight's gradient is then identical on every
+    TP rank and needs no extra reduction.
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden)
+        return F.linear(hidden, self.weight), None
+
+
+def padded_vocab_size(vocab_size: int, build: ModelBuildConfig) -> int:
+    multiple = build.make_vocab_size_divisible_by * build.parallel.tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[build.precision.params_dtype]
+    on_cpu = not torch.cuda.is_available()
+    p = build.parallel
+    fp8 = {}
+    if build.precision.fp8:
+        fp8 = dict(fp8=build.precision.fp8_format, fp8_recipe=build.precision.fp8)
+    config = TransformerConfig(
+        num_layers=spec.num_hidden_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.intermediate_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_key_value_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        # Weights come from checkpoints; random init is only wanted for from-scratch tests.
+        perform_initialization=True,
+        **fp8,
+    )
+    # Micro-batches of different lengths cross pipeline stages (token-budget batching), so PP
+    # must exchange shapes first. Set after construction: __post_init__ rejects the flag for
+    # MoE's default token dispatcher, which dense models never build.
+    config.variable_seq_lengths = True
+    return config
+
+
+@dataclass
+class BuiltModel:
+    """A role's model on this rank: one GPTModel chunk per virtual pipeline stage."""
+
+    spec: HFModelSpec
+    build: ModelBuildConfig
+    role: str
+    chunks: list  # list[GPTModel]
+    padded_vocab_size: int
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.role == "policy" and self.spec.tie_word_embeddings
+
+
+def _apply_llama3_rope_scaling(model, spec: HFModelSpec) -> None:
+    """Megatron hard-codes Llama 3.1's low/high factors and 8192 context; use the config's."""
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None or spec.rope_scaling is None:
+        return
+    s = spec.rope_scaling
+    dim = spec.head_dim
+    base = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rotary.inv_freq = rotary._apply_scaling(
+        base.to(rotary.inv_freq.device),
+        factor=s.factor,
+        low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_position_embeddings,
+    )
+
+
+def build_model(
+    spec: HFModelSpec, role: Role, build: ModelBuildConfig, padded_vocab: int | None = None
+) -> BuiltModel:
+    """Build this rank's chunks of ``role`` for ``spec`` (parallel state must be initialised).
+
+    ``padded_vocab`` overrides the padded vocabulary size (a checkpoint saved at another TP
+    size keeps its own padding; it must still split evenly over this TP size).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from rlmt_megatron.models.layer_specs import decoder_block_spec
+
+    if role not in ROLES:
+        raise ValueError(f"role '{role}' is not one of {ROLES}")
+    check_model_layout(build.parallel, spec)
+    config = transformer_config(spec, build)
+    vocab = padded_vocab or padded_vocab_size(spec.vocab_size, build)
+    if vocab % build.parallel.tp != 0:
+        raise LayoutError(f"{spec.source}: padded vocabulary {vocab} is not divisible by tp={build.parallel.tp}")
+    vpp = build.parallel.vpp
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(build, config, stage),
+            vocab_size=vocab,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=role == "policy" and spec.tie_word_embeddings,
+            parallel_output=True,
+            position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+            rope_scaling=spec.rope_scaling is not None,
+            rope_scaling_factor=spec.rope_scaling.factor if spec.rope_scaling else 8.0,
+            vp_stage=stage,
+        )
+        _apply_llama3_rope_scaling(model, spec)
+        if post and role != "policy":
+            model.output_layer = ScalarHead(spec.hidden_size, config.params_dtype, config.sequence_parallel)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return BuiltModel(spec=spec, build=build, role=role, chunks=chunks, padded_vocab_size=vocab)

@@ -1,0 +1,36 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """The project's tiny HF models (Llama policy, Qwen2 policy, Llama RM), built once."""
+    from rlmt_megatron.tools.tiny_models import build_tiny_models
+
+    out = tmp_path_factory.mktemp("tiny")
+    build_tiny_models(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_sequences(tmp_path_factory, tiny_models) -> tuple[Path, list[list[int]]]:
+    """Token sequences of varied lengths: random ids plus a real chat rendered by the template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models / "llama-policy"))
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Plan a short trip."}, {"role": "assistant", "content": "<think>\nfirst\n</think>\n\nGo north."}],
+        tokenize=False,
+    )
+    g = torch.Generator().manual_seed(7)
+    seqs = [tok(chat, add_special_tokens=False)["input_ids"]]
+    seqs += [torch.randint(0, len(tok), (n,), generator=g).tolist() for n in (2, 9, 17, 31, 5, 12)]
+    path = tmp_path_factory.mktemp("seqs") / "sequences.json"
+    path.write_text(json.dumps(seqs))
+    return path, seqs

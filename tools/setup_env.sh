@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtualenv and install the CPU torch build and the package.
+# Usage: source tools/setup_env.sh [EXTRAS]   (EXTRAS default "test"; e.g. "test,wandb")
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${RLMT_VENV:-$repo/.venv}"
+extras="${1:-test}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first and pinned: this is the CPU build that lies on the machine's disk; an unpinned
+# torch requirement would otherwise pull a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e "$repo[$extras]"
