@@ -1,7 +1,7 @@
 """Megatron models built from the tiny HF checkpoints reproduce transformers at every layout.
 
 Real torchrun processes (gloo on CPU) run the Megatron side at TP x PP in {1x1, 2x1, 1x2, 2x2}
-and interleaved PP (1x2 with 2 virtual stages); the reference is transformers' own
+interleaved PP (1x2 with 2 virtual stages) and sequence parallelism (TP=2); the reference is transformers' own
 LlamaForCausalLM / Qwen2ForCausalLM / LlamaForSequenceClassification / LlamaForTokenClassification,
 computed here in float32. Tolerance 1e-4 (float32 with different reduction orders across TP
 shards; observed differences are ~1e-6).
@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from helpers import torchrun
 
-LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)]
+# (tp, pp, vpp) and "sp": TP=2 with sequence parallelism.
+LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2), (2, 1, "sp")]
 TOL = 1e-4
 
 
@@ -50,7 +51,9 @@ def megatron_outputs(layout, tiny_models, test_sequences, tmp_path_factory):
         export = out.parent / "export" if layout == (2, 2, None) else None
         args = ["tests/workers/parity_worker.py", "--models", str(tiny_models), "--sequences", str(test_sequences[0]),
                 "--tp", str(tp), "--pp", str(pp), "--out", str(out)]
-        if vpp:
+        if vpp == "sp":
+            args += ["--sequence-parallel"]
+        elif vpp:
             args += ["--vpp", str(vpp)]
         if export:
             args += ["--export-dir", str(export)]
@@ -59,7 +62,7 @@ def megatron_outputs(layout, tiny_models, test_sequences, tmp_path_factory):
     return _runs[layout]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}pp{l[1]}" + (f"vpp{l[2]}" if l[2] else ""))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}pp{l[1]}" + ({None: "", "sp": "sp"}.get(l[2], f"vpp{l[2]}")))
 def test_matches_transformers(layout, tiny_models, test_sequences, tmp_path_factory, hf_reference):
     got, _ = megatron_outputs(layout, tiny_models, test_sequences, tmp_path_factory)
     seqs = test_sequences[1]

@@ -24,6 +24,7 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     g.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (default off)")
+    g.add_argument("--sequence-parallel", action="store_true", help="shard activations along the sequence (tp > 1)")
     g.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None,
         help="compute dtype (default: float32 on CPU, bfloat16 on GPU)",
@@ -35,7 +36,7 @@ def build_config_from_args(args: argparse.Namespace) -> ModelBuildConfig:
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     return ModelBuildConfig(
-        parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp),
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel),
         precision=PrecisionConfig(params_dtype=dtype),
     )
 

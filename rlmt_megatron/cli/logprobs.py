@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         built = load_model(args.model, "policy", build)
         rows = encode_rows(args.input, tokenizer, built.spec.vocab_size)
         mine = my_share(rows)
-        batches = make_micro_batches([r["_ids"] for _, r in mine], args.max_tokens_per_batch) if mine else []
+        batches = make_micro_batches([r["_ids"] for _, r in mine], args.max_tokens_per_batch, pad_multiple=built.sequence_multiple) if mine else []
         lps = sequence_logprobs(built, batches, args.temperature) if batches else []
         results = []
         for (i, row), lp in zip(mine, lps):

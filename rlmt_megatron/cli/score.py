@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     with cli_session(build.parallel):
         built = load_model(args.rm, "reward", build)
         mine = my_share(rows)
-        batches = make_micro_batches([ids for _, (_, ids) in mine], args.max_tokens_per_batch) if mine else []
+        batches = make_micro_batches([ids for _, (_, ids) in mine], args.max_tokens_per_batch, pad_multiple=built.sequence_multiple) if mine else []
         scores = sequence_scores(built, batches) if batches else []
         ordered = gather_to_rank0([(i, {**row, "score": float(s)}) for (i, (row, _)), s in zip(mine, scores)])
         if is_rank0():

@@ -115,6 +115,11 @@ class BuiltModel:
     padded_vocab_size: int
 
     @property
+    def sequence_multiple(self) -> int:
+        """Sequence lengths fed to the model must be multiples of this (TP under sequence parallelism)."""
+        return self.build.parallel.tp if self.build.parallel.sequence_parallel else 1
+
+    @property
     def tied_embeddings(self) -> bool:
         return self.role == "policy" and self.spec.tie_word_embeddings
 

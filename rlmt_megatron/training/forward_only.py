@@ -33,11 +33,17 @@ class MicroBatch:
 
 
 def make_micro_batches(
-    sequences: Sequence[Sequence[int]], max_tokens: int, pad_id: int = 0, device: Optional[torch.device] = None
+    sequences: Sequence[Sequence[int]],
+    max_tokens: int,
+    pad_id: int = 0,
+    device: Optional[torch.device] = None,
+    pad_multiple: int = 1,
 ) -> list[MicroBatch]:
     """Group sequences, in order, into right-padded batches of at most ``max_tokens`` padded tokens.
 
-    A sequence longer than the budget gets a batch of its own (it must run somehow).
+    A sequence longer than the budget gets a batch of its own (it must run somehow). Widths are
+    rounded up to ``pad_multiple`` (sequence parallelism splits the sequence over TP ranks; see
+    ``BuiltModel.sequence_multiple``).
     """
     batches: list[MicroBatch] = []
     current: list[int] = []
@@ -46,7 +52,7 @@ def make_micro_batches(
     def flush():
         if not current:
             return
-        width = max(len(sequences[i]) for i in current)
+        width = -(-max(len(sequences[i]) for i in current) // pad_multiple) * pad_multiple
         ids = torch.full((len(current), width), pad_id, dtype=torch.long)
         for row, i in enumerate(current):
             ids[row, : len(sequences[i])] = torch.as_tensor(sequences[i], dtype=torch.long)
@@ -92,6 +98,12 @@ def run_forward_only(
 
         return output, collect
 
+    for mb in micro_batches:
+        if mb.input_ids.shape[1] % built.sequence_multiple:
+            raise ValueError(
+                f"micro-batch width {mb.input_ids.shape[1]} is not a multiple of {built.sequence_multiple} "
+                "(sequence parallelism): build micro-batches with pad_multiple=built.sequence_multiple"
+            )
     real = len(micro_batches)
     micro_batches = _pad_for_interleaving(micro_batches, len(built.chunks))
     iterators = [iter(micro_batches) for _ in built.chunks]
@@ -119,7 +131,8 @@ def _pad_for_interleaving(micro_batches: list[MicroBatch], num_chunks: int) -> l
     if num_chunks == 1 or len(micro_batches) % pp == 0:
         return micro_batches
     missing = pp - len(micro_batches) % pp
-    filler = MicroBatch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), [])
+    width = parallel_state.get_tensor_model_parallel_world_size()  # valid under sequence parallelism too
+    filler = MicroBatch(torch.zeros(1, width, dtype=torch.long), torch.ones(1, dtype=torch.long), [])
     return micro_batches + [filler] * missing
 
 

@@ -26,15 +26,16 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--out", required=True)
     p.add_argument("--export-dir", default=None)
     a = p.parse_args()
     models = Path(a.models)
     seqs = json.loads(Path(a.sequences).read_text())
-    build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp))
+    build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp, sequence_parallel=a.sequence_parallel))
     bootstrap.initialize(build.parallel)
     # Small token budget: several micro-batches, so the pipeline schedule really interleaves.
-    batches = make_micro_batches(seqs, max_tokens=48)
+    batches = make_micro_batches(seqs, max_tokens=48, pad_multiple=a.tp if a.sequence_parallel else 1)
     result = {}
     for name in ("llama-policy", "qwen2-policy"):
         built = load_model(models / name, "policy", build)
