@@ -34,3 +34,15 @@ def test_sequences(tmp_path_factory, tiny_models) -> tuple[Path, list[list[int]]
     path = tmp_path_factory.mktemp("seqs") / "sequences.json"
     path.write_text(json.dumps(seqs))
     return path, seqs
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """This test process as a one-rank world (gloo, CPU compat layer), torn down afterwards."""
+    from rlmt_megatron.config import ModelBuildConfig
+    from rlmt_megatron.distributed import bootstrap
+
+    build = ModelBuildConfig()
+    bootstrap.initialize(build.parallel)
+    yield build
+    bootstrap.shutdown()

@@ -115,18 +115,6 @@ def test_cli_reports_indivisible_layout(tiny_models, tmp_path):
     assert "error: world size 1 is not divisible by tp*pp = 2*1 = 2" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """This test process as a one-rank world (gloo, CPU compat layer), torn down afterwards."""
-    from rlmt_megatron.config import ModelBuildConfig
-    from rlmt_megatron.distributed import bootstrap
-
-    build = ModelBuildConfig()
-    bootstrap.initialize(build.parallel)
-    yield build
-    bootstrap.shutdown()
-
-
 def _load_single_process(model_dir, build):
     from rlmt_megatron.checkpoint.load import load_model
 

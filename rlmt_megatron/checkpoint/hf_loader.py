@@ -34,7 +34,7 @@ def _tp():
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
-def _read_part(reader: SafetensorsReader, name: str, rule, tp_rank: int, tp: int, built: BuiltModel, local_shape) -> torch.Tensor:
+def _read_part(reader: SafetensorsReader, name: str, rule, tp_rank: int, tp: int, built: BuiltModel) -> torch.Tensor:
     """This TP rank's chunk of one HF tensor (vocab rows padded with zeros)."""
     if rule.tp_dim is None:
         return reader.read(name)
@@ -82,7 +82,7 @@ def load_hf_weights(built: BuiltModel, hf_dir: str | Path) -> None:
                 with torch.no_grad():
                     param.zero_()
                 continue
-            parts = [_read_part(reader, n, rr.rule, tp_rank, tp, built, param.shape) for n in rr.hf_names]
+            parts = [_read_part(reader, n, rr.rule, tp_rank, tp, built) for n in rr.hf_names]
             try:
                 tensor = fuse(rr.rule.fuse, parts, heads, kv_heads)
             except RuntimeError as e:
@@ -97,17 +97,17 @@ def load_hf_weights(built: BuiltModel, hf_dir: str | Path) -> None:
             with torch.no_grad():
                 param.copy_(tensor.to(param.dtype))
             used.update(rr.hf_names)
-    _check_all_consumed(reader, available, used, built.role)
+    # Tied checkpoints sometimes store the LM head anyway; it equals the embedding we loaded.
+    ignorable = _IGNORABLE[built.role] | ({"lm_head.weight"} if built.tied_embeddings else set())
+    _check_all_consumed(reader, available, used, ignorable, built.role)
 
 
-def _check_all_consumed(reader: SafetensorsReader, available: set[str], used: set[str], role: str) -> None:
+def _check_all_consumed(reader: SafetensorsReader, available: set[str], used: set[str], ignorable: set[str], role: str) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, sorted(used))
         used = set().union(*map(set, gathered))
-    unused = available - used - _IGNORABLE[role]
-    if "lm_head.weight" in unused and "model.embed_tokens.weight" in used and role == "policy":
-        unused.discard("lm_head.weight")  # tied checkpoints sometimes store the head anyway
+    unused = available - used - ignorable
     if unused:
         raise CheckpointError(
             f"{reader.folder}: {len(unused)} tensor(s) have no place in the Megatron {role} model: "

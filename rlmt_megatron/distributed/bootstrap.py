@@ -30,16 +30,17 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed once; a no-op when it is already initialised."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "RANK" in os.environ:  # torchrun / SLURM-launched torchrun: rendezvous from the environment
+        rendezvous = {}
+    else:  # a plain process: a world of one, without touching os.environ (children inherit it)
+        rendezvous = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
         cpu_compat.activate()
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **rendezvous)
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: float = 30.0) -> int:

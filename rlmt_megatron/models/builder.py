@@ -54,7 +54,7 @@ def padded_vocab_size(vocab_size: int, build: ModelBuildConfig) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
+def transformer_config(spec: HFModelSpec, build: ModelBuildConfig, initialize: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[build.precision.params_dtype]
@@ -93,8 +93,9 @@ def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=on_cpu,
-        # Weights come from checkpoints; random init is only wanted for from-scratch tests.
-        perform_initialization=True,
+        # Skipped when a checkpoint fills every parameter next (the loader checks it does):
+        # initialising an 8B model only to overwrite it costs minutes on CPU.
+        perform_initialization=initialize,
         **fp8,
     )
     # Micro-batches of different lengths cross pipeline stages (token-budget batching), so PP
@@ -142,12 +143,17 @@ def _apply_llama3_rope_scaling(model, spec: HFModelSpec) -> None:
 
 
 def build_model(
-    spec: HFModelSpec, role: Role, build: ModelBuildConfig, padded_vocab: int | None = None
+    spec: HFModelSpec,
+    role: Role,
+    build: ModelBuildConfig,
+    padded_vocab: int | None = None,
+    initialize: bool = True,
 ) -> BuiltModel:
     """Build this rank's chunks of ``role`` for ``spec`` (parallel state must be initialised).
 
     ``padded_vocab`` overrides the padded vocabulary size (a checkpoint saved at another TP
-    size keeps its own padding; it must still split evenly over this TP size).
+    size keeps its own padding; it must still split evenly over this TP size). ``initialize``
+    False leaves weights uninitialised for a loader that overwrites all of them.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -157,7 +163,7 @@ def build_model(
     if role not in ROLES:
         raise ValueError(f"role '{role}' is not one of {ROLES}")
     check_model_layout(build.parallel, spec)
-    config = transformer_config(spec, build)
+    config = transformer_config(spec, build, initialize)
     vocab = padded_vocab or padded_vocab_size(spec.vocab_size, build)
     if vocab % build.parallel.tp != 0:
         raise LayoutError(f"{spec.source}: padded vocabulary {vocab} is not divisible by tp={build.parallel.tp}")
@@ -177,7 +183,7 @@ def build_model(
             share_embeddings_and_output_weights=role == "policy" and spec.tie_word_embeddings,
             parallel_output=True,
             position_embedding_type="rope",
-            rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+            rotary_base=spec.rope_theta,
             rope_scaling=spec.rope_scaling is not None,
             rope_scaling_factor=spec.rope_scaling.factor if spec.rope_scaling else 8.0,
             vp_stage=stage,
