@@ -43,7 +43,10 @@ def save_model_checkpoint(built: BuiltModel, ckpt_dir: str | Path, tokenizer_src
             "format_version": FORMAT_VERSION,
             "role": built.role,
             "padded_vocab_size": built.padded_vocab_size,
-            "hf_config": built.spec.raw,
+            # The tensors are stored in the model's dtype; exports write that dtype, not the
+            # source's (a float32 model converted in bf16 holds bf16-rounded values).
+            "hf_config": {**built.spec.raw, "torch_dtype": built.build.precision.params_dtype,
+                          "dtype": built.build.precision.params_dtype},
         }
         (ckpt / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer_src is not None:
@@ -76,8 +79,9 @@ def load_model_checkpoint(built: BuiltModel, ckpt_dir: str | Path) -> None:
         state = dist_checkpointing.load(_sharded_state_dict(built), str(ckpt_dir))
     except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_dir}: cannot load the Megatron checkpoint ({type(e).__name__}: {e})") from None
+    # strict: every parameter must come from the checkpoint (the model was built uninitialised).
     if len(built.chunks) == 1:
-        built.chunks[0].load_state_dict(state, strict=False)
+        built.chunks[0].load_state_dict(state, strict=True)
     else:
         for i, chunk in enumerate(built.chunks):
-            chunk.load_state_dict(state[f"model{i}"], strict=False)
+            chunk.load_state_dict(state[f"model{i}"], strict=True)

@@ -113,8 +113,8 @@ def hf_config_for(built: BuiltModel) -> dict:
     """config.json for the exported folder: the source config with this role's head."""
     cfg = dict(built.spec.raw)
     cfg["architectures"] = [HF_ARCHITECTURES[(built.spec.family, built.role)]]
-    cfg["torch_dtype"] = str(export_dtype(built)).split(".")[1]
-    cfg.pop("dtype", None)
+    # transformers 5 reads "dtype", 4.x "torch_dtype": write both.
+    cfg["torch_dtype"] = cfg["dtype"] = str(export_dtype(built)).split(".")[1]
     if built.role == "policy":
         for key in ("num_labels", "id2label", "label2id"):
             cfg.pop(key, None)

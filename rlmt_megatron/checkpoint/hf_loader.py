@@ -76,9 +76,10 @@ def load_hf_weights(built: BuiltModel, hf_dir: str | Path) -> None:
         for name, param in chunk.named_parameters():
             local = layer_index(name)
             rr = resolve(name, layers.get(local), built.role, spec.qkv_bias, built.tied_embeddings)
-            if built.role == "critic" and name == "output_layer.weight" and rr.hf_names[0] not in available:
-                # A critic starts from the policy checkpoint; its value head has nothing to load.
-                log.info("critic value head not in %s: initialised to zeros", hf_dir)
+            if built.role == "critic" and name.startswith("output_layer.") and rr.hf_names[0] not in available:
+                # A critic starts from a policy (or RM) checkpoint: a head tensor it lacks starts
+                # at zero, so the first value estimates are 0 (or the RM's score, without bias).
+                log.info("critic %s not in %s: initialised to zeros", rr.hf_names[0], hf_dir)
                 with torch.no_grad():
                     param.zero_()
                 continue

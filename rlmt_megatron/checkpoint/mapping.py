@@ -91,6 +91,7 @@ _TOP_RULES: dict[str, dict[str, Rule]] = {
         "embedding.word_embeddings.weight": _EMBEDDING,
         "decoder.final_layernorm.weight": Rule(("model.norm.weight",)),
         "output_layer.weight": Rule(("score.weight",)),
+        "output_layer.bias": Rule(("score.bias",)),
     },
 }
 

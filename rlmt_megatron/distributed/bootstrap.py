@@ -62,7 +62,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
         virtual_pipeline_model_parallel_size=parallel.vpp,
         distributed_timeout_minutes=int(timeout_minutes),
     )
-    # Same seed on every rank; Megatron offsets it per TP rank for model-parallel regions.
+    # Same seed on every rank; on GPU Megatron offsets it per TP rank for model-parallel regions
+    # (its RNG tracker is book-keeping only on CPU, see cpu_compat).
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return world // (parallel.tp * parallel.pp)

@@ -4,7 +4,8 @@ Megatron-Core assumes CUDA in a handful of places that have nothing to do with t
 machine without CUDA we redirect exactly those, and nothing else, so that the same GPTModel, TP
 layers, pipeline schedules, DDP and distributed optimizer run on CPU for tests and the demo:
 
-1. ``torch.cuda.current_device()`` is used as an allocation device -> return the CPU device.
+1. ``torch.cuda.current_device()`` is used as an allocation device -> return the CPU device
+   (and ``torch.cuda.set_device`` becomes a no-op).
 2. The RNG tracker's ``add``/``fork`` read and write CUDA RNG state -> book-keeping only and a
    no-op context (CPU ops draw from the CPU generator, which the caller seeds).
 3. Pipeline schedules allocate with a literal ``device="cuda"`` and call ``Tensor.cuda()`` /

@@ -36,9 +36,10 @@ class ScalarHead(torch.nn.Module):
     TP rank and needs no extra reduction.
     """
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool):
+    def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool, bias: bool):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype)) if bias else None
         self.sequence_parallel = sequence_parallel
 
     def forward(self, hidden, weight=None, runtime_gather_output=None):
@@ -46,7 +47,7 @@ class ScalarHead(torch.nn.Module):
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             hidden = gather_from_sequence_parallel_region(hidden)
-        return F.linear(hidden, self.weight), None
+        return F.linear(hidden, self.weight, self.bias), None
 
 
 def padded_vocab_size(vocab_size: int, build: ModelBuildConfig) -> int:
@@ -190,7 +191,10 @@ def build_model(
         )
         _apply_llama3_rope_scaling(model, spec)
         if post and role != "policy":
-            model.output_layer = ScalarHead(spec.hidden_size, config.params_dtype, config.sequence_parallel)
+            # Critic: HF *ForTokenClassification's score has a bias; the RM's classifier has none.
+            model.output_layer = ScalarHead(
+                spec.hidden_size, config.params_dtype, config.sequence_parallel, bias=role == "critic"
+            )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -110,8 +110,7 @@ def parse_hf_config(cfg: dict, source: str = "<config>") -> HFModelSpec:
         raise UnsupportedArchitectureError(
             f"{source}: model_type '{model_type}' (architectures {cfg.get('architectures')}) is not "
             f"supported; supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))} "
-            "(LlamaForCausalLM, LlamaForSequenceClassification, Qwen2ForCausalLM, "
-            "Qwen2ForSequenceClassification)"
+            "(Llama/Qwen2 *ForCausalLM, *ForSequenceClassification, *ForTokenClassification)"
         )
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedArchitectureError(f"{source}: hidden_act '{cfg['hidden_act']}' is not supported (silu only)")

@@ -89,8 +89,12 @@ def run_forward_only(
     for chunk in built.chunks:
         chunk.eval()
 
+    device = next(built.chunks[0].parameters()).device
+
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
+        if mb.input_ids.device != device:
+            mb = MicroBatch(mb.input_ids.to(device), mb.lengths.to(device), mb.indices)
         output = model(mb.input_ids, mb.position_ids, None)
 
         def collect(output_tensor, non_loss_data=True):
