@@ -1,0 +1,272 @@
+"""Advantage estimators for outcome rewards (one scalar per sequence) and token-level rewards.
+
+Shapes: ``N``/``B`` sequences, ``T`` response tokens, masks ``[B, T]`` (bool or 0/1) marking the
+valid response tokens; padding may sit anywhere but is usually on the right. Sequence-level
+estimators (``grpo``, ``dr_grpo``, ``rloo``) return ``[N]``; spread them over tokens with
+``broadcast_to_tokens``. Token-level estimators (``reinforce_pp``, ``gae``) return
+``(advantages, returns)``, both ``[B, T]`` and 0 at masked positions.
+
+Batch-level statistics (REINFORCE++ whitening) are over the tensors passed in: call these on
+the whole global batch, not on one data-parallel shard, or the result depends on the split.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from .checks import (
+    as_bool_mask,
+    lookup,
+    require_finite,
+    require_ndim,
+    require_nonempty,
+    require_rows_nonempty,
+    require_same_shape,
+)
+
+GroupIds = torch.Tensor | Sequence[Hashable]
+
+
+def _check_rewards(rewards: torch.Tensor, name: str = "rewards") -> torch.Tensor:
+    require_ndim(name, rewards, 1)
+    require_nonempty(name, rewards)
+    if not rewards.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {rewards.dtype}")
+    return require_finite(name, rewards)
+
+
+def _check_token_mask(mask: torch.Tensor, batch: int, name: str = "mask") -> torch.Tensor:
+    require_ndim(name, mask, 2)
+    if mask.shape[0] != batch:
+        raise ValueError(f"shape mismatch: {name} has {mask.shape[0]} rows but rewards has {batch} entries")
+    require_nonempty(name, mask)
+    return as_bool_mask(name, mask)
+
+
+def _group_index(n: int, group_ids: GroupIds | None, group_size: int | None, device) -> tuple[torch.Tensor, int]:
+    """Map each of ``n`` samples to a dense group index 0..G-1. Exactly one of the two must be given.
+
+    ``group_size=k`` means contiguous groups ``[0..k), [k..2k), ...``; ``group_ids`` may be any
+    labels (ints or hashables such as prompt uids), groups need not be contiguous.
+    """
+    if (group_ids is None) == (group_size is None):
+        raise ValueError("pass exactly one of group_ids or group_size")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if n % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the number of rewards N={n}")
+        return torch.arange(n, device=device) // group_size, n // group_size
+    if torch.is_tensor(group_ids):
+        if group_ids.dim() != 1 or group_ids.numel() != n:
+            raise ValueError(
+                f"shape mismatch: group_ids has shape {tuple(group_ids.shape)} but rewards has shape ({n},)"
+            )
+        uniq, inv = torch.unique(group_ids, return_inverse=True)
+        return inv.to(device), int(uniq.numel())
+    if len(group_ids) != n:
+        raise ValueError(f"shape mismatch: group_ids has {len(group_ids)} entries but rewards has {n}")
+    dense: dict[Hashable, int] = {}
+    idx = [dense.setdefault(g, len(dense)) for g in group_ids]
+    return torch.tensor(idx, dtype=torch.long, device=device), len(dense)
+
+
+def _group_sum(x: torch.Tensor, inv: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, inv, x)
+
+
+def grpo(
+    rewards: torch.Tensor,
+    group_ids: GroupIds | None = None,
+    group_size: int | None = None,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO advantage per sequence: ``A_i = (r_i - mean_g) / (std_g + eps)``.
+
+    ``mean_g``/``std_g`` are over the samples of i's group (same prompt); ``std_g`` is the
+    *unbiased* (n-1) standard deviation, as ``torch.std`` in verl's and RLMT's GRPO.
+    ``normalize_std=False`` gives Dr.GRPO, ``A_i = r_i - mean_g``: no std division, which
+    otherwise up-weights prompts whose rewards barely differ.
+
+    Groups of size 1 get advantage 0 (no baseline exists; verl instead returns r_i/(1+eps)).
+    A group whose rewards are all equal gets exactly 0 (not a rounding residue scaled by 1/eps).
+    """
+    _check_rewards(rewards)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    inv, g = _group_index(rewards.numel(), group_ids, group_size, rewards.device)
+    count = _group_sum(torch.ones_like(rewards), inv, g)
+    mean = _group_sum(rewards, inv, g) / count
+    dev = rewards - mean[inv]
+    adv = dev
+    if normalize_std:
+        var = _group_sum(dev * dev, inv, g) / (count - 1).clamp(min=1)
+        adv = dev / (var.sqrt()[inv] + eps)
+    empty = torch.zeros(g, dtype=rewards.dtype, device=rewards.device)
+    gmax = empty.scatter_reduce(0, inv, rewards, "amax", include_self=False)
+    gmin = empty.scatter_reduce(0, inv, rewards, "amin", include_self=False)
+    degenerate = (count[inv] < 2) | (gmax[inv] == gmin[inv])
+    return torch.where(degenerate, torch.zeros_like(adv), adv)
+
+
+def dr_grpo(rewards: torch.Tensor, group_ids: GroupIds | None = None, group_size: int | None = None) -> torch.Tensor:
+    """Dr.GRPO advantage ``A_i = r_i - mean_g`` (``grpo`` with ``normalize_std=False``)."""
+    return grpo(rewards, group_ids=group_ids, group_size=group_size, normalize_std=False)
+
+
+def rloo(rewards: torch.Tensor, group_size: int | None = None, group_ids: GroupIds | None = None) -> torch.Tensor:
+    """RLOO advantage ``A_i = r_i - (1/(k-1)) * sum_{j != i in group} r_j``.
+
+    The leave-one-out baseline is independent of sample i, so the estimator stays unbiased.
+    Every group needs k >= 2 samples (ValueError otherwise).
+    """
+    _check_rewards(rewards)
+    inv, g = _group_index(rewards.numel(), group_ids, group_size, rewards.device)
+    count = _group_sum(torch.ones_like(rewards), inv, g)
+    if bool((count < 2).any()):
+        raise ValueError("rloo needs at least 2 samples per group (group_size/group_ids give a group of 1)")
+    total = _group_sum(rewards, inv, g)
+    return rewards - (total[inv] - rewards) / (count[inv] - 1)
+
+
+def broadcast_to_tokens(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages ``A[b, t] = seq_adv[b] * mask[b, t]`` (0 on padding), shape [B, T]."""
+    _check_rewards(seq_adv, "seq_adv")
+    m = _check_token_mask(mask, seq_adv.shape[0])
+    return torch.where(m, seq_adv[:, None], torch.zeros((), dtype=seq_adv.dtype, device=seq_adv.device))
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid token of each row of a bool [B, T] mask (rows must be non-empty)."""
+    t = mask.shape[-1]
+    return t - 1 - mask.flip(-1).long().argmax(dim=-1)
+
+
+def outcome_to_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place each sequence's scalar reward on its last valid token; 0 elsewhere. Shape [B, T].
+
+    The outcome reward scores the whole response, so it is "received" when the response ends.
+    A row with no valid token has nowhere to put its reward: ValueError.
+    """
+    _check_rewards(rewards)
+    m = _check_token_mask(mask, rewards.shape[0])
+    require_rows_nonempty("mask", m)
+    out = torch.zeros(m.shape, dtype=rewards.dtype, device=rewards.device)
+    return out.scatter_(1, last_valid_index(m)[:, None], rewards[:, None])
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mu) / sqrt(max(var, eps))`` over the masked entries, 0 elsewhere.
+
+    ``mu`` and ``var`` are the mean and *population* variance of ``x`` over all valid tokens of
+    the batch (OpenRLHF's REINFORCE++ normalisation, ``var.clamp(min=eps).rsqrt()``).
+    """
+    m = as_bool_mask("mask", mask)
+    n = m.sum()
+    if int(n) == 0:
+        raise ValueError("mask has no valid tokens: cannot whiten an all-masked batch")
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    mu = torch.where(m, x, zero).sum() / n
+    var = torch.where(m, (x - mu) ** 2, zero).sum() / n
+    return torch.where(m, (x - mu) * var.clamp(min=eps).rsqrt(), zero)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Reward-to-go ``G_t = sum_{s >= t, s valid} gamma^(#valid tokens in (t, s]) * r_s``, 0 on padding.
+
+    Masked positions are skipped (neither add reward nor discount), so padding anywhere is harmless.
+    """
+    m = as_bool_mask("mask", mask)
+    r = torch.where(m, token_rewards, torch.zeros_like(token_rewards))
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = torch.where(m[:, t], r[:, t] + gamma * running, running)
+        out[:, t] = torch.where(m[:, t], running, torch.zeros_like(running))
+    return out
+
+
+def reinforce_pp(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    token_kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (OpenRLHF): ``(advantages, returns)``, both [B, T].
+
+    1. token rewards ``r_t = R * [t == last valid token] - kl_coef * token_kl_t`` (KL folded in as
+       a per-token penalty, usually k1 of the rollout policy vs the reference);
+    2. returns ``G_t = sum_{s >= t} gamma^(s-t) r_s`` over valid tokens (gamma=1: plain sum);
+    3. advantages = ``masked_whiten(G)``: mean / population std over *all* valid tokens of the
+       batch (no per-prompt baseline; the batch statistics stand in for a critic).
+    """
+    _check_rewards(rewards)
+    m = _check_token_mask(mask, rewards.shape[0])
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    token_rewards = outcome_to_token_rewards(rewards, m)
+    if token_kl is not None:
+        require_same_shape("mask", m, token_kl=token_kl)
+        require_finite("token_kl", token_kl)
+        token_rewards = token_rewards - kl_coef * torch.where(m, token_kl, torch.zeros_like(token_kl))
+    elif kl_coef != 0.0:
+        raise ValueError("kl_coef is non-zero but token_kl is None")
+    returns = discounted_returns(token_rewards, m, gamma)
+    return masked_whiten(returns, m, eps), returns
+
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation: ``(advantages, returns)``, both [B, T], 0 on padding.
+
+    ``delta_t = r_t + gamma * V_{next(t)} - V_t`` and ``A_t = delta_t + gamma * lam * A_{next(t)}``,
+    where ``next(t)`` is the next *valid* token (V and A are 0 past the last one, i.e. the episode
+    ends with the response). Rewards/values at masked positions are ignored, so right padding
+    (or any padding) does not leak into the estimate. ``returns = advantages + values`` is the
+    critic's regression target (TD(lambda) return). No whitening here; see ``masked_whiten``.
+    """
+    require_ndim("token_rewards", token_rewards, 2)
+    require_nonempty("token_rewards", token_rewards)
+    require_same_shape("token_rewards", token_rewards, values=values, mask=mask)
+    require_finite("token_rewards", token_rewards)
+    require_finite("values", values)
+    m = as_bool_mask("mask", mask)
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    r = torch.where(m, token_rewards, zero)
+    v = torch.where(m, values, zero)
+    adv = torch.zeros_like(v)
+    next_v = torch.zeros_like(v[:, 0])
+    next_a = torch.zeros_like(v[:, 0])
+    for t in reversed(range(v.shape[1])):
+        a_t = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * next_a
+        valid = m[:, t]
+        next_v = torch.where(valid, v[:, t], next_v)
+        next_a = torch.where(valid, a_t, next_a)
+        adv[:, t] = torch.where(valid, a_t, zero)
+    return adv, torch.where(m, adv + v, zero)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {
+    "grpo": grpo,
+    "dr_grpo": dr_grpo,
+    "rloo": rloo,
+    "reinforce_pp": reinforce_pp,
+    "gae": gae,
+}
+
+
+def get_advantage_estimator(name: str) -> Callable:
+    """The advantage estimator registered as ``name`` (ValueError listing valid names otherwise)."""
+    return lookup("advantage estimator", ADVANTAGE_ESTIMATORS, name)

@@ -1,0 +1,629 @@
+"""rlmt_megatron.algorithms against independent float64 references written with plain loops/math.
+
+Every reference below is written from the formula, not by calling the module. Inputs are random,
+with several groups and right-padded masks; float64 must match to 1e-10, float32 to ~1e-5.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rlmt_megatron.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    DPO_LOSSES,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    SFT_LOSSES,
+    VALUE_LOSSES,
+    GlobalNormalizers,
+    PolicyLossConfig,
+    aggregate,
+    broadcast_to_tokens,
+    clipped_value_loss,
+    dr_grpo,
+    fold_kl_into_rewards,
+    gae,
+    get_advantage_estimator,
+    get_aggregation,
+    get_dpo_loss,
+    get_kl_estimator,
+    get_policy_loss,
+    get_sft_loss,
+    get_value_loss,
+    global_normalizers,
+    grpo,
+    nll,
+    outcome_to_token_rewards,
+    policy_objective,
+    ppo_clip,
+    reinforce_pp,
+    require_finite,
+    rloo,
+    sigmoid_dpo,
+)
+
+DTYPES = [pytest.param(torch.float64, 1e-10, id="f64"), pytest.param(torch.float32, 1e-5, id="f32")]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def right_padded(lengths, T, dtype=torch.bool):
+    return torch.tensor([[t < n for t in range(T)] for n in lengths], dtype=dtype)
+
+
+def make_batch(dtype, B=9, T=7, seed=0):
+    """Random lengths (1..T, incl. both extremes) and random per-token tensors, rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, T] + torch.randint(1, T + 1, (B - 2,), generator=g).tolist()
+    mask = right_padded(lengths, T)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    return lengths, mask, rnd
+
+
+def close(actual, expected, tol):
+    actual = torch.as_tensor(actual).to(torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+def assert_zero_on_padding(t, mask):
+    assert torch.equal(t[~mask], torch.zeros_like(t[~mask]))
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_group_stats(values, ids):
+    groups = {}
+    for v, g in zip(values, ids):
+        groups.setdefault(g, []).append(v)
+    return groups
+
+
+def ref_grpo(rewards, ids, normalize_std=True, eps=1e-6):
+    groups = ref_group_stats(rewards, ids)
+    out = []
+    for r, g in zip(rewards, ids):
+        xs = groups[g]
+        n = len(xs)
+        if n == 1 or max(xs) == min(xs):
+            out.append(0.0)
+            continue
+        mean = sum(xs) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+        out.append((r - mean) / (std + eps) if normalize_std else r - mean)
+    return out
+
+
+def ref_rloo(rewards, ids):
+    groups = ref_group_stats(rewards, ids)
+    return [r - (sum(groups[g]) - r) / (len(groups[g]) - 1) for r, g in zip(rewards, ids)]
+
+
+def ref_reinforce_pp(rewards, lengths, T, kl, kl_coef, gamma, eps=1e-8):
+    returns = []
+    for b, n in enumerate(lengths):
+        tok = [0.0] * T
+        for t in range(n):
+            tok[t] = -kl_coef * kl[b][t] + (rewards[b] if t == n - 1 else 0.0)
+        row, run = [0.0] * T, 0.0
+        for t in range(n - 1, -1, -1):
+            run = tok[t] + gamma * run
+            row[t] = run
+        returns.append(row)
+    valid = [returns[b][t] for b, n in enumerate(lengths) for t in range(n)]
+    mean = sum(valid) / len(valid)
+    var = sum((x - mean) ** 2 for x in valid) / len(valid)
+    scale = 1.0 / math.sqrt(max(var, eps))
+    adv = [[(returns[b][t] - mean) * scale if t < n else 0.0 for t in range(T)] for b, n in enumerate(lengths)]
+    return adv, returns
+
+
+def ref_gae(rewards, values, lengths, T, gamma, lam):
+    adv, ret = [], []
+    for b, n in enumerate(lengths):
+        a_row, last = [0.0] * T, 0.0
+        for t in range(n - 1, -1, -1):
+            next_v = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * next_v - values[b][t]
+            last = delta + gamma * lam * last
+            a_row[t] = last
+        adv.append(a_row)
+        ret.append([a_row[t] + values[b][t] if t < n else 0.0 for t in range(T)])
+    return adv, ret
+
+
+def ref_kl(name, lp, rp):
+    if name == "k1":
+        return lp - rp
+    if name == "k2":
+        return 0.5 * (lp - rp) ** 2
+    d = min(max(rp - lp, -20.0), 20.0)
+    return min(max(math.exp(d) - d - 1.0, -10.0), 10.0)
+
+
+def ref_ppo(lp, olp, a, lo, hi, c):
+    r = math.exp(min(max(lp - olp, -20.0), 20.0))
+    pessimistic = max(-a * r, -a * min(max(r, 1 - lo), 1 + hi))
+    if c is not None and a < 0:
+        return min(pessimistic, -a * c)
+    return pessimistic
+
+
+def ref_value(v, vo, R, eps):
+    if eps is None:
+        return 0.5 * (v - R) ** 2
+    vc = min(max(v, vo - eps), vo + eps)
+    return 0.5 * max((v - R) ** 2, (vc - R) ** 2)
+
+
+def ref_logsigmoid(x):
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def ref_aggregate(mode, loss, lengths, norm_constant):
+    tokens = sum(lengths)
+    seqs = sum(1 for n in lengths if n > 0)
+    if mode == "token_mean":
+        return sum(loss[b][t] for b, n in enumerate(lengths) for t in range(n)) / tokens
+    if mode == "seq_mean_token_mean":
+        return sum(sum(loss[b][:n]) / n for b, n in enumerate(lengths) if n > 0) / seqs
+    return sum(loss[b][t] for b, n in enumerate(lengths) for t in range(n)) / (seqs * norm_constant)
+
+
+def per_token(fn, lengths, T, *rows):
+    return [[fn(*(r[b][t] for r in rows)) if t < n else 0.0 for t in range(T)] for b, n in enumerate(lengths)]
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_grpo_matches_reference(dtype, tol, normalize_std):
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.randn(12, generator=g, dtype=torch.float64).to(dtype)
+    rewards[8:12] = 0.25  # one group with identical rewards
+    expected = ref_grpo(rewards.double().tolist(), [i // 4 for i in range(12)], normalize_std)
+    close(grpo(rewards, group_size=4, normalize_std=normalize_std), expected, tol)
+    if not normalize_std:
+        close(dr_grpo(rewards, group_size=4), expected, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_grpo_non_contiguous_group_ids_and_singletons(dtype, tol):
+    rewards = torch.tensor([0.3, 1.0, -0.2, 0.7, 0.5, 2.0, 0.1], dtype=dtype)
+    ids = ["p", "q", "p", "q", "solo", "p", "q"]
+    expected = ref_grpo(rewards.double().tolist(), ids)
+    assert expected[4] == 0.0
+    close(grpo(rewards, group_ids=ids), expected, tol)
+    int_ids = torch.tensor([5, 9, 5, 9, 0, 5, 9])
+    close(grpo(rewards, group_ids=int_ids), expected, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grpo_identical_rewards_give_exactly_zero(dtype):
+    rewards = torch.tensor([0.1] * 3 + [0.7] * 3 + [1.0, 0.0, 0.2], dtype=dtype)
+    adv = grpo(rewards, group_size=3)
+    assert torch.equal(adv[:6], torch.zeros(6, dtype=dtype))
+    assert torch.equal(dr_grpo(rewards, group_size=3)[:6], torch.zeros(6, dtype=dtype))
+    assert adv[6:].abs().min() > 0.1
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_rloo_matches_reference(dtype, tol):
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.rand(15, generator=g, dtype=torch.float64).to(dtype)
+    expected = ref_rloo(rewards.double().tolist(), [i // 5 for i in range(15)])
+    close(rloo(rewards, group_size=5), expected, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("kl_coef,gamma", [(0.0, 1.0), (0.05, 1.0), (0.1, 0.9)])
+def test_reinforce_pp_matches_reference(dtype, tol, kl_coef, gamma):
+    lengths, mask, rnd = make_batch(dtype, seed=3)
+    rewards, kl = rnd(len(lengths)), rnd(len(lengths), 7, scale=0.1).abs()
+    adv, ret = reinforce_pp(rewards, mask, token_kl=kl, kl_coef=kl_coef, gamma=gamma)
+    e_adv, e_ret = ref_reinforce_pp(rewards.double().tolist(), lengths, 7, kl.double().tolist(), kl_coef, gamma)
+    close(ret, e_ret, tol)
+    close(adv, e_adv, tol)
+    assert_zero_on_padding(adv, mask)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0)])
+def test_gae_matches_reference(dtype, tol, gamma, lam):
+    lengths, mask, rnd = make_batch(dtype, seed=4)
+    rewards, values = rnd(len(lengths), 7), rnd(len(lengths), 7)
+    values[~mask] = 1e3  # garbage past the end must be ignored
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    e_adv, e_ret = ref_gae(rewards.double().tolist(), values.double().tolist(), lengths, 7, gamma, lam)
+    close(adv, e_adv, tol)
+    close(ret, e_ret, tol)
+    assert_zero_on_padding(adv, mask)
+
+
+def test_gae_gamma_lambda_one_zero_values_is_reward_to_go():
+    lengths, mask, rnd = make_batch(torch.float64, seed=5)
+    rewards = rnd(len(lengths), 7)
+    adv, ret = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    for b, n in enumerate(lengths):
+        for t in range(7):
+            expected = sum(rewards[b, s].item() for s in range(t, n)) if t < n else 0.0
+            assert abs(adv[b, t].item() - expected) < 1e-12
+    assert torch.equal(adv, ret)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_token_placement_helpers(dtype, tol):
+    lengths, mask, rnd = make_batch(dtype, seed=6)
+    seq = rnd(len(lengths))
+    placed = outcome_to_token_rewards(seq, mask)
+    spread = broadcast_to_tokens(seq, mask)
+    for b, n in enumerate(lengths):
+        for t in range(7):
+            assert placed[b, t].item() == (seq[b].item() if t == n - 1 else 0.0)
+            assert spread[b, t].item() == (seq[b].item() if t < n else 0.0)
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("name", ["k1", "k2", "k3", "low_var_kl"])
+def test_kl_estimators_match_reference(dtype, tol, name):
+    g = torch.Generator().manual_seed(7)
+    logp = -torch.rand(5, 6, generator=g, dtype=torch.float64).to(dtype) * 3
+    ref = -torch.rand(5, 6, generator=g, dtype=torch.float64).to(dtype) * 3
+    ref[0, 0], logp[0, 1] = 5.0, 30.0  # exercise k3's log-ratio and output clamps
+    est = get_kl_estimator(name)(logp, ref)
+    key = "k3" if name == "low_var_kl" else name
+    rows = zip(logp.double().tolist(), ref.double().tolist())
+    expected = [[ref_kl(key, a, b) for a, b in zip(r1, r2)] for r1, r2 in rows]
+    close(est, expected, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(KL_ESTIMATORS))
+def test_kl_is_exactly_zero_when_policy_equals_reference(dtype, name):
+    logp = -torch.rand(4, 5, dtype=dtype) * 10
+    assert torch.equal(get_kl_estimator(name)(logp, logp.clone()), torch.zeros_like(logp))
+
+
+def test_kl_differentiable_in_logp():
+    logp = (-torch.rand(3, 4, dtype=torch.float64)).requires_grad_()
+    ref = -torch.rand(3, 4, dtype=torch.float64)
+    for name in ("k1", "k2", "k3"):
+        assert torch.autograd.gradcheck(lambda x: get_kl_estimator(name)(x, ref), (logp,))
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+
+def ppo_inputs(dtype, seed=8):
+    lengths, mask, rnd = make_batch(dtype, seed=seed)
+    B = len(lengths)
+    old = -torch.rand(B, 7, dtype=torch.float64).to(dtype) * 3
+    logp = old + rnd(B, 7, scale=0.3)
+    adv = broadcast_to_tokens(rnd(B), mask) + rnd(B, 7, scale=0.1) * mask
+    return lengths, mask, logp, old, adv
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("lo,hi,c", [(0.2, 0.2, 3.0), (0.1, 0.28, None), (0.2, 0.3, 1.5)])
+def test_ppo_clip_matches_reference(dtype, tol, lo, hi, c):
+    lengths, mask, logp, old, adv = ppo_inputs(dtype)
+    loss, diag = ppo_clip(logp, old, adv, mask, clip_low=lo, clip_high=hi, dual_clip_c=c)
+    rows = [x.double().tolist() for x in (logp, old, adv)]
+    close(loss, per_token(lambda a, b, d: ref_ppo(a, b, d, lo, hi, c), lengths, 7, *rows), tol)
+    close(diag["ratio"], per_token(lambda a, b: math.exp(a - b), lengths, 7, *rows[:2]), tol)
+    assert_zero_on_padding(loss, mask)
+    assert set(diag) == {"ratio", "clipped", "dual_clipped"}
+    assert diag["clipped"].sum() > 0 and (diag["dual_clipped"].sum() > 0) == (c == 1.5)  # branches exercised
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    adv = torch.tensor([[-2.0, -0.5, 1.0]], dtype=torch.float64)
+    logp = torch.tensor([[3.0, 3.0, 3.0]], dtype=torch.float64)  # ratio e^3 ~ 20
+    old = torch.zeros_like(logp)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    loss, diag = ppo_clip(logp, old, adv, mask, dual_clip_c=3.0)
+    assert loss[0, 0].item() == 3.0 * 2.0 and loss[0, 1].item() == 3.0 * 0.5
+    assert diag["dual_clipped"].tolist() == [[1.0, 1.0, 0.0]]
+    assert loss[0, 2].item() == pytest.approx(-1.2)  # A > 0: ordinary clip at 1 + 0.2
+    plain, _ = ppo_clip(logp, old, adv, mask, dual_clip_c=None)
+    assert plain[0, 0].item() == pytest.approx(2.0 * math.exp(3.0), rel=1e-12)
+
+
+def test_clip_low_and_high_are_asymmetric():
+    ratios = torch.tensor([[1.25, 1.35, 0.95, 0.85]], dtype=torch.float64)
+    logp, old = ratios.log(), torch.zeros_like(ratios)
+    mask = torch.ones_like(ratios, dtype=torch.bool)
+    pos, neg = torch.ones_like(ratios), -torch.ones_like(ratios)
+    loss, diag = ppo_clip(logp, old, pos, mask, clip_low=0.1, clip_high=0.3)
+    close(loss, [[-1.25, -1.3, -0.95, -0.85]], 1e-12)  # A > 0: only the upper bound (1.3) bites
+    assert diag["clipped"].tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    loss, diag = ppo_clip(logp, old, neg, mask, clip_low=0.1, clip_high=0.3)
+    close(loss, [[1.25, 1.35, 0.95, 0.9]], 1e-12)  # A < 0: only the lower bound (0.9) bites
+    assert diag["clipped"].tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    sym, _ = ppo_clip(logp, old, pos, mask, clip_low=0.3, clip_high=0.1)
+    close(sym, [[-1.1, -1.1, -0.95, -0.85]], 1e-12)  # swapped bounds: 1.1 now bites
+
+
+def test_ppo_clip_gradcheck_away_from_clip_boundaries():
+    lengths, mask, logp, old, adv = ppo_inputs(torch.float64, seed=9)
+    log_ratio = logp - old
+    for bound in (math.log(0.8), math.log(1.2), math.log(3.0)):
+        near = (log_ratio - bound).abs() < 1e-3
+        log_ratio = torch.where(near, log_ratio + 1e-2, log_ratio)
+    logp = (old + log_ratio).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ppo_clip(x, old, adv, mask)[0], (logp,))
+    cfg = PolicyLossConfig(kl_in_loss=True, kl_coef=0.1, kl_estimator="k3")
+    ref = old - 0.05
+    assert torch.autograd.gradcheck(lambda x: policy_objective(x, old, ref, None, adv, mask, cfg)[0], (logp,))
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_policy_objective_combines_components(dtype, tol):
+    lengths, mask, logp, old, adv = ppo_inputs(dtype, seed=10)
+    ref = old + torch.randn(old.shape, dtype=torch.float64).to(dtype) * 0.1
+    entropy = torch.rand(old.shape, dtype=torch.float64).to(dtype)
+    cfg = PolicyLossConfig(clip_low=0.2, clip_high=0.28, dual_clip_c=3.0, kl_in_loss=True, kl_coef=0.05,
+                           kl_estimator="k3", entropy_coef=0.01)
+    total, comp = policy_objective(logp, old, ref, entropy, adv, mask, cfg)
+    rows = [x.double().tolist() for x in (logp, old, adv, ref, entropy)]
+
+    def ref_total(lp, olp, a, rp, ent):
+        return ref_ppo(lp, olp, a, 0.2, 0.28, 3.0) + 0.05 * ref_kl("k3", lp, rp) - 0.01 * ent
+
+    close(total, per_token(ref_total, lengths, 7, *rows), tol)
+    close(comp["kl"], per_token(lambda lp, rp: ref_kl("k3", lp, rp), lengths, 7, rows[0], rows[3]), tol)
+    close(comp["entropy"], per_token(lambda e: e, lengths, 7, rows[4]), tol)
+    assert {"pg_loss", "ratio", "clipped", "dual_clipped"} <= set(comp)
+    # KL reported but not in the loss when kl_in_loss is off
+    total2, comp2 = policy_objective(logp, old, ref, None, adv, mask, PolicyLossConfig())
+    assert torch.equal(total2, comp2["pg_loss"]) and "kl" in comp2 and not comp2["kl"].requires_grad
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_fold_kl_into_rewards(dtype, tol, estimator):
+    lengths, mask, rnd = make_batch(dtype, seed=11)
+    B = len(lengths)
+    rewards, old = rnd(B, 7), -rnd(B, 7).abs()
+    ref = old + rnd(B, 7, scale=0.2)
+    out = fold_kl_into_rewards(rewards, old, ref, mask, 0.1, estimator)
+    rows = [x.double().tolist() for x in (rewards, old, ref)]
+    close(out, per_token(lambda r, lp, rp: r - 0.1 * ref_kl(estimator, lp, rp), lengths, 7, *rows), tol)
+
+
+# ----------------------------------------------------------------------------- value, SFT, DPO
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("eps", [0.2, None])
+def test_clipped_value_loss(dtype, tol, eps):
+    lengths, mask, rnd = make_batch(dtype, seed=12)
+    B = len(lengths)
+    old, R = rnd(B, 7), rnd(B, 7)
+    values = old + rnd(B, 7, scale=0.4)
+    loss, diag = clipped_value_loss(values, old, R, mask, clip_eps=eps)
+    rows = [x.double().tolist() for x in (values, old, R)]
+    close(loss, per_token(lambda v, vo, r: ref_value(v, vo, r, eps), lengths, 7, *rows), tol)
+    assert_zero_on_padding(loss, mask)
+    assert (diag["clipped"].sum() > 0) == (eps is not None)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_sft_nll(dtype, tol):
+    lengths, mask, rnd = make_batch(dtype, seed=13)
+    logp = -rnd(len(lengths), 7).abs()
+    close(nll(logp, mask), per_token(lambda x: -x, lengths, 7, logp.double().tolist()), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("beta,eps,ref_free", [(0.1, 0.0, False), (0.5, 0.1, False), (2.0, 0.0, True)])
+def test_dpo_matches_reference(dtype, tol, beta, eps, ref_free):
+    g = torch.Generator().manual_seed(14)
+    pc, pr, rc, rr = (-torch.rand(6, generator=g, dtype=torch.float64).to(dtype) * 40 for _ in range(4))
+    losses, cr, rj = sigmoid_dpo(pc, pr, None if ref_free else rc, None if ref_free else rr, beta, eps, ref_free)
+    exp_l, exp_c, exp_r = [], [], []
+    for a, b, c, d in zip(*(x.double().tolist() for x in (pc, pr, rc, rr))):
+        c, d = (0.0, 0.0) if ref_free else (c, d)
+        z = beta * ((a - c) - (b - d))
+        exp_l.append(-(1 - eps) * ref_logsigmoid(z) - eps * ref_logsigmoid(-z))
+        exp_c.append(beta * (a - c))
+        exp_r.append(beta * (b - d))
+    close(losses, exp_l, tol)
+    close(cr, exp_c, tol)
+    close(rj, exp_r, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 7.5])
+def test_dpo_is_log2_when_chosen_equals_rejected_and_policy_equals_reference(dtype, beta):
+    x = -torch.rand(5, dtype=dtype) * 50
+    losses, _, _ = sigmoid_dpo(x, x.clone(), x.clone(), x.clone(), beta=beta)
+    assert torch.equal(losses, torch.full_like(losses, math.log(2)))
+
+
+def test_dpo_is_stable_for_large_margins():
+    big = torch.tensor([1e4, -1e4], dtype=torch.float32)
+    losses, _, _ = sigmoid_dpo(big, -big, beta=1.0, reference_free=True)
+    assert torch.isfinite(losses).all() and losses[0] == 0 and losses[1] == pytest.approx(2e4)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def split_into(tensors_by_row, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(tuple(t[start:start + s] for t in tensors_by_row))
+        start += s
+    return out
+
+
+def trim(loss, mask):
+    """Pad a micro-batch only to its own longest response, as a trainer would."""
+    T = max(int(mask.sum(-1).max()), 1)
+    return loss[:, :T], mask[:, :T]
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATIONS))
+def test_aggregation_is_independent_of_the_split(mode):
+    lengths = [3, 9, 1, 0, 6, 9, 4, 2]  # one fully masked sequence
+    mask = right_padded(lengths, 9)
+    loss = torch.randn(8, 9, dtype=torch.float64)
+    loss[~mask] = float("nan")  # padding content must never leak
+    expected = ref_aggregate(mode, loss.tolist(), lengths, 12.0)
+
+    def total(micro_batches, norms):
+        return sum(aggregate(*trim(lb, mb), norms, mode) for lb, mb in micro_batches).item()
+
+    contributions = []
+    for sizes in ([8], [4, 4], [1] * 8, [3, 1, 2, 2]):
+        micro = split_into((loss, mask), sizes)
+        norms = global_normalizers([m for _, m in micro], norm_constant=12.0)
+        assert (norms.num_tokens, norms.num_seqs) == (sum(lengths), 7)
+        contributions.append(total(micro, norms))
+
+    # two data-parallel ranks with different micro-batch counts; counts "all-reduced" by summing
+    ranks = [split_into((loss[:5], mask[:5]), [3, 2]), split_into((loss[5:], mask[5:]), [1, 1, 1])]
+    local = [global_normalizers([m for _, m in r], norm_constant=12.0) for r in ranks]
+    norms = GlobalNormalizers(sum(n.num_tokens for n in local), sum(n.num_seqs for n in local), 12.0)
+    contributions.append(sum(total(r, norms) for r in ranks))
+
+    for c in contributions:
+        assert abs(c - expected) < 1e-12, (contributions, expected)
+
+
+def test_norm_constant_defaults_to_longest_response():
+    masks = [right_padded([2, 5], 6), right_padded([3], 3)]
+    assert global_normalizers(masks) == GlobalNormalizers(10, 3, 5)
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATIONS))
+def test_all_masked_response_raises(mode):
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    norms = global_normalizers([mask], norm_constant=4.0)
+    with pytest.raises(ValueError, match="all-masked response"):
+        get_aggregation(mode)(torch.randn(2, 4), mask, norms)
+
+
+def test_fully_masked_micro_batch_contributes_zero():
+    norms = GlobalNormalizers(num_tokens=10, num_seqs=3, norm_constant=4.0)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    loss = torch.full((2, 4), float("nan"))
+    for mode in AGGREGATIONS:
+        assert aggregate(loss, mask, norms, mode).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_nan_rewards_and_advantages_are_rejected_with_positions():
+    bad = torch.tensor([1.0, float("nan"), 0.0, 2.0])
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    for call in (lambda: grpo(bad, group_size=2), lambda: rloo(bad, group_size=2),
+                 lambda: reinforce_pp(bad, mask), lambda: outcome_to_token_rewards(bad, mask)):
+        with pytest.raises(ValueError, match=r"rewards contains NaN/inf at positions \(1,\)"):
+            call()
+    adv = torch.zeros(2, 3)
+    adv[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"advantages contains NaN/inf at positions \(1, 2\)"):
+        ppo_clip(torch.zeros(2, 3), torch.zeros(2, 3), adv, torch.ones(2, 3))
+    values = torch.zeros(2, 3)
+    values[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"values contains NaN/inf at positions \(0, 0\)"):
+        gae(torch.zeros(2, 3), values, torch.ones(2, 3), 1.0, 1.0)
+    with pytest.raises(ValueError, match="seq_adv contains NaN/inf"):
+        broadcast_to_tokens(bad, mask)
+    with pytest.raises(ValueError, match="x contains NaN/inf"):
+        require_finite("x", torch.tensor([float("-inf")]))
+
+
+def test_empty_batch_is_rejected():
+    empty = torch.empty(0)
+    for call in (lambda: grpo(empty, group_size=1), lambda: rloo(empty, group_size=2),
+                 lambda: reinforce_pp(empty, torch.empty(0, 4, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="rewards is empty"):
+            call()
+    with pytest.raises(ValueError, match="token_rewards is empty"):
+        gae(torch.empty(0, 3), torch.empty(0, 3), torch.empty(0, 3), 1.0, 1.0)
+    with pytest.raises(ValueError, match="policy_chosen is empty"):
+        sigmoid_dpo(empty, empty, empty, empty)
+
+
+def test_shape_and_group_errors():
+    with pytest.raises(ValueError, match="group_size=3 does not divide the number of rewards N=8"):
+        grpo(torch.zeros(8), group_size=3)
+    with pytest.raises(ValueError, match="exactly one of group_ids or group_size"):
+        grpo(torch.zeros(4))
+    with pytest.raises(ValueError, match="rloo needs at least 2 samples per group"):
+        rloo(torch.zeros(4), group_size=1)
+    with pytest.raises(ValueError, match="shape mismatch: group_ids"):
+        grpo(torch.zeros(4), group_ids=[0, 0, 1])
+    with pytest.raises(ValueError, match=r"shape mismatch: values has shape \(2, 4\)"):
+        gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3), 1.0, 1.0)
+    with pytest.raises(ValueError, match="shape mismatch: mask has 3 rows"):
+        broadcast_to_tokens(torch.zeros(2), torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"no valid tokens in row\(s\) 1"):
+        outcome_to_token_rewards(torch.zeros(3), right_padded([2, 0, 1], 3))
+    with pytest.raises(ValueError, match="mask must contain only 0/1"):
+        nll(torch.zeros(2, 2), torch.full((2, 2), 0.5))
+
+
+def test_bad_hyperparameters_are_rejected():
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="dual_clip_c must be > 1"):
+        ppo_clip(z, z, z, z, dual_clip_c=1.0)
+    with pytest.raises(ValueError, match="clip_low must be in"):
+        ppo_clip(z, z, z, z, clip_low=1.0)
+    with pytest.raises(ValueError, match="kl_in_loss is set but ref_logp is None"):
+        policy_objective(z, z, None, None, z, z, PolicyLossConfig(kl_in_loss=True))
+    with pytest.raises(ValueError, match="entropy is None"):
+        policy_objective(z, z, None, None, z, z, PolicyLossConfig(entropy_coef=0.01))
+    with pytest.raises(ValueError, match="ref_chosen and ref_rejected are required"):
+        sigmoid_dpo(torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="norm_constant must be > 0"):
+        aggregate(z, z, GlobalNormalizers(2, 1, None), "seq_mean_token_sum_norm")
+
+
+@pytest.mark.parametrize("getter,registry,kind", [
+    (get_advantage_estimator, ADVANTAGE_ESTIMATORS, "advantage estimator"),
+    (get_kl_estimator, KL_ESTIMATORS, "KL estimator"),
+    (get_policy_loss, POLICY_LOSSES, "policy loss"),
+    (get_value_loss, VALUE_LOSSES, "value loss"),
+    (get_sft_loss, SFT_LOSSES, "SFT loss"),
+    (get_dpo_loss, DPO_LOSSES, "DPO loss"),
+    (get_aggregation, AGGREGATIONS, "aggregation"),
+])
+def test_registries(getter, registry, kind):
+    for name, fn in registry.items():
+        assert getter(name) is fn
+    with pytest.raises(ValueError, match=f"unknown {kind} 'nope'; valid names: " + ", ".join(sorted(registry))):
+        getter("nope")
+
+
+def test_registry_contents():
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"}
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "low_var_kl"}
+    assert set(AGGREGATIONS) == {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"}
+
+
+def test_package_imports_nothing_else_from_the_project():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlmt_megatron.algorithms; "
+            "bad = [m for m in sys.modules if m.startswith('megatron') or "
+            "(m.startswith('rlmt_megatron.') and not m.startswith('rlmt_megatron.algorithms'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
