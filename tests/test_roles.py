@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.training.forward_only import make_micro_batches, sequence_logprobs, token_values
+from rlmt_megatron.training.forward_only import sequence_logprobs, token_values
 
 
 def test_critic_from_policy_checkpoint_has_zero_value_head(tiny_models, test_sequences, world_of_one):
@@ -21,7 +21,7 @@ def test_critic_from_policy_checkpoint_has_zero_value_head(tiny_models, test_seq
             assert param.shape in {(1, 128), (1,)} and torch.count_nonzero(param) == 0
         else:
             assert torch.equal(param, body[name]), name
-    values = token_values(critic, make_micro_batches(seqs, 64))
+    values = token_values(critic, seqs)
     assert [v.shape[0] for v in values] == [len(s) for s in seqs]
     assert all(torch.count_nonzero(v) == 0 for v in values)
 
@@ -31,7 +31,7 @@ def test_tied_policy_uses_embedding_as_head(tiny_models, test_sequences, world_o
     qwen = load_model(tiny_models / "qwen2-policy", "policy", world_of_one)
     assert qwen.tied_embeddings and qwen.chunks[0].output_layer.weight is None  # PP=1: one shared tensor
     assert qwen.padded_vocab_size == 1152  # 1029 rounded up to a multiple of 128 * tp
-    got = sequence_logprobs(qwen, make_micro_batches(seqs, 64))
+    got = sequence_logprobs(qwen, seqs)
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_models / "qwen2-policy"), dtype=torch.float32).eval()
     with torch.no_grad():
         for s, lp in zip(seqs, got):
@@ -51,7 +51,7 @@ def test_critic_exports_as_token_classifier(tiny_models, test_sequences, world_o
     with torch.no_grad():
         critic.chunks[0].output_layer.bias.fill_(0.375)  # nonzero, so a dropped bias would show
     save_hf_folder(critic, tmp_path / "critic", tokenizer_src=tiny_models / "llama-rm")
-    values = token_values(critic, make_micro_batches(seqs, 64))
+    values = token_values(critic, seqs)
     hf = LlamaForTokenClassification.from_pretrained(str(tmp_path / "critic"), dtype=torch.float32).eval()
     assert hf.score.bias.item() == 0.375
     with torch.no_grad():

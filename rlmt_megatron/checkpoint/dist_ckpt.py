@@ -79,7 +79,7 @@ def load_model_checkpoint(built: BuiltModel, ckpt_dir: str | Path) -> None:
         state = dist_checkpointing.load(_sharded_state_dict(built), str(ckpt_dir))
     except (FileNotFoundError, KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_dir}: cannot load the Megatron checkpoint ({type(e).__name__}: {e})") from None
-    # strict: every parameter must come from the checkpoint (the model was built uninitialised).
+    # strict: every parameter must come from the checkpoint, none keeps its random init.
     if len(built.chunks) == 1:
         built.chunks[0].load_state_dict(state, strict=True)
     else:

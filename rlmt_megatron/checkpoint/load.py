@@ -26,10 +26,10 @@ def load_model(source: str | Path, role: Role, build: ModelBuildConfig) -> Built
         if meta["role"] != role:
             raise CheckpointError(f"{source}: checkpoint holds a {meta['role']} model, not a {role}")
         spec = parse_hf_config(meta["hf_config"], str(Path(source) / META_NAME))
-        built = build_model(spec, role, build, padded_vocab=meta["padded_vocab_size"], initialize=False)
+        built = build_model(spec, role, build, padded_vocab=meta["padded_vocab_size"])
         load_model_checkpoint(built, source)
         return built
     spec = load_hf_config(source)
-    built = build_model(spec, role, build, initialize=False)
+    built = build_model(spec, role, build)
     load_hf_weights(built, source)
     return built

@@ -65,15 +65,14 @@ def main(argv=None) -> None:
     build = build_config_from_args(args)
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.forward_only import make_micro_batches, sequence_logprobs
+    from rlmt_megatron.training.forward_only import sequence_logprobs
 
     tokenizer = load_tokenizer(args.model)
     with cli_session(build.parallel):
         built = load_model(args.model, "policy", build)
         rows = encode_rows(args.input, tokenizer, built.spec.vocab_size)
         mine = my_share(rows)
-        batches = make_micro_batches([r["_ids"] for _, r in mine], args.max_tokens_per_batch, pad_multiple=built.sequence_multiple) if mine else []
-        lps = sequence_logprobs(built, batches, args.temperature) if batches else []
+        lps = sequence_logprobs(built, [r["_ids"] for _, r in mine], args.max_tokens_per_batch, args.temperature)
         results = []
         for (i, row), lp in zip(mine, lps):
             resp = lp[row["prompt_len"] - 1:].tolist()

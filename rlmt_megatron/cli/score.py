@@ -41,15 +41,14 @@ def main(argv=None) -> None:
     build = build_config_from_args(args)
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.forward_only import make_micro_batches, sequence_scores
+    from rlmt_megatron.training.forward_only import sequence_scores
 
     tokenizer = load_tokenizer(args.rm)
     rows = encode_rows(args.input, tokenizer)
     with cli_session(build.parallel):
         built = load_model(args.rm, "reward", build)
         mine = my_share(rows)
-        batches = make_micro_batches([ids for _, (_, ids) in mine], args.max_tokens_per_batch, pad_multiple=built.sequence_multiple) if mine else []
-        scores = sequence_scores(built, batches) if batches else []
+        scores = sequence_scores(built, [ids for _, (_, ids) in mine], args.max_tokens_per_batch)
         ordered = gather_to_rank0([(i, {**row, "score": float(s)}) for (i, (row, _)), s in zip(mine, scores)])
         if is_rank0():
             write_jsonl(args.out, ordered)

@@ -55,7 +55,7 @@ def padded_vocab_size(vocab_size: int, build: ModelBuildConfig) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(spec: HFModelSpec, build: ModelBuildConfig, initialize: bool = True):
+def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[build.precision.params_dtype]
@@ -94,15 +94,25 @@ def transformer_config(spec: HFModelSpec, build: ModelBuildConfig, initialize: b
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=on_cpu,
-        # Skipped when a checkpoint fills every parameter next (the loader checks it does):
-        # initialising an 8B model only to overwrite it costs minutes on CPU.
-        perform_initialization=initialize,
+        # Always on, even when a checkpoint overwrites every weight next: Megatron-Core 0.16
+        # tags TP-sharded weights (tensor_model_parallel, partition_dim) only inside its init
+        # functions, and without the tags the grad norm counts sharded weights on one TP rank.
+        perform_initialization=True,
         **fp8,
     )
     # Micro-batches of different lengths cross pipeline stages (token-budget batching), so PP
     # must exchange shapes first. Set after construction: __post_init__ rejects the flag for
-    # MoE's default token dispatcher, which dense models never build.
-    config.variable_seq_lengths = True
+    # MoE's default token dispatcher, which dense models never build. The interleaved schedule
+    # (virtual PP) deadlocks with it in Megatron-Core 0.16, so under virtual PP the engine pads
+    # every micro-batch to one shape instead.
+    config.variable_seq_lengths = p.vpp is None
+    if on_cpu:
+        # gloo matches point-to-point messages between two ranks in posting order (one tag).
+        # Batched p2p posts the forward activation and the backward gradient to the same peer
+        # at once when PP=2 (next == prev), so the interleaved schedule can receive one as the
+        # other: same shape, silently wrong numbers. Unbatched p2p posts them in an order
+        # both sides agree on.
+        config.batch_p2p_comm = False
     return config
 
 
@@ -148,13 +158,11 @@ def build_model(
     role: Role,
     build: ModelBuildConfig,
     padded_vocab: int | None = None,
-    initialize: bool = True,
 ) -> BuiltModel:
     """Build this rank's chunks of ``role`` for ``spec`` (parallel state must be initialised).
 
     ``padded_vocab`` overrides the padded vocabulary size (a checkpoint saved at another TP
-    size keeps its own padding; it must still split evenly over this TP size). ``initialize``
-    False leaves weights uninitialised for a loader that overwrites all of them.
+    size keeps its own padding; it must still split evenly over this TP size).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -164,7 +172,7 @@ def build_model(
     if role not in ROLES:
         raise ValueError(f"role '{role}' is not one of {ROLES}")
     check_model_layout(build.parallel, spec)
-    config = transformer_config(spec, build, initialize)
+    config = transformer_config(spec, build)
     vocab = padded_vocab or padded_vocab_size(spec.vocab_size, build)
     if vocab % build.parallel.tp != 0:
         raise LayoutError(f"{spec.source}: padded vocabulary {vocab} is not divisible by tp={build.parallel.tp}")

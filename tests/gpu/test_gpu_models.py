@@ -31,12 +31,11 @@ def test_bf16_parity(one_gpu_world, tiny_models, test_sequences, name):
     from transformers import AutoModelForCausalLM
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.forward_only import make_micro_batches, sequence_logprobs
+    from rlmt_megatron.training.forward_only import sequence_logprobs
 
     _, seqs = test_sequences
     built = load_model(tiny_models / name, "policy", one_gpu_world)
-    batches = make_micro_batches(seqs, 4096, device=torch.device("cuda"))
-    got = sequence_logprobs(built, batches)
+    got = sequence_logprobs(built, seqs)
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_models / name), dtype=torch.bfloat16).cuda().eval()
     worst = 0.0
     with torch.no_grad():

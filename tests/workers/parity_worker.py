@@ -16,7 +16,7 @@ from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training.forward_only import make_micro_batches, sequence_logprobs, sequence_scores, token_values
+from rlmt_megatron.training.forward_only import sequence_logprobs, sequence_scores, token_values
 
 
 def main():
@@ -34,20 +34,20 @@ def main():
     seqs = json.loads(Path(a.sequences).read_text())
     build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp, sequence_parallel=a.sequence_parallel))
     bootstrap.initialize(build.parallel)
-    # Small token budget: several micro-batches, so the pipeline schedule really interleaves.
-    batches = make_micro_batches(seqs, max_tokens=48, pad_multiple=a.tp if a.sequence_parallel else 1)
+    # Small token budget (48): several micro-batches, so the pipeline schedule really interleaves.
+    batches = seqs
     result = {}
     for name in ("llama-policy", "qwen2-policy"):
         built = load_model(models / name, "policy", build)
-        result[name] = [lp.tolist() for lp in sequence_logprobs(built, batches)]
+        result[name] = [lp.tolist() for lp in sequence_logprobs(built, batches, max_tokens=48)]
         if a.export_dir:
             save_hf_folder(built, Path(a.export_dir) / name, tokenizer_src=models / name)
     rm = load_model(models / "llama-rm", "reward", build)
-    result["llama-rm"] = [float(s) for s in sequence_scores(rm, batches)]
+    result["llama-rm"] = [float(s) for s in sequence_scores(rm, batches, max_tokens=48)]
     if a.export_dir:
         save_hf_folder(rm, Path(a.export_dir) / "llama-rm", tokenizer_src=models / "llama-rm")
     critic = load_model(models / "llama-rm", "critic", build)
-    result["critic-from-rm"] = [v.tolist() for v in token_values(critic, batches)]
+    result["critic-from-rm"] = [v.tolist() for v in token_values(critic, batches, max_tokens=48)]
     if dist.get_rank() == 0:
         Path(a.out).write_text(json.dumps(result))
     bootstrap.shutdown()

@@ -1,0 +1,308 @@
+"""Train and forward-only steps for one role, on Megatron-Core's own machinery.
+
+- Forward/backward runs through ``get_forward_backward_func`` (no pipelining, 1F1B, or
+  interleaved 1F1B when virtual PP is set) over token-budget micro-batches.
+- Gradients live in Megatron DDP buffers; the (distributed) optimizer clips and steps;
+  ``OptimizerParamScheduler`` drives the learning rate (constant, cosine, linear; warmup).
+
+Loss normalisation is global: before the step the engine counts the loss tokens and sequences of
+the *whole* global batch (all micro-batches, all DP ranks) and hands those counts to the loss
+function, which returns each micro-batch's share of the global loss. Megatron is configured to
+add the shares up as they are (``calculate_per_token_loss``, no division by the micro-batch
+count, DP gradients summed, no rescaling in ``finalize_model_grads``), so the update does not
+depend on how the batch was split into micro-batches or over DP ranks.
+
+The reference policy is a second, frozen model with a forward-only engine rather than weights
+swapped into the trained module: a swap would copy every weight twice per step and fight the
+distributed optimizer's main-parameter copies, while the frozen model costs only its bf16
+weights (offloadable later) and keeps both code paths trivially correct.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from rlmt_megatron.config import StrictModel
+from rlmt_megatron.models.builder import BuiltModel
+from rlmt_megatron.training.batching import Sample, TrainMicroBatch, make_train_micro_batches
+
+
+class OptimConfig(StrictModel):
+    """Optimizer and schedule of one trained role (AdamW; Megatron's distributed optimizer)."""
+
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam = AdamW (decoupled weight decay)")
+    sgd_momentum: NonNegativeFloat = 0.0
+    lr: PositiveFloat = 1e-6
+    min_lr: NonNegativeFloat = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    total_steps: PositiveInt = Field(1000, description="steps over which cosine/linear decay to min_lr")
+    weight_decay: NonNegativeFloat = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: PositiveFloat = 1e-8
+    clip_grad: NonNegativeFloat = Field(1.0, description="global grad-norm clip; 0 disables")
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = Field(False, description="overlap DP grad reduce with backward (GPU)")
+    max_tokens_per_microbatch: PositiveInt = 8192
+    max_samples_per_microbatch: Optional[PositiveInt] = None
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Loss tokens and sequences of the whole global batch (all micro-batches, all DP ranks)."""
+
+    num_tokens: int
+    num_seqs: int
+
+
+# loss_fn(model_output, micro_batch, counts) -> (loss share, {metric: summed value})
+LossFn = Callable[[torch.Tensor, TrainMicroBatch, GlobalCounts], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def global_counts(samples: list[Sample], mask_field: str = "loss_mask") -> GlobalCounts:
+    """Sum loss tokens and sequences over this rank's samples and all DP ranks."""
+    tokens = sum(int(s.fields[mask_field].sum()) for s in samples) if samples else 0
+    counts = torch.tensor([tokens, len(samples)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts, group=_dp_group())
+    return GlobalCounts(num_tokens=int(counts[0]), num_seqs=int(counts[1]))
+
+
+def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int) -> list[TrainMicroBatch]:
+    """Interleaved 1F1B (virtual PP) in Megatron-Core 0.16 exchanges activations of one fixed
+    shape and needs a multiple of PP micro-batches. So under virtual PP every micro-batch is
+    padded to the largest [rows, width], and all-masked filler batches (zero loss, zero
+    gradient; their results are dropped) top up the count."""
+    from megatron.core import parallel_state
+
+    if num_chunks == 1:
+        return micro_batches
+    rows = max(mb.input_ids.shape[0] for mb in micro_batches)
+    width = max(mb.input_ids.shape[1] for mb in micro_batches)
+
+    def padded(mb: TrainMicroBatch) -> TrainMicroBatch:
+        b, s = mb.input_ids.shape
+        ids = torch.zeros(rows, width, dtype=mb.input_ids.dtype)
+        ids[:b, :s] = mb.input_ids
+        fields = {}
+        for k, v in mb.fields.items():
+            fields[k] = torch.zeros(rows, width - 1, dtype=v.dtype)
+            fields[k][:b, : s - 1] = v
+        lengths = torch.full((rows,), width, dtype=mb.lengths.dtype)
+        lengths[:b] = mb.lengths
+        return TrainMicroBatch(ids, lengths, fields, mb.indices)
+
+    out = [padded(mb) for mb in micro_batches]
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    filler = TrainMicroBatch(
+        torch.zeros(rows, width, dtype=torch.long),
+        torch.full((rows,), width),
+        {k: torch.zeros(rows, width - 1, dtype=v.dtype) for k, v in out[0].fields.items()},
+        [],
+    )
+    return out + [filler] * ((-len(out)) % pp)
+
+
+class TrainEngine:
+    """Owns a role's DDP-wrapped chunks, optimizer and LR schedule (or none: forward-only)."""
+
+    def __init__(self, built: BuiltModel, optim: Optional[OptimConfig]):
+        self.built = built
+        self.optim_config = optim
+        self.step_count = 0
+        if optim is None:  # forward-only (reference model, scoring); forward() runs under no_grad
+            self.model = built.chunks
+            self.optimizer = self.scheduler = None
+            return
+        self.model, self.optimizer, self.scheduler = self._setup_training(built, optim)
+
+    @staticmethod
+    def _setup_training(built: BuiltModel, optim: OptimConfig):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        config = built.chunks[0].config
+        # Loss shares are already normalised by global counts: no averaging anywhere else.
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = lambda model, num_tokens, **kw: finalize_model_grads(model, None, **kw)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=optim.overlap_grad_reduce,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        )
+        model = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(built.chunks)
+        ]
+        if optim.overlap_grad_reduce:
+            config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        dtype = config.params_dtype
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer=optim.optimizer,
+                sgd_momentum=optim.sgd_momentum,
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                fp16=dtype == torch.float16,
+                params_dtype=dtype,
+                use_distributed_optimizer=optim.use_distributed_optimizer,
+            ),
+            model,
+        )
+        decay = {"constant": "constant", "cosine": "cosine", "linear": "linear"}[optim.lr_schedule]
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0 if optim.warmup_steps else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+            lr_decay_style=decay,
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+        return model, optimizer, scheduler
+
+    # ------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, samples: list[Sample], max_tokens: Optional[int] = None) -> list[TrainMicroBatch]:
+        cfg = self.optim_config or OptimConfig()
+        return make_train_micro_batches(
+            samples, max_tokens or cfg.max_tokens_per_microbatch, cfg.max_samples_per_microbatch,
+            self.built.sequence_multiple,
+        )
+
+    def _run(self, micro_batches: list[TrainMicroBatch], collect: Callable, forward_only: bool) -> Optional[list]:
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device = next(self.built.chunks[0].parameters()).device
+        real = len(micro_batches)
+        micro_batches = _pad_for_interleaving(micro_batches, len(self.model))
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator).to(device)
+            output = model(mb.input_ids, mb.position_ids, None)
+            return output, partial(collect, mb=mb)
+
+        iterators = [iter(micro_batches) for _ in self.model]
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro_batches),
+            seq_length=max(int(mb.input_ids.shape[1]) for mb in micro_batches),
+            micro_batch_size=max(int(mb.input_ids.shape[0]) for mb in micro_batches),
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+        return results[:real] if parallel_state.is_pipeline_last_stage() else None
+
+    def train_step(self, samples: list[Sample], loss_fn: LossFn, mask_field: str = "loss_mask") -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch. Collective over the role.
+
+        Returns metrics summed over the global batch (the loss shares add up to the global loss),
+        plus ``grad_norm`` and ``lr``. Raises ValueError on an empty batch or one with no loss
+        token anywhere, and on a non-finite loss or gradient norm (no update is applied then).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("this engine is forward-only (built without an optimizer config)")
+        counts = global_counts(samples, mask_field)
+        if counts.num_seqs == 0:
+            raise ValueError("empty batch: no samples on any data-parallel rank")
+        if counts.num_tokens == 0:
+            raise ValueError(f"every token of the global batch is masked out ('{mask_field}' is all zero)")
+        micro_batches = self._micro_batches(samples) if samples else []
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def collect(output, mb):
+            loss, metrics = loss_fn(output, mb, counts)
+            if not torch.isfinite(loss.detach()):
+                raise ValueError(f"loss is {loss.item()} on micro-batch of samples {mb.indices}: refusing to update")
+            metrics = {k: v.detach().float() for k, v in metrics.items()}
+            metrics["loss"] = loss.detach().float()
+            return loss, torch.tensor(1, dtype=torch.int), metrics
+
+        results = self._run(micro_batches, collect, forward_only=False) if micro_batches else []
+        metrics = self._reduce_metrics(results)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok or grad_norm is None or not math.isfinite(grad_norm):
+            raise ValueError(f"gradient norm is {grad_norm}: the step was skipped (NaN/inf in the gradients)")
+        self.scheduler.step(increment=1)
+        self.step_count += 1
+        metrics.update(grad_norm=float(grad_norm), lr=float(self.optimizer.param_groups[0]["lr"]))
+        return metrics
+
+    def _reduce_metrics(self, results: Optional[list]) -> dict[str, float]:
+        """Sum per-micro-batch metric dicts over micro-batches and DP ranks; share over PP."""
+        from megatron.core import parallel_state
+
+        local: dict[str, float] = {}
+        for r in results or []:
+            for k, v in r.items():
+                local[k] = local.get(k, 0.0) + float(v)
+        if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            box = [local]
+            dist.broadcast_object_list(
+                box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+            local = box[0]
+        keys = sorted(local)
+        if dist.is_initialized() and keys:
+            t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, group=_dp_group())
+            local = dict(zip(keys, t.tolist()))
+        return local
+
+    @torch.no_grad()
+    def forward(
+        self,
+        samples: list[Sample],
+        reduce: Callable[[torch.Tensor, TrainMicroBatch], list[Any]],
+        max_tokens: Optional[int] = None,
+    ) -> list[Any]:
+        """Forward-only over ``samples``; ``reduce(output, mb)`` gives one result per sample of
+        ``mb`` (``mb.indices``; rows past them are padding). Results come back in the order of
+        ``samples`` on every rank of the pipeline.
+        """
+        from rlmt_megatron.training.forward_only import broadcast_from_last_stage
+
+        if not samples:
+            return []
+        for chunk in self.model:
+            chunk.eval()
+        micro_batches = self._micro_batches(samples, max_tokens)
+        per_batch = self._run(micro_batches, lambda output, mb, non_loss_data=True: reduce(output, mb), forward_only=True)
+        per_batch = broadcast_from_last_stage(per_batch)
+        out: dict[int, Any] = {}
+        for mb, values in zip(micro_batches, per_batch):
+            out.update(zip(mb.indices, values))
+        return [out[i] for i in range(len(samples))]
