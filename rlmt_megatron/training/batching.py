@@ -79,19 +79,27 @@ def make_train_micro_batches(
     max_tokens: int,
     max_samples: Optional[int] = None,
     pad_multiple: int = 1,
+    unit_size: int = 1,
 ) -> list[TrainMicroBatch]:
-    """Sort by length (longest first) and pack greedily under ``max_tokens`` padded tokens."""
+    """Sort by length (longest first) and pack greedily under ``max_tokens`` padded tokens.
+
+    ``unit_size`` > 1 keeps each run of that many consecutive samples together and in order
+    (DPO: chosen then rejected must meet in one micro-batch).
+    """
     if not samples:
         raise ValueError("empty batch: no samples to train on")
-    order = sorted(range(len(samples)), key=lambda i: (-samples[i].input_ids.numel(), i))
-    groups: list[list[int]] = []
-    for i in order:
+    if len(samples) % unit_size:
+        raise ValueError(f"{len(samples)} samples do not split into units of {unit_size}")
+    units = [list(range(k, k + unit_size)) for k in range(0, len(samples), unit_size)]
+    width = [max(samples[i].input_ids.numel() for i in u) for u in units]
+    order = sorted(range(len(units)), key=lambda u: (-width[u], u))
+    groups: list[list[int]] = []  # unit indices; longest first, so a group's first is widest
+    for u in order:
         if groups:
             g = groups[-1]
-            width = samples[g[0]].input_ids.numel()  # longest first: the group's first is widest
-            fits = width * (len(g) + 1) <= max_tokens and (max_samples is None or len(g) < max_samples)
-            if fits:
-                g.append(i)
+            rows = (len(g) + 1) * unit_size
+            if width[g[0]] * rows <= max_tokens and (max_samples is None or rows <= max_samples):
+                g.append(u)
                 continue
-        groups.append([i])
-    return [_collate(samples, g, pad_multiple) for g in groups]
+        groups.append([u])
+    return [_collate(samples, [i for u in g for i in units[u]], pad_multiple) for g in groups]

@@ -21,7 +21,6 @@ weights (offloadable later) and keeps both code paths trivially correct.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Optional
 
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
+from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.config import StrictModel
 from rlmt_megatron.models.builder import BuiltModel
 from rlmt_megatron.training.batching import Sample, TrainMicroBatch, make_train_micro_batches
@@ -55,16 +55,8 @@ class OptimConfig(StrictModel):
     max_samples_per_microbatch: Optional[PositiveInt] = None
 
 
-@dataclass(frozen=True)
-class GlobalCounts:
-    """Loss tokens and sequences of the whole global batch (all micro-batches, all DP ranks)."""
-
-    num_tokens: int
-    num_seqs: int
-
-
-# loss_fn(model_output, micro_batch, counts) -> (loss share, {metric: summed value})
-LossFn = Callable[[torch.Tensor, TrainMicroBatch, GlobalCounts], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# loss_fn(model_output, micro_batch, global normalisers) -> (loss share, {metric: share of a global sum})
+LossFn = Callable[[torch.Tensor, TrainMicroBatch, GlobalNormalizers], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def _dp_group():
@@ -73,13 +65,16 @@ def _dp_group():
     return parallel_state.get_data_parallel_group()
 
 
-def global_counts(samples: list[Sample], mask_field: str = "loss_mask") -> GlobalCounts:
-    """Sum loss tokens and sequences over this rank's samples and all DP ranks."""
-    tokens = sum(int(s.fields[mask_field].sum()) for s in samples) if samples else 0
-    counts = torch.tensor([tokens, len(samples)], dtype=torch.float64)
+def global_counts(samples: list[Sample], mask_field: str = "loss_mask") -> tuple[GlobalNormalizers, int]:
+    """Loss tokens and sequences with at least one loss token, summed over this rank's samples
+    and all DP ranks; plus the total number of samples."""
+    masks = [s.fields[mask_field] for s in samples]
+    tokens = sum(float(m.sum()) for m in masks)
+    seqs = sum(1 for m in masks if m.sum() > 0)
+    counts = torch.tensor([tokens, seqs, len(samples)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(counts, group=_dp_group())
-    return GlobalCounts(num_tokens=int(counts[0]), num_seqs=int(counts[1]))
+    return GlobalNormalizers(num_tokens=float(counts[0]), num_seqs=float(counts[1])), int(counts[2])
 
 
 def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int) -> list[TrainMicroBatch]:
@@ -185,15 +180,18 @@ class TrainEngine:
             wd_incr_steps=1,
             wd_incr_style="constant",
         )
+        # The scheduler's counter is the number of the step about to run (1-based), so step 1
+        # of a warmup already trains at lr/warmup_steps instead of Megatron's lr=init_lr=0.
+        scheduler.step(increment=1)
         return model, optimizer, scheduler
 
     # ------------------------------------------------------------------------------------------
 
-    def _micro_batches(self, samples: list[Sample], max_tokens: Optional[int] = None) -> list[TrainMicroBatch]:
+    def _micro_batches(self, samples: list[Sample], max_tokens: Optional[int] = None, unit_size: int = 1) -> list[TrainMicroBatch]:
         cfg = self.optim_config or OptimConfig()
         return make_train_micro_batches(
             samples, max_tokens or cfg.max_tokens_per_microbatch, cfg.max_samples_per_microbatch,
-            self.built.sequence_multiple,
+            self.built.sequence_multiple, unit_size,
         )
 
     def _run(self, micro_batches: list[TrainMicroBatch], collect: Callable, forward_only: bool) -> Optional[list]:
@@ -222,8 +220,12 @@ class TrainEngine:
         )
         return results[:real] if parallel_state.is_pipeline_last_stage() else None
 
-    def train_step(self, samples: list[Sample], loss_fn: LossFn, mask_field: str = "loss_mask") -> dict[str, float]:
+    def train_step(
+        self, samples: list[Sample], loss_fn: LossFn, mask_field: str = "loss_mask", unit_size: int = 1
+    ) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch. Collective over the role.
+
+        ``unit_size``: runs of this many consecutive samples stay in one micro-batch (DPO pairs).
 
         Returns metrics summed over the global batch (the loss shares add up to the global loss),
         plus ``grad_norm`` and ``lr``. Raises ValueError on an empty batch or one with no loss
@@ -231,12 +233,12 @@ class TrainEngine:
         """
         if self.optimizer is None:
             raise RuntimeError("this engine is forward-only (built without an optimizer config)")
-        counts = global_counts(samples, mask_field)
-        if counts.num_seqs == 0:
+        counts, num_samples = global_counts(samples, mask_field)
+        if num_samples == 0:
             raise ValueError("empty batch: no samples on any data-parallel rank")
         if counts.num_tokens == 0:
             raise ValueError(f"every token of the global batch is masked out ('{mask_field}' is all zero)")
-        micro_batches = self._micro_batches(samples) if samples else []
+        micro_batches = self._micro_batches(samples, unit_size=unit_size) if samples else []
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -252,12 +254,13 @@ class TrainEngine:
 
         results = self._run(micro_batches, collect, forward_only=False) if micro_batches else []
         metrics = self._reduce_metrics(results)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
         ok, grad_norm, _ = self.optimizer.step()
         if not ok or grad_norm is None or not math.isfinite(grad_norm):
             raise ValueError(f"gradient norm is {grad_norm}: the step was skipped (NaN/inf in the gradients)")
         self.scheduler.step(increment=1)
         self.step_count += 1
-        metrics.update(grad_norm=float(grad_norm), lr=float(self.optimizer.param_groups[0]["lr"]))
+        metrics.update(grad_norm=float(grad_norm), lr=lr)
         return metrics
 
     def _reduce_metrics(self, results: Optional[list]) -> dict[str, float]:

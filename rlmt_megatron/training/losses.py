@@ -1,0 +1,119 @@
+"""Loss functions for :meth:`TrainEngine.train_step`: the algorithms applied to model outputs.
+
+Each factory returns ``loss_fn(output, micro_batch, norms) -> (loss share, metrics)``. The share
+is this micro-batch's part of the global loss (see ``algorithms/aggregation.py``); metrics are
+shares of global means (summed over micro-batches and DP ranks by the engine), so the engine's
+reported ``kl`` or ``entropy`` is the token mean over the whole global batch.
+
+Sample fields used (per action, length L-1; see ``training/batching.py``):
+- policy: ``loss_mask``, ``old_logp``, ``advantages``, optional ``ref_logp``;
+- critic: ``loss_mask``, ``returns``, ``old_values``;
+- sft: ``loss_mask``;
+- dpo: ``loss_mask``, ``ref_logp``; samples come in (chosen, rejected) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from rlmt_megatron.algorithms import aggregate, clipped_value_loss, nll, policy_objective, require_finite, sigmoid_dpo
+from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
+from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
+from rlmt_megatron.training.batching import TrainMicroBatch
+from rlmt_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+
+
+def _token_mean_share(x: torch.Tensor, mask: torch.Tensor, norms: GlobalNormalizers) -> torch.Tensor:
+    return (x.detach() * mask).sum() / norms.num_tokens
+
+
+def policy_loss_fn(
+    cfg: PolicyLossConfig,
+    vocab_size: int,
+    aggregation: str = "token_mean",
+    temperature: float = 1.0,
+    norm_constant: Optional[float] = None,
+):
+    """PPO-clip objective (+KL, -entropy) on the policy's vocab-parallel logits."""
+    want_entropy = True  # reported every step; costs one extra all-reduced scalar per token
+
+    def loss_fn(logits: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
+        f = mb.fields
+        require_finite("advantages", f["advantages"])
+        mask = f["loss_mask"]
+        logp, entropy = vocab_parallel_logprobs_and_entropy(
+            logits[:, :-1], mb.targets, vocab_size, temperature, with_entropy=want_entropy
+        )
+        total, parts = policy_objective(logp, f["old_logp"], f.get("ref_logp"), entropy, f["advantages"], mask, cfg)
+        share = aggregate(total, mask, dataclasses.replace(norms, norm_constant=norm_constant), aggregation)
+        metrics = {
+            "loss/policy": _token_mean_share(parts["pg_loss"], mask, norms),
+            "policy/clipfrac": _token_mean_share(parts["clipped"].float(), mask, norms),
+            "policy/ratio_mean": _token_mean_share(parts["ratio"], mask, norms),
+            "rollout/logprob_diff_abs_mean": _token_mean_share((logp - f["old_logp"]).abs(), mask, norms),
+        }
+        if "kl" in parts:
+            metrics["kl"] = _token_mean_share(parts["kl"], mask, norms)
+        if "entropy" in parts:
+            metrics["entropy"] = _token_mean_share(parts["entropy"], mask, norms)
+        return share, metrics
+
+    return loss_fn
+
+
+def value_loss_fn(clip_eps: Optional[float] = 0.5, aggregation: str = "token_mean"):
+    """Clipped value loss on the critic head; value of action t = head output at position t."""
+
+    def loss_fn(values: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
+        f = mb.fields
+        v = values[:, :-1, 0].float()
+        loss, parts = clipped_value_loss(v, f["old_values"], f["returns"], f["loss_mask"], clip_eps)
+        share = aggregate(loss, f["loss_mask"], norms, aggregation)
+        return share, {
+            "loss/value": _token_mean_share(loss, f["loss_mask"], norms),
+            "critic/clipfrac": _token_mean_share(parts["clipped"].float(), f["loss_mask"], norms),
+            "critic/values_mean": _token_mean_share(v, f["loss_mask"], norms),
+        }
+
+    return loss_fn
+
+
+def sft_loss_fn(vocab_size: int, aggregation: str = "token_mean"):
+    """Masked NLL (assistant tokens only: the mask says which)."""
+
+    def loss_fn(logits: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
+        mask = mb.fields["loss_mask"]
+        logp, _ = vocab_parallel_logprobs_and_entropy(logits[:, :-1], mb.targets, vocab_size, with_entropy=False)
+        loss = nll(logp, mask)
+        return aggregate(loss, mask, norms, aggregation), {"loss/sft": _token_mean_share(loss, mask, norms)}
+
+    return loss_fn
+
+
+def dpo_loss_fn(vocab_size: int, beta: float = 0.1, label_smoothing: float = 0.0, reference_free: bool = False):
+    """Sigmoid DPO over (chosen, rejected) row pairs; the loss is the mean over all pairs."""
+
+    def loss_fn(logits: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
+        f = mb.fields
+        rows = len(mb.indices)  # rows past this are interleaved-PP padding
+        if rows % 2:
+            raise ValueError(f"DPO micro-batch has {rows} rows; pairs (chosen, rejected) must stay together")
+        mask = f["loss_mask"][:rows]
+        logp, _ = vocab_parallel_logprobs_and_entropy(logits[:rows, :-1], mb.targets[:rows], vocab_size, with_entropy=False)
+        seq = (logp * mask).sum(-1)
+        ref = (f["ref_logp"][:rows] * mask).sum(-1)
+        losses, chosen_r, rejected_r = sigmoid_dpo(
+            seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=beta, label_smoothing=label_smoothing,
+            reference_free=reference_free,
+        )
+        pairs = norms.num_seqs / 2
+        return losses.sum() / pairs, {
+            "loss/dpo": losses.detach().sum() / pairs,
+            "dpo/reward_margin": (chosen_r - rejected_r).detach().sum() / pairs,
+            "dpo/accuracy": (chosen_r > rejected_r).float().sum() / pairs,
+        }
+
+    return loss_fn
