@@ -4,8 +4,8 @@ Each TP rank holds logits for a slice of the vocabulary. Nothing is gathered: pe
 ranks all-reduce four scalars (max, sum of exp, target logit, sum of p*z) and each rank computes
 its own gradient slice from the saved log-sum-exp, so backward needs no communication at all.
 
-Memory: the work is done in chunks of ``chunk_tokens`` tokens, so the float32 temporaries are
-``chunk_tokens x V/tp`` however long the batch; the only full-size tensors are the logits
+Memory: the work is done in chunks of tokens (by default 256 MiB of float32 per chunk buffer,
+at most two buffers alive), however long the batch; the only full-size tensors are the logits
 themselves (kept by autograd anyway) and their gradient. For a 128K vocabulary the naive
 ``log_softmax`` of 8K tokens allocates several 4 GB float32 tensors; see benchmarks/.
 
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 work per chunk; two such buffers live at a time
 
 
 def _tp_group_rank_size():
@@ -45,7 +45,21 @@ def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def _tempered(logits: torch.Tensor, temperature: float, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """A float32 copy of a logits chunk divided by the temperature, padding rows at -inf."""
+    z = logits.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        z.div_(temperature)
+    if valid is not None:
+        z.masked_fill_(~valid, float("-inf"))
+    return z
+
+
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
+    """Forward per chunk, with m the all-reduced max and e = exp(z - m) (in place over z):
+    s = sum e, logp = (z_t - m) - log s, H = log s - sum(e * (z - m)) / s, where
+    e * (z - m) = xlogy(e, e) is exactly 0 on padding rows. Backward recomputes p per chunk."""
+
     @staticmethod
     def forward(ctx, logits, targets, true_vocab, temperature, chunk_tokens, with_entropy):
         group, rank, _ = _tp_group_rank_size()
@@ -60,25 +74,19 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         ent = torch.empty_like(logp) if with_entropy else None
         for a in range(0, n, chunk_tokens):
             b = min(a + chunk_tokens, n)
-            z = logits[a:b].float() / temperature
-            if valid is not None:
-                z = z.masked_fill(~valid, float("-inf"))
+            z = _tempered(logits[a:b], temperature, valid)
             m = _all_reduce(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
-            e = torch.exp(z - m[:, None])
-            s = e.sum(-1)
+            z.sub_(m[:, None])
             tz = torch.where(owns[a:b], z.gather(-1, local_t[a:b, None])[:, 0], torch.zeros_like(m))
+            e = z.exp_()
+            sums = [e.sum(-1), tz] + ([torch.xlogy(e, e).sum(-1)] if with_entropy else [])
+            del z, e
+            sums = _all_reduce(torch.stack(sums), group)
+            log_s = torch.log(sums[0])
+            lse[a:b] = m + log_s
+            logp[a:b] = sums[1] - log_s
             if with_entropy:
-                # sum p*z without -inf * 0: padded rows contribute exactly 0
-                pz = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(-1)
-                stacked = _all_reduce(torch.stack([s, tz, pz]), group)
-                s, tz, pz = stacked[0], stacked[1], stacked[2]
-            else:
-                stacked = _all_reduce(torch.stack([s, tz]), group)
-                s, tz = stacked[0], stacked[1]
-            lse[a:b] = m + torch.log(s)
-            logp[a:b] = tz - lse[a:b]
-            if with_entropy:
-                ent[a:b] = lse[a:b] - pz / s
+                ent[a:b] = log_s - sums[2] / sums[0]
         ctx.save_for_backward(logits, local_t, owns, lse, ent if with_entropy else lse)
         ctx.valid = valid
         ctx.temperature, ctx.chunk_tokens, ctx.with_entropy = temperature, chunk_tokens, with_entropy
@@ -87,22 +95,23 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         logits, local_t, owns, lse, ent = ctx.saved_tensors
-        temperature = ctx.temperature
+        use_ent = ctx.with_entropy and grad_ent is not None and grad_ent.numel() > 0
         grad = torch.empty_like(logits)
         n = logits.shape[0]
         for a in range(0, n, ctx.chunk_tokens):
             b = min(a + ctx.chunk_tokens, n)
-            z = logits[a:b].float() / temperature
-            if ctx.valid is not None:
-                z = z.masked_fill(~ctx.valid, float("-inf"))
-            p = torch.exp(z - lse[a:b, None])
-            g = -p * grad_logp[a:b, None]
+            p = _tempered(logits[a:b], ctx.temperature, ctx.valid).sub_(lse[a:b, None]).exp_()
+            # d/dz of (g_lp * logp + g_ent * H) = g_lp * (onehot - p) - g_ent * (p log p + p H)
+            g_lp = grad_logp[a:b]
+            if use_ent:
+                g = torch.xlogy(p, p).mul_(-grad_ent[a:b, None])
+                g.addcmul_(p, -(g_lp + grad_ent[a:b] * ent[a:b])[:, None])
+            else:
+                g = p.mul_(-g_lp[:, None])
+            del p
             rows = torch.nonzero(owns[a:b], as_tuple=True)[0]
-            g[rows, local_t[a:b][rows]] += grad_logp[a:b][rows]
-            if ctx.with_entropy and grad_ent is not None and grad_ent.numel():
-                zc = torch.where(p > 0, z - lse[a:b, None] + ent[a:b, None], torch.zeros_like(z))
-                g -= p * zc * grad_ent[a:b, None]
-            grad[a:b] = (g / temperature).to(grad.dtype)
+            g[rows, local_t[a:b][rows]] += g_lp[rows]
+            grad[a:b] = g.div_(ctx.temperature)
         return grad, None, None, None, None, None
 
 
@@ -112,7 +121,7 @@ def vocab_parallel_logprobs_and_entropy(
     true_vocab_size: int,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log p(targets) and the entropy of p, from this rank's ``[..., V/tp]`` logits.
 
@@ -123,6 +132,7 @@ def vocab_parallel_logprobs_and_entropy(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     lead = targets.shape
     flat = logits_shard.reshape(-1, logits_shard.shape[-1])
+    chunk_tokens = chunk_tokens or max(1, DEFAULT_CHUNK_BYTES // (4 * flat.shape[-1]))
     logp, ent = _VocabParallelLogprobEntropy.apply(
         flat, targets.reshape(-1), true_vocab_size, float(temperature), int(chunk_tokens), with_entropy
     )

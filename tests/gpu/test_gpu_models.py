@@ -75,3 +75,20 @@ def test_8b_shaped_layers_forward_backward(one_gpu_world):
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"4 Llama-3.1-8B-shaped layers + 128K head, 4x4096 tokens, SDPA spec, bf16: {elapsed * 1e3:.1f} ms, peak {peak:.1f} GiB")
     assert torch.isfinite(loss)
+
+
+def test_bf16_train_steps_reduce_the_loss(one_gpu_world, tiny_models):
+    """bf16 weights with fp32 main params in Megatron's distributed optimizer, on one GPU."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "workers"))
+    from train_worker import global_batch, nll_token_mean
+
+    from rlmt_megatron.checkpoint.load import load_model
+    from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+
+    engine = TrainEngine(load_model(tiny_models / "llama-policy", "policy", one_gpu_world), OptimConfig(lr=1e-3))
+    losses = [engine.train_step(global_batch(1024), nll_token_mean)["loss"] for _ in range(5)]
+    print("bf16 losses", losses)
+    assert losses[-1] < losses[0]
