@@ -103,8 +103,12 @@ def test_bad_batches_are_refused(engine):
     nan = [type(s)(s.input_ids, dict(s.fields)) for s in batch]
     nan[1].fields["advantages"] = nan[1].fields["advantages"].clone()
     nan[1].fields["advantages"][3] = float("nan")
-    with pytest.raises(ValueError, match="advantages contains NaN/inf"):
+    with pytest.raises(ValueError, match="field 'advantages' of sample 1 on this rank contains NaN/inf"):
         engine.train_step(nan, policy_loss())
+    from rlmt_megatron.training.losses import dpo_loss_fn
+
+    with pytest.raises(ValueError, match=r"pairs must stay together"):
+        engine.train_step(global_batch()[:4], dpo_loss_fn(1024))  # unit_size=2 forgotten
     assert engine.step_count == 0  # nothing was applied
 
 

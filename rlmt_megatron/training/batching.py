@@ -91,7 +91,8 @@ def make_train_micro_batches(
     if len(samples) % unit_size:
         raise ValueError(f"{len(samples)} samples do not split into units of {unit_size}")
     units = [list(range(k, k + unit_size)) for k in range(0, len(samples), unit_size)]
-    width = [max(samples[i].input_ids.numel() for i in u) for u in units]
+    # widths as collated (rounded up for sequence parallelism), so the budget holds exactly
+    width = [-(-max(samples[i].input_ids.numel() for i in u) // pad_multiple) * pad_multiple for u in units]
     order = sorted(range(len(units)), key=lambda u: (-width[u], u))
     groups: list[list[int]] = []  # unit indices; longest first, so a group's first is widest
     for u in order:

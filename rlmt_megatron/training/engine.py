@@ -65,16 +65,37 @@ def _dp_group():
     return parallel_state.get_data_parallel_group()
 
 
-def global_counts(samples: list[Sample], mask_field: str = "loss_mask") -> tuple[GlobalNormalizers, int]:
-    """Loss tokens and sequences with at least one loss token, summed over this rank's samples
-    and all DP ranks; plus the total number of samples."""
-    masks = [s.fields[mask_field] for s in samples]
+def global_counts(samples: list[Sample]) -> tuple[GlobalNormalizers, int, int]:
+    """Loss tokens and sequences with at least one loss token, summed over all DP ranks; plus
+    the total number of samples and the fewest samples any DP rank holds."""
+    masks = [s.fields["loss_mask"] for s in samples]
     tokens = sum(float(m.sum()) for m in masks)
     seqs = sum(1 for m in masks if m.sum() > 0)
     counts = torch.tensor([tokens, seqs, len(samples)], dtype=torch.float64)
+    fewest = torch.tensor([len(samples)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(counts, group=_dp_group())
-    return GlobalNormalizers(num_tokens=float(counts[0]), num_seqs=float(counts[1])), int(counts[2])
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=_dp_group())
+    return GlobalNormalizers(num_tokens=float(counts[0]), num_seqs=float(counts[1])), int(counts[2]), int(fewest[0])
+
+
+def check_finite_fields(samples: list[Sample]) -> None:
+    """Refuse NaN/inf in any sample field on every rank of the job at once.
+
+    Checked before the schedule starts: an error raised inside one rank's loss function would
+    leave the other ranks waiting in a collective.
+    """
+    bad = next(
+        ((i, name) for i, s in enumerate(samples) for name, t in s.fields.items()
+         if t.is_floating_point() and not torch.isfinite(t).all()),
+        None,
+    )
+    flag = torch.tensor([0.0 if bad is None else 1.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = f"field '{bad[1]}' of sample {bad[0]} on this rank" if bad else "a sample on another rank"
+        raise ValueError(f"{where} contains NaN/inf: refusing to train on this batch")
 
 
 def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int) -> list[TrainMicroBatch]:
@@ -136,8 +157,11 @@ class TrainEngine:
         # Loss shares are already normalised by global counts: no averaging anywhere else.
         config.calculate_per_token_loss = True
         config.finalize_model_grads_func = lambda model, num_tokens, **kw: finalize_model_grads(model, None, **kw)
+        if config.params_dtype == torch.float16:
+            raise ValueError("float16 training needs a loss scaler, which is not wired up: use bfloat16")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
+            check_for_nan_in_grad=True,  # raises before the optimizer step, never after
             overlap_grad_reduce=optim.overlap_grad_reduce,
             use_distributed_optimizer=optim.use_distributed_optimizer,
         )
@@ -220,25 +244,28 @@ class TrainEngine:
         )
         return results[:real] if parallel_state.is_pipeline_last_stage() else None
 
-    def train_step(
-        self, samples: list[Sample], loss_fn: LossFn, mask_field: str = "loss_mask", unit_size: int = 1
-    ) -> dict[str, float]:
+    def train_step(self, samples: list[Sample], loss_fn: LossFn, unit_size: int = 1) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch. Collective over the role.
 
         ``unit_size``: runs of this many consecutive samples stay in one micro-batch (DPO pairs).
 
         Returns metrics summed over the global batch (the loss shares add up to the global loss),
-        plus ``grad_norm`` and ``lr``. Raises ValueError on an empty batch or one with no loss
-        token anywhere, and on a non-finite loss or gradient norm (no update is applied then).
+        plus ``grad_norm`` and ``lr``. Raises ValueError, on every rank and before any update,
+        for: an empty batch, a DP rank without samples, no loss token anywhere (``loss_mask``),
+        NaN/inf in a sample field. A non-finite loss stops the step before backward; NaN/inf
+        gradients are caught by Megatron DDP's check before the optimizer step.
         """
         if self.optimizer is None:
             raise RuntimeError("this engine is forward-only (built without an optimizer config)")
-        counts, num_samples = global_counts(samples, mask_field)
+        counts, num_samples, fewest = global_counts(samples)
         if num_samples == 0:
             raise ValueError("empty batch: no samples on any data-parallel rank")
+        if fewest == 0:
+            raise ValueError("a data-parallel rank has no samples: give every DP rank at least one")
         if counts.num_tokens == 0:
-            raise ValueError(f"every token of the global batch is masked out ('{mask_field}' is all zero)")
-        micro_batches = self._micro_batches(samples, unit_size=unit_size) if samples else []
+            raise ValueError("every token of the global batch is masked out ('loss_mask' is all zero)")
+        check_finite_fields(samples)
+        micro_batches = self._micro_batches(samples, unit_size=unit_size)
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -252,12 +279,12 @@ class TrainEngine:
             metrics["loss"] = loss.detach().float()
             return loss, torch.tensor(1, dtype=torch.int), metrics
 
-        results = self._run(micro_batches, collect, forward_only=False) if micro_batches else []
+        results = self._run(micro_batches, collect, forward_only=False)
         metrics = self._reduce_metrics(results)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
         ok, grad_norm, _ = self.optimizer.step()
-        if not ok or grad_norm is None or not math.isfinite(grad_norm):
-            raise ValueError(f"gradient norm is {grad_norm}: the step was skipped (NaN/inf in the gradients)")
+        if not ok or grad_norm is None or not math.isfinite(grad_norm):  # fp16 loss-scale skip
+            raise ValueError(f"gradient norm is {grad_norm}: the optimizer skipped the step")
         self.scheduler.step(increment=1)
         self.step_count += 1
         metrics.update(grad_norm=float(grad_norm), lr=lr)

@@ -9,7 +9,8 @@ Sample fields used (per action, length L-1; see ``training/batching.py``):
 - policy: ``loss_mask``, ``old_logp``, ``advantages``, optional ``ref_logp``;
 - critic: ``loss_mask``, ``returns``, ``old_values``;
 - sft: ``loss_mask``;
-- dpo: ``loss_mask``, ``ref_logp``; samples come in (chosen, rejected) pairs.
+- dpo: ``loss_mask``, ``ref_logp`` (unless reference-free); samples come in (chosen, rejected)
+  pairs, trained with ``train_step(..., unit_size=2)``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def policy_loss_fn(
 
 
 def value_loss_fn(clip_eps: Optional[float] = 0.5, aggregation: str = "token_mean"):
-    """Clipped value loss on the critic head; value of action t = head output at position t."""
+    """Clipped value loss on the critic head; value of action t = head output at position t.
+
+    ``clip_eps`` defaults to the RLMT PPO recipe's value clip of 0.5.
+    """
 
     def loss_fn(values: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
         f = mb.fields
@@ -99,17 +103,23 @@ def dpo_loss_fn(vocab_size: int, beta: float = 0.1, label_smoothing: float = 0.0
     def loss_fn(logits: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
         f = mb.fields
         rows = len(mb.indices)  # rows past this are interleaved-PP padding
-        if rows % 2:
-            raise ValueError(f"DPO micro-batch has {rows} rows; pairs (chosen, rejected) must stay together")
+        if rows == 0:  # an all-padding filler micro-batch (interleaved PP)
+            return logits.sum() * 0.0, {}
+        idx = mb.indices
+        if rows % 2 or any(c % 2 or r != c + 1 for c, r in zip(idx[0::2], idx[1::2])):
+            raise ValueError(f"DPO micro-batch holds samples {idx}: (chosen, rejected) pairs must stay together "
+                             "(train_step(..., unit_size=2), samples ordered chosen, rejected, chosen, ...)")
         mask = f["loss_mask"][:rows]
+        if (mask.sum(-1) == 0).any():
+            raise ValueError(f"a DPO response among samples {idx} has no loss token")
         logp, _ = vocab_parallel_logprobs_and_entropy(logits[:rows, :-1], mb.targets[:rows], vocab_size, with_entropy=False)
         seq = (logp * mask).sum(-1)
-        ref = (f["ref_logp"][:rows] * mask).sum(-1)
+        ref = None if reference_free else (f["ref_logp"][:rows] * mask).sum(-1)
         losses, chosen_r, rejected_r = sigmoid_dpo(
-            seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=beta, label_smoothing=label_smoothing,
-            reference_free=reference_free,
+            seq[0::2], seq[1::2], None if ref is None else ref[0::2], None if ref is None else ref[1::2],
+            beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
         )
-        pairs = norms.num_seqs / 2
+        pairs = norms.num_seqs / 2  # every response has a loss token (checked), so seqs = 2 * pairs
         return losses.sum() / pairs, {
             "loss/dpo": losses.detach().sum() / pairs,
             "dpo/reward_margin": (chosen_r - rejected_r).detach().sum() / pairs,
