@@ -37,3 +37,22 @@ def run_cli(module: str, args: list[str], timeout: float = 300) -> subprocess.Co
     """Run a CLI module as a plain single process (world of one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def run_worker_once(cache: dict, worker: str, runs: dict, name: str, model_dir: Path, tmp_path_factory):
+    """Run ``tests/workers/<worker>`` for ``runs[name] = (nproc, extra args)`` once per session;
+    the worker saves a torch file whose contents are returned (and cached)."""
+    import torch
+
+    if name not in cache:
+        nproc, extra = runs[name]
+        out = tmp_path_factory.mktemp(worker.split(".")[0]) / f"{name}.pt"
+        torchrun(nproc, [f"tests/workers/{worker}", "--model", str(model_dir), "--out", str(out), *extra])
+        cache[name] = torch.load(out)
+    return cache[name]
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts with the same keys (float64)."""
+    assert sorted(a) == sorted(b), set(a) ^ set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

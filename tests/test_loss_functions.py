@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import torchrun
+from helpers import max_abs_diff, run_worker_once
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from loss_modes_worker import LOSSES, POLICY, global_batch  # noqa: E402
@@ -25,17 +25,7 @@ _cache: dict = {}
 
 
 def run(name, tiny_models, tmp_path_factory):
-    if name not in _cache:
-        nproc, extra = RUNS[name]
-        out = tmp_path_factory.mktemp("losses") / f"{name}.pt"
-        torchrun(nproc, ["tests/workers/loss_modes_worker.py", "--model", str(tiny_models / "llama-policy"), "--out", str(out), *extra])
-        _cache[name] = torch.load(out)
-    return _cache[name]
-
-
-def max_diff(a, b):
-    assert sorted(a) == sorted(b)
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return run_worker_once(_cache, "loss_modes_worker.py", RUNS, name, tiny_models / "llama-policy", tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout", list(RUNS))
@@ -44,7 +34,7 @@ def test_every_loss_is_split_and_layout_invariant(layout, tiny_models, tmp_path_
     got = run(layout, tiny_models, tmp_path_factory)
     for key, result in got.items():
         ref = base[key.split("/")[0] + "/8"]
-        assert max_diff(result["state"], ref["state"]) <= 1e-6, key
+        assert max_abs_diff(result["state"], ref["state"]) <= 1e-6, key
         for metric, value in ref["metrics"].items():
             assert result["metrics"][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, metric)
     assert {k.split("/")[0] for k in got} == set(LOSSES)
@@ -71,7 +61,7 @@ def test_ppo_step_matches_transformers_reference(tiny_models, tmp_path_factory):
     loss.backward()
     opt.step()
     assert got["metrics"]["loss"] == pytest.approx(loss.item(), abs=1e-5)
-    assert max_diff(got["state"], {k: v.detach() for k, v in model.state_dict().items()}) <= 1e-5
+    assert max_abs_diff(got["state"], {k: v.detach() for k, v in model.state_dict().items()}) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

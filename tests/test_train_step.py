@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import torchrun
+from helpers import max_abs_diff, run_worker_once
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from train_worker import global_batch  # noqa: E402
@@ -37,17 +37,7 @@ _results: dict = {}
 
 
 def run(name, tiny_models, tmp_path_factory):
-    if name not in _results:
-        nproc, extra = RUNS[name]
-        out = tmp_path_factory.mktemp("train") / f"{name}.pt"
-        torchrun(nproc, ["tests/workers/train_worker.py", "--model", str(tiny_models / "llama-policy"), "--out", str(out), *extra])
-        _results[name] = torch.load(out)
-    return _results[name]
-
-
-def max_diff(a, b):
-    assert sorted(a) == sorted(b)
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return run_worker_once(_results, "train_worker.py", RUNS, name, tiny_models / "llama-policy", tmp_path_factory)
 
 
 def reference_weights(model_dir, clip):
@@ -74,7 +64,7 @@ def reference_weights(model_dir, clip):
 def test_split_and_layout_do_not_change_the_update(name, tiny_models, tmp_path_factory):
     base = run("1x1-mb8", tiny_models, tmp_path_factory)
     other = run(name, tiny_models, tmp_path_factory)
-    assert max_diff(other["state"], base["state"]) <= 1e-6
+    assert max_abs_diff(other["state"], base["state"]) <= 1e-6
     for h_base, h in zip(base["history"], other["history"]):
         assert h["loss"] == pytest.approx(h_base["loss"], abs=1e-5)
         assert h["grad_norm"] == pytest.approx(h_base["grad_norm"], rel=1e-5)
@@ -83,7 +73,7 @@ def test_split_and_layout_do_not_change_the_update(name, tiny_models, tmp_path_f
 def test_matches_transformers_and_torch_adam(tiny_models, tmp_path_factory):
     got = run("1x1-mb8", tiny_models, tmp_path_factory)
     ref = reference_weights(tiny_models / "llama-policy", clip=0.0)
-    assert max_diff(got["state"], ref) <= 1e-5
+    assert max_abs_diff(got["state"], ref) <= 1e-5
     first, second = got["history"]
     assert second["loss"] < first["loss"]  # the step really moved the weights downhill
 
@@ -94,5 +84,5 @@ def test_clipping_matches_torch_at_tp2_pp2(tiny_models, tmp_path_factory):
     single = run("1x1-clip", tiny_models, tmp_path_factory)
     split = run("tp2-pp2-clip", tiny_models, tmp_path_factory)
     assert single["history"][0]["grad_norm"] > 1.0  # clipping is active
-    assert max_diff(single["state"], ref) <= 1e-5
-    assert max_diff(split["state"], ref) <= 1e-5
+    assert max_abs_diff(single["state"], ref) <= 1e-5
+    assert max_abs_diff(split["state"], ref) <= 1e-5

@@ -1,0 +1,1 @@
+"""Rollout engines (generation) and weight sync from the trainer to them."""

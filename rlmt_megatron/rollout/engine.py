@@ -1,0 +1,46 @@
+"""The interface every rollout engine implements (embedded HF, vLLM, SGLang).
+
+Weights arrive as an iterator of buckets of HF-named tensors (see ``weight_sync/export.py``), with
+the trainer's weight version; every generation records the version it was sampled under.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Iterable, Sequence
+
+import torch
+
+from rlmt_megatron.errors import RLMTError
+from rlmt_megatron.rollout.types import Generation, SamplingParams
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+class EngineError(RLMTError, RuntimeError):
+    """A rollout engine failed; the message names the engine and what it was doing."""
+
+
+class RolloutEngine(abc.ABC):
+    name: str = "engine"
+    weight_version: int = -1
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
+        """For each prompt (token ids), ``params.n`` generations."""
+
+    @abc.abstractmethod
+    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Replace all weights with the HF-named tensors in ``buckets`` (a complete set)."""
+
+    def sleep(self) -> None:
+        """Free accelerator memory between rollouts (colocated engines); no-op by default."""
+
+    def wake(self) -> None:
+        """Take the memory back before the next rollout; no-op by default."""
+
+    def health(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Release everything; the engine is unusable afterwards."""

@@ -1,0 +1,1 @@
+"""Moving the trainer's weights into rollout engines: export, transports, checksums."""

@@ -1,0 +1,71 @@
+"""Under torchrun: train one step at a layout, sync the weights into the HF engine on rank 0,
+sample from it, and score the samples with the trainer. Rank 0 saves checksums and logprobs."""
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from rlmt_megatron.checkpoint.hf_export import gather_hf_state_dict
+from rlmt_megatron.checkpoint.load import load_model
+from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.distributed import bootstrap
+from rlmt_megatron.rollout.hf_engine import HFEngine
+from rlmt_megatron.rollout.types import SamplingParams
+from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
+from rlmt_megatron.rollout.weight_sync.export import buckets_at
+from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport
+from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+from rlmt_megatron.training.forward_only import sequence_logprobs
+from train_worker import global_batch, nll_token_mean
+
+TEMPERATURE = 0.8
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp))
+    bootstrap.initialize(build.parallel)
+    rank = dist.get_rank()
+    engine = TrainEngine(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
+    engine.train_step(global_batch(1024), nll_token_mean)  # world = tp * pp here: one DP rank
+
+    rollout = HFEngine(a.model) if rank == 0 else None
+    buckets = buckets_at(engine.built, dst=0, bucket_bytes=256 * 1024)  # several buckets per stage
+    if rank == 0:
+        InProcessTransport(rollout).push(buckets, version=1)
+    else:
+        for _ in buckets:
+            pass
+    trainer_state = gather_hf_state_dict(engine.built)
+
+    prompts = [[1018, 1020, 304, 1021, 198, 198, 71, 72, 1022, 1020, 303, 1021, 198, 198], [1018, 40, 41, 42, 43]]
+    params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12, n=2, seed=3, stop_token_ids=[1022])
+    gens = [g for per_prompt in rollout.generate(prompts, params) for g in per_prompt] if rank == 0 else None
+    box = [gens]
+    dist.broadcast_object_list(box, src=0)
+    gens = box[0]
+    seqs = [prompts[g.prompt_index] + g.token_ids for g in gens]
+    trainer_lp = sequence_logprobs(engine, seqs, temperature=TEMPERATURE)
+    if rank == 0:
+        diffs = [
+            (torch.tensor(g.logprobs) - lp[len(prompts[g.prompt_index]) - 1:]).abs().max().item()
+            for g, lp in zip(gens, trainer_lp)
+        ]
+        torch.save({
+            "engine_checksum": rollout.checksum(),
+            "trainer_checksum": tensors_checksum(trainer_state.items()),
+            "logprob_diffs": diffs, "versions": [g.weight_version for g in gens],
+            "lengths": [len(g.token_ids) for g in gens], "finish": [g.finish_reason for g in gens],
+            "engine_state": dict(rollout.model.named_parameters()), "trainer_state": trainer_state,
+        }, a.out)
+    bootstrap.shutdown()
+
+
+if __name__ == "__main__":
+    main()
