@@ -1,0 +1,264 @@
+"""SGLang client and broadcast weight-sync protocol, tested without SGLang (it cannot run on CPU).
+
+The field-name sets below were read from SGLang 0.5.23's ``python/sglang/srt/managers/io_struct.py``
+(PyPI wheel sglang-0.5.23-cp311-cp311-manylinux_2_34_x86_64.whl, sha256 00b3cd5b265ac76c64185fbb6b95424f324ddd9f428d0306b77bc9db9d859937;
+the wheel records no git commit: ``sglang/_version.py`` has ``__commit_id__ = None``); request
+classes deriving from ``BaseReq`` also accept its ``rid`` and ``http_worker_ipc``. The sampling
+parameter names come from ``sglang/api/v1/api_types.py::_FIELDS_SamplingParams`` of the same wheel.
+
+Emulated: the SGLang server's weight-sync side. ``tests/workers/broadcast_worker.py --role server``
+is a small HTTP server that answers the client's routes, joins the weight-update group as
+SGLang's model runner does (``init_custom_process_group``: tcp rendezvous, rank = rank_offset +
+tp_rank) and receives each bucket as SGLang's loader does (empty tensors of the requested
+dtype/shape, one broadcast from group rank 0 per name). The trainer is real: a TP2 x PP2 Megatron
+model under torchrun that pushes through ``SGLangHTTPEngine`` + ``NCCLBroadcastTransport`` over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, free_port, torchrun
+from rlmt_megatron.rollout import sglang_engine as se
+from rlmt_megatron.rollout.engine import EngineError
+from rlmt_megatron.rollout.types import SamplingParams
+
+# ---- copied from sglang 0.5.23 python/sglang/srt/managers/io_struct.py (wheel above) ----
+BASE_REQ = {"rid", "http_worker_ipc"}
+GENERATE_REQ_INPUT = {
+    "rid", "session_id", "text", "input_ids", "input_embeds", "image_data", "video_data", "audio_data", "mm_hashes",
+    "mm_content_hashes", "use_audio_in_video", "video_config", "sampling_params", "watermark", "return_logprob",
+    "logprob_start_len", "top_logprobs_num", "token_ids_logprob", "return_sampling_mask", "sampling_logprobs_mode",
+    "return_text_in_logprobs", "return_flat_raw_top_logprobs", "return_flat_raw_output_top_logprobs",
+    "return_flat_raw_top_logprobs_b64", "stream", "log_metrics", "return_hidden_states", "return_routed_experts",
+    "routed_experts_start_len", "return_indexer_topk", "modalities", "session_params", "lora_path", "lora_id",
+    "custom_logit_processor", "positional_embed_overrides", "bootstrap_host", "bootstrap_port", "bootstrap_room",
+    "bootstrap_pair_key", "decode_tp_size", "routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank",
+    "routing_key", "conversation_id", "http_worker_ipc", "background", "require_reasoning", "max_thinking_tokens",
+    "priority", "extra_key", "no_logs", "custom_labels", "return_bytes", "return_entropy", "return_prompt_token_ids",
+    "external_trace_header", "received_time", "need_wait_for_mm_inputs", "num_items_assigned", "encoder_urls",
+    "max_dynamic_patch", "min_dynamic_patch", "image_max_dynamic_patch", "video_max_dynamic_patch", "images_config",
+    "mm_processor_kwargs", "multi_item_delimiter_indices", "token_indices_to_pool", "cache_salt", "kv_hints",
+}
+INIT_WEIGHTS_UPDATE_GROUP_REQ_INPUT = BASE_REQ | {
+    "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
+UPDATE_WEIGHTS_FROM_DISTRIBUTED_REQ_INPUT = BASE_REQ | {
+    "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version", "load_format",
+    "selector", "torch_empty_cache"}
+UPDATE_WEIGHTS_FROM_TENSOR_REQ_INPUT = BASE_REQ | {
+    "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version", "selector",
+    "torch_empty_cache"}
+DESTROY_WEIGHTS_UPDATE_GROUP_REQ_INPUT = BASE_REQ | {"group_name"}
+RELEASE_MEMORY_OCCUPATION_REQ_INPUT = BASE_REQ | {"tags"}
+RESUME_MEMORY_OCCUPATION_REQ_INPUT = BASE_REQ | {"tags"}
+PAUSE_GENERATION_REQ_INPUT = BASE_REQ | {"mode"}
+CONTINUE_GENERATION_REQ_INPUT = BASE_REQ | {"torch_empty_cache"}
+# sglang 0.5.23 python/sglang/api/v1/api_types.py: _FIELDS_SamplingParams
+SAMPLING_PARAMS = {
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
+    "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width", "watermark", "choice"}
+
+FIELDS_BY_CLASS = {
+    "GenerateReqInput": GENERATE_REQ_INPUT,
+    "InitWeightsUpdateGroupReqInput": INIT_WEIGHTS_UPDATE_GROUP_REQ_INPUT,
+    "UpdateWeightsFromDistributedReqInput": UPDATE_WEIGHTS_FROM_DISTRIBUTED_REQ_INPUT,
+    "DestroyWeightsUpdateGroupReqInput": DESTROY_WEIGHTS_UPDATE_GROUP_REQ_INPUT,
+    "PauseGenerationReqInput": PAUSE_GENERATION_REQ_INPUT,
+    "ContinueGenerationReqInput": CONTINUE_GENERATION_REQ_INPUT,
+    "ReleaseMemoryOccupationReqInput": RELEASE_MEMORY_OCCUPATION_REQ_INPUT,
+    "ResumeMemoryOccupationReqInput": RESUME_MEMORY_OCCUPATION_REQ_INPUT,
+}
+FULL_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=8, stop=["\n"],
+                             stop_token_ids=[2], n=3, seed=11)
+
+
+def _bucket():
+    return [("model.embed_tokens.weight", torch.zeros(4, 3, dtype=torch.bfloat16)),
+            ("model.norm.weight", torch.ones(3, dtype=torch.float32))]
+
+
+def built_requests():
+    """route -> every body the client builds for it."""
+    return {
+        "/generate": [se.build_generate_request([[1, 2], [3]], FULL_PARAMS),
+                      se.build_generate_request([[1]], SamplingParams())],
+        "/init_weights_update_group": [se.build_init_weights_update_group_request("10.0.0.1", 29600, 1, 3, backend="gloo")],
+        "/update_weights_from_distributed": [se.build_update_weights_from_distributed_request(_bucket(), 4),
+                                             se.build_update_weights_from_distributed_request(_bucket(), 5, flush_cache=True)],
+        "/destroy_weights_update_group": [se.build_destroy_weights_update_group_request()],
+        "/pause_generation": [se.build_pause_generation_request(m) for m in ("abort", "retract", "in_place")],
+        "/continue_generation": [se.build_continue_generation_request()],
+        "/release_memory_occupation": [se.build_release_memory_request(), se.build_release_memory_request(["weights"])],
+        "/resume_memory_occupation": [se.build_resume_memory_request()],
+    }
+
+
+# ------------------------------------------------------------------ (a) request fields
+
+
+@pytest.mark.parametrize("route", sorted(se.PROTOCOL))
+def test_request_keys_are_sglang_fields(route):
+    cls, documented = se.PROTOCOL[route]
+    fields = FIELDS_BY_CLASS[cls]
+    assert set(documented) <= fields, set(documented) - fields
+    for body in built_requests()[route]:
+        assert set(body) <= fields, f"{route}: {set(body) - fields} are not fields of {cls}"
+        assert set(body) <= set(documented), f"{route}: module table misses {set(body) - set(documented)}"
+
+
+def test_sampling_params_and_generate_body():
+    body = se.build_generate_request([[1, 2], [3]], FULL_PARAMS)
+    sp = body["sampling_params"]
+    assert set(sp) <= SAMPLING_PARAMS and set(se.SAMPLING_PARAM_KEYS) <= SAMPLING_PARAMS
+    assert sp == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 8, "stop": ["\n"],
+                  "stop_token_ids": [2], "n": 3, "sampling_seed": 11}
+    assert body["input_ids"] == [[1, 2], [3]] and body["return_logprob"] is True and body["stream"] is False
+    assert se.sampling_params_to_sglang(SamplingParams(top_k=-1))["top_k"] == -1
+
+
+def test_update_request_dtypes_are_torch_names():
+    body = se.build_update_weights_from_distributed_request(_bucket(), 7)
+    assert body["names"] == ["model.embed_tokens.weight", "model.norm.weight"]
+    assert [getattr(torch, d) for d in body["dtypes"]] == [torch.bfloat16, torch.float32]
+    assert body["shapes"] == [[4, 3], [3]] and body["weight_version"] == "7"
+
+
+def test_parse_generate_response():
+    def item(ids, lps, reason):
+        return {"text": "x", "output_ids": ids,
+                "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, ids)], "finish_reason": reason}}
+    body = [item([5, 6], [-0.1, -0.2], {"type": "length", "length": 2}),
+            item([7], [-0.3], {"type": "stop", "matched": 7}),
+            item([8], [-0.4], {"type": "stop", "matched": "\n"}),
+            item([9, 9], [-0.5, -0.6], {"type": "length", "length": 2})]
+    out = se.parse_generate_response(body, n_prompts=2, n=2, weight_version=3)
+    assert [[(g.prompt_index, g.sample_index) for g in gs] for gs in out] == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
+    assert out[0][0].token_ids == [5, 6] and out[0][0].logprobs == [-0.1, -0.2] and out[0][0].finish_reason == "length"
+    assert out[0][1].finish_reason == "stop" and out[1][1].weight_version == 3
+    with pytest.raises(EngineError, match="aborted"):
+        se.parse_generate_response([item([1], [-1.0], {"type": "abort", "message": "m"})], 1, 1, 0)
+    with pytest.raises(EngineError, match="expected 2 outputs"):
+        se.parse_generate_response(body[:1], 1, 2, 0)
+
+
+# ------------------------------------------------------------------ (c) failures are bounded
+
+
+def test_unreachable_server_is_an_engine_error():
+    with socket.socket() as s:  # a port that was free a moment ago, now closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    engine = se.SGLangHTTPEngine(url, timeout=2, control_timeout=2)
+    start = time.monotonic()
+    with pytest.raises(EngineError) as e:
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+    assert url in str(e.value) and "generating" in str(e.value) and "sglang" in str(e.value)
+    with pytest.raises(EngineError, match="health check"):
+        engine.health()
+    assert time.monotonic() - start < 5
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    delay = 5.0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(self.delay)  # longer than the client's timeout, mid-generation
+        try:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+        except OSError:
+            pass
+
+
+def test_server_slower_than_timeout_is_an_engine_error():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        engine = se.SGLangHTTPEngine(url, timeout=1.0)
+        start = time.monotonic()
+        with pytest.raises(EngineError, match="timed out") as e:
+            engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+        assert time.monotonic() - start < 3.0
+        assert url in str(e.value) and "generating" in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_weight_sync_without_group_is_an_engine_error():
+    engine = se.SGLangHTTPEngine("http://127.0.0.1:9", control_timeout=1)
+    with pytest.raises(EngineError, match="syncing weights v2"):
+        engine.update_weights([_bucket()], 2)
+
+
+# ------------------------------------------------------------------ (b) end-to-end broadcast over gloo
+
+
+def test_broadcast_tp2_pp2_to_emulated_server(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_models / "llama-policy"
+    port, master_port = free_port(), free_port()
+    out = tmp_path / "received.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen(
+        [sys.executable, "tests/workers/broadcast_worker.py", "--role", "server", "--port", str(port),
+         "--out", str(out), "--timeout", "240"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(str(out) + ".ready").exists():
+            assert server.poll() is None, server.communicate()[0]
+            assert time.monotonic() < deadline, "emulated server did not start"
+            time.sleep(0.2)
+        torchrun(4, ["tests/workers/broadcast_worker.py", "--role", "trainer", "--model", str(model),
+                     "--url", f"http://127.0.0.1:{port}", "--master-port", str(master_port),
+                     "--bucket-bytes", str(64 * 1024)], timeout=300)
+        assert server.wait(timeout=60) == 0, server.communicate()[0]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+    got = torch.load(out)
+    assert got["completed"]
+    routes = [p.split("?")[0] for p, _ in got["log"]]
+    n_updates = routes.count("/update_weights_from_distributed")
+    assert routes == (["/init_weights_update_group", "/pause_generation"]
+                      + ["/update_weights_from_distributed"] * n_updates + ["/flush_cache", "/continue_generation"])
+    assert n_updates > 1  # several buckets
+    for path, body in got["log"]:
+        route = path.split("?")[0]
+        if route in se.PROTOCOL:
+            assert set(body) <= FIELDS_BY_CLASS[se.PROTOCOL[route][0]]
+    init = got["log"][0][1]
+    assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 2, "gloo")
+
+    expected = {}
+    for f in sorted(model.glob("*.safetensors")):
+        expected.update(load_file(str(f)))
+    state = got["state"]
+    assert sorted(state) == sorted(expected)
+    for name, t in expected.items():
+        assert state[name].dtype == t.dtype, name
+        assert state[name].shape == t.shape, name
+        assert torch.equal(state[name].view(torch.uint8), t.contiguous().view(torch.uint8)), name
