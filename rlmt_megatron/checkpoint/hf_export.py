@@ -3,8 +3,12 @@
 - :func:`iter_hf_tensors` yields full HF tensors on the rank that holds each one after the TP
   all-gather (TP rank 0, DP rank 0 of the owning pipeline stage); other ranks take part in the
   gathers and yield nothing.
-- :func:`gather_hf_state_dict` brings every tensor to one destination rank (point-to-point from
-  each stage's sender), in a deterministic order every rank agrees on.
+- :func:`iter_hf_buckets` groups them into buckets of at most ``bucket_bytes`` (a tensor larger
+  than the budget travels alone); :func:`buckets_at` streams every stage's buckets to one rank,
+  stage by stage, so the destination holds at most one bucket beyond what it has consumed: peak
+  extra memory is bounded by the bucket size, not the model size. Both are collective: every
+  rank must drive the iterator to the end. Weight sync to rollout engines uses them directly.
+- :func:`gather_hf_state_dict` collects those buckets into one dict on the destination rank.
 - :func:`save_hf_folder` writes safetensors + config.json + tokenizer files that transformers loads.
 """
 
@@ -21,6 +25,9 @@ from rlmt_megatron.checkpoint.hf_loader import global_layer_numbers
 from rlmt_megatron.checkpoint.mapping import HF_ARCHITECTURES, ResolvedRule, layer_index, resolve, unfuse
 from rlmt_megatron.checkpoint.safetensors_io import copy_tokenizer_files, write_safetensors_folder
 from rlmt_megatron.models.builder import BuiltModel
+
+Bucket = list[tuple[str, torch.Tensor]]
+DEFAULT_BUCKET_BYTES = 512 * 2**20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,35 +85,67 @@ def export_dtype(built: BuiltModel) -> torch.dtype:
     return _DTYPES.get(declared, _DTYPES[built.build.precision.params_dtype])
 
 
-def gather_hf_state_dict(built: BuiltModel, dst: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
-    """Collect the whole HF state dict on global rank ``dst`` (None elsewhere). Collective."""
+def iter_hf_buckets(built: BuiltModel, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                    dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """Buckets of (HF name, full tensor) on each stage's sender rank (TP 0, DP 0)."""
+    bucket: Bucket = []
+    size = 0
+    for name, tensor in iter_hf_tensors(built, dtype or export_dtype(built)):
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+               dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """Every stage's buckets, yielded on global rank ``dst`` only, in pipeline-stage order."""
     from megatron.core import parallel_state
 
-    dtype = dtype or export_dtype(built)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    local = iter_hf_buckets(built, bucket_bytes, dtype)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield from local
+        return
     is_sender = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
-    local = {name: t for name, t in iter_hf_tensors(built, dtype)}
-    if world == 1:
-        return local
-    # Everyone learns which sender holds which tensor (names, shapes, dtypes), in stage order.
-    manifest = [(n, tuple(t.shape), str(t.dtype)) for n, t in local.items()] if is_sender else None
-    manifests: list = [None] * world
-    dist.all_gather_object(manifests, (parallel_state.get_pipeline_model_parallel_rank(), manifest))
-    result: Optional[dict[str, torch.Tensor]] = {} if rank == dst else None
-    for src, (_, entries) in sorted(enumerate(manifests), key=lambda kv: kv[1][0]):
-        if entries is None:
-            continue
-        for name, shape, dt in entries:
-            if src == dst == rank:
-                result[name] = local[name]
-            elif rank == src:
-                dist.send(local[name].contiguous(), dst)
-            elif rank == dst:
-                buf = torch.empty(shape, dtype=getattr(torch, dt.split(".")[1]))
-                dist.recv(buf, src)
-                result[name] = buf
-    return result
+    # Who sends, in stage order: (pp rank, global rank) of every sender.
+    senders: list = [None] * dist.get_world_size()
+    dist.all_gather_object(senders, (parallel_state.get_pipeline_model_parallel_rank(), rank) if is_sender else None)
+    for _, src in sorted(s for s in senders if s is not None):
+        if src == rank == dst:
+            yield from local
+        elif rank == src:
+            for bucket in local:
+                dist.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in bucket]], dst)
+                for _, t in bucket:
+                    dist.send(t.contiguous(), dst)
+            dist.send_object_list([None], dst)  # end of this stage
+        elif rank == dst:
+            while True:
+                box = [None]
+                dist.recv_object_list(box, src)
+                if box[0] is None:
+                    break
+                bucket = []
+                for name, shape, dt in box[0]:
+                    buf = torch.empty(shape, dtype=dt)
+                    dist.recv(buf, src)
+                    bucket.append((name, buf))
+                yield bucket
+    if rank != dst and not is_sender:
+        for _ in local:  # take part in the TP gathers of this rank's stage
+            pass
+
+
+def gather_hf_state_dict(built: BuiltModel, dst: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
+    """Collect the whole HF state dict on global rank ``dst`` (None elsewhere). Collective."""
+    state = {name: t for bucket in buckets_at(built, dst, dtype=dtype) for name, t in bucket}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return state if rank == dst else None
 
 
 def hf_config_for(built: BuiltModel) -> dict:

@@ -1,6 +1,6 @@
 """The interface every rollout engine implements (embedded HF, vLLM, SGLang).
 
-Weights arrive as an iterator of buckets of HF-named tensors (see ``weight_sync/export.py``), with
+Weights arrive as an iterator of buckets of HF-named tensors (see ``checkpoint/hf_export.py``), with
 the trainer's weight version; every generation records the version it was sampled under.
 """
 
@@ -9,12 +9,9 @@ from __future__ import annotations
 import abc
 from typing import Iterable, Sequence
 
-import torch
-
+from rlmt_megatron.checkpoint.hf_export import Bucket
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.types import Generation, SamplingParams
-
-Bucket = list[tuple[str, torch.Tensor]]
 
 
 class EngineError(RLMTError, RuntimeError):

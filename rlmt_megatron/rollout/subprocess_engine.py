@@ -69,13 +69,16 @@ class SubprocessEngine(RolloutEngine):
             if self._conn.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
                 try:
                     status, value = self._conn.recv()
-                except EOFError:
-                    status, value = "dead", None
+                except EOFError:  # the child closed its end: it is exiting or gone
+                    self._proc.join(5)
+                    raise EngineError(
+                        f"{self.name} engine process died (exit code {self._proc.exitcode}) while {doing}"
+                    ) from None
                 if status == "ok":
                     return value
                 if status == "error":
                     raise EngineError(f"{self.name} engine failed while {doing}: {value}")
-            if not self._proc.is_alive() or (not self._conn.poll(0) and self._proc.exitcode is not None):
+            if not self._proc.is_alive() and not self._conn.poll(0):  # dead, and no last reply left
                 raise EngineError(f"{self.name} engine process died (exit code {self._proc.exitcode}) while {doing}")
             if time.monotonic() >= deadline:
                 self._proc.kill()

@@ -81,7 +81,7 @@ def train(a):
     from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
-    from rlmt_megatron.rollout.weight_sync.export import buckets_at
+    from rlmt_megatron.checkpoint.hf_export import buckets_at
     from rlmt_megatron.rollout.weight_sync.nccl_broadcast import NCCLBroadcastTransport
 
     build = ModelBuildConfig(parallel=ParallelConfig(tp=2, pp=2))

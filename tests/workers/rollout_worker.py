@@ -6,7 +6,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from rlmt_megatron.checkpoint.hf_export import gather_hf_state_dict
+from rlmt_megatron.checkpoint.hf_export import buckets_at, gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
@@ -14,7 +14,6 @@ from rlmt_megatron.rollout.hf_engine import HFEngine
 from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
-from rlmt_megatron.rollout.weight_sync.export import buckets_at
 from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport
 from rlmt_megatron.training.engine import OptimConfig, TrainEngine
 from rlmt_megatron.training.forward_only import sequence_logprobs
