@@ -10,7 +10,9 @@ Sample fields used (per action, length L-1; see ``training/batching.py``):
 - critic: ``loss_mask``, ``returns``, ``old_values``;
 - sft: ``loss_mask``;
 - dpo: ``loss_mask``, ``ref_logp`` (unless reference-free); samples come in (chosen, rejected)
-  pairs, trained with ``train_step(..., unit_size=2)``.
+  pairs, trained with ``train_step(..., unit_size=2)``;
+- reward model (Bradley–Terry): ``loss_mask`` (1 at the last token's action only, so the global
+  counts see one loss token per sequence); (chosen, rejected) pairs as for DPO.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from rlmt_megatron.algorithms import aggregate, clipped_value_loss, nll, policy_objective, require_finite, sigmoid_dpo
+from rlmt_megatron.algorithms import aggregate, bradley_terry, clipped_value_loss, nll, policy_objective, require_finite, sigmoid_dpo
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
 from rlmt_megatron.training.batching import TrainMicroBatch
@@ -106,9 +108,7 @@ def dpo_loss_fn(vocab_size: int, beta: float = 0.1, label_smoothing: float = 0.0
         if rows == 0:  # an all-padding filler micro-batch (interleaved PP)
             return logits.sum() * 0.0, {}
         idx = mb.indices
-        if rows % 2 or any(c % 2 or r != c + 1 for c, r in zip(idx[0::2], idx[1::2])):
-            raise ValueError(f"DPO micro-batch holds samples {idx}: (chosen, rejected) pairs must stay together "
-                             "(train_step(..., unit_size=2), samples ordered chosen, rejected, chosen, ...)")
+        _check_pairs(mb, "DPO")
         mask = f["loss_mask"][:rows]
         if (mask.sum(-1) == 0).any():
             raise ValueError(f"a DPO response among samples {idx} has no loss token")
@@ -124,6 +124,33 @@ def dpo_loss_fn(vocab_size: int, beta: float = 0.1, label_smoothing: float = 0.0
             "loss/dpo": losses.detach().sum() / pairs,
             "dpo/reward_margin": (chosen_r - rejected_r).detach().sum() / pairs,
             "dpo/accuracy": (chosen_r > rejected_r).float().sum() / pairs,
+        }
+
+    return loss_fn
+
+
+def _check_pairs(mb: TrainMicroBatch, what: str) -> None:
+    idx = mb.indices
+    if len(idx) % 2 or any(c % 2 or r != c + 1 for c, r in zip(idx[0::2], idx[1::2])):
+        raise ValueError(f"{what} micro-batch holds samples {idx}: (chosen, rejected) pairs must stay together "
+                         "(train_step(..., unit_size=2), samples ordered chosen, rejected, chosen, ...)")
+
+
+def reward_model_loss_fn():
+    """Bradley–Terry loss on the RM's score at each sequence's last real token (mean over pairs)."""
+
+    def loss_fn(scores: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
+        rows = len(mb.indices)
+        if rows == 0:  # an all-padding filler micro-batch (interleaved PP)
+            return scores.sum() * 0.0, {}
+        _check_pairs(mb, "reward-model")
+        last = scores[torch.arange(rows, device=scores.device), mb.lengths[:rows] - 1, 0].float()
+        losses = bradley_terry(last[0::2], last[1::2])
+        pairs = norms.num_seqs / 2
+        return losses.sum() / pairs, {
+            "loss/rm": losses.detach().sum() / pairs,
+            "rm/accuracy": (last[0::2] > last[1::2]).float().detach().sum() / pairs,
+            "rm/margin": (last[0::2] - last[1::2]).detach().sum() / pairs,
         }
 
     return loss_fn

@@ -1,0 +1,1 @@
+"""The RLMT trainer: config, experience building, the step functions and the loop."""
