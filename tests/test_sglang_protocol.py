@@ -6,12 +6,14 @@ the wheel records no git commit: ``sglang/_version.py`` has ``__commit_id__ = No
 classes deriving from ``BaseReq`` also accept its ``rid`` and ``http_worker_ipc``. The sampling
 parameter names come from ``sglang/api/v1/api_types.py::_FIELDS_SamplingParams`` of the same wheel.
 
-Emulated: the SGLang server's weight-sync side. ``tests/workers/broadcast_worker.py --role server``
-is a small HTTP server that answers the client's routes, joins the weight-update group as
-SGLang's model runner does (``init_custom_process_group``: tcp rendezvous, rank = rank_offset +
-tp_rank) and receives each bucket as SGLang's loader does (empty tensors of the requested
-dtype/shape, one broadcast from group rank 0 per name). The trainer is real: a TP2 x PP2 Megatron
-model under torchrun that pushes through ``SGLangHTTPEngine`` + ``NCCLBroadcastTransport`` over gloo.
+Emulated: the SGLang server's weight-sync side. ``tests/workers/sglang_emulator.py`` is a small
+HTTP server that answers the client's routes, refuses weight updates outside a
+begin/end_weight_update session as 0.5.23 does, joins the weight-update group as SGLang's model
+runner does (``init_custom_process_group``: tcp rendezvous, rank = rank_offset + tp_rank) and
+receives each bucket as SGLang's loader does (empty tensors of the requested dtype/shape, one
+broadcast from group rank 0 per name). The trainer is real: a TP2 x PP2 Megatron model under
+torchrun (``tests/workers/broadcast_worker.py --role trainer``) that pushes through
+``SGLangHTTPEngine`` + ``NCCLBroadcastTransport`` over gloo.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import REPO, free_port, torchrun
+from workers import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.rollout.types import SamplingParams
@@ -58,6 +60,15 @@ UPDATE_WEIGHTS_FROM_DISTRIBUTED_REQ_INPUT = BASE_REQ | {
 UPDATE_WEIGHTS_FROM_TENSOR_REQ_INPUT = BASE_REQ | {
     "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version", "selector",
     "torch_empty_cache"}
+UPDATE_WEIGHT_FROM_DISK_REQ_INPUT = BASE_REQ | {
+    "model_path", "load_format", "abort_all_requests", "weight_version", "is_async", "torch_empty_cache", "keep_pause",
+    "recapture_cuda_graph", "token_step", "flush_cache", "manifest"}
+BEGIN_WEIGHT_UPDATE_REQ_INPUT = BASE_REQ | {"selector"}
+END_WEIGHT_UPDATE_REQ_INPUT = BASE_REQ
+# fields without a default (the request is invalid without them)
+REQUIRED = {"UpdateWeightsFromTensorReqInput": {"serialized_named_tensors"}, "UpdateWeightFromDiskReqInput": {"model_path"},
+            "UpdateWeightsFromDistributedReqInput": {"names", "dtypes", "shapes"},
+            "InitWeightsUpdateGroupReqInput": {"master_address", "master_port", "rank_offset", "world_size"}}
 DESTROY_WEIGHTS_UPDATE_GROUP_REQ_INPUT = BASE_REQ | {"group_name"}
 RELEASE_MEMORY_OCCUPATION_REQ_INPUT = BASE_REQ | {"tags"}
 RESUME_MEMORY_OCCUPATION_REQ_INPUT = BASE_REQ | {"tags"}
@@ -74,6 +85,10 @@ FIELDS_BY_CLASS = {
     "GenerateReqInput": GENERATE_REQ_INPUT,
     "InitWeightsUpdateGroupReqInput": INIT_WEIGHTS_UPDATE_GROUP_REQ_INPUT,
     "UpdateWeightsFromDistributedReqInput": UPDATE_WEIGHTS_FROM_DISTRIBUTED_REQ_INPUT,
+    "UpdateWeightsFromTensorReqInput": UPDATE_WEIGHTS_FROM_TENSOR_REQ_INPUT,
+    "UpdateWeightFromDiskReqInput": UPDATE_WEIGHT_FROM_DISK_REQ_INPUT,
+    "BeginWeightUpdateReqInput": BEGIN_WEIGHT_UPDATE_REQ_INPUT,
+    "EndWeightUpdateReqInput": END_WEIGHT_UPDATE_REQ_INPUT,
     "DestroyWeightsUpdateGroupReqInput": DESTROY_WEIGHTS_UPDATE_GROUP_REQ_INPUT,
     "PauseGenerationReqInput": PAUSE_GENERATION_REQ_INPUT,
     "ContinueGenerationReqInput": CONTINUE_GENERATION_REQ_INPUT,
@@ -97,6 +112,11 @@ def built_requests():
         "/init_weights_update_group": [se.build_init_weights_update_group_request("10.0.0.1", 29600, 1, 3, backend="gloo")],
         "/update_weights_from_distributed": [se.build_update_weights_from_distributed_request(_bucket(), 4),
                                              se.build_update_weights_from_distributed_request(_bucket(), 5, flush_cache=True)],
+        "/update_weights_from_tensor": [se.build_update_weights_from_tensor_request(["AAAA", "AAAA"], 4)],
+        "/update_weights_from_disk": [se.build_update_weights_from_disk_request("/tmp/v000004", 4),
+                                      se.build_update_weights_from_disk_request("/tmp/v000004", 4, load_format="auto")],
+        "/begin_weight_update": [se.build_begin_weight_update_request()],
+        "/end_weight_update": [se.build_end_weight_update_request()],
         "/destroy_weights_update_group": [se.build_destroy_weights_update_group_request()],
         "/pause_generation": [se.build_pause_generation_request(m) for m in ("abort", "retract", "in_place")],
         "/continue_generation": [se.build_continue_generation_request()],
@@ -116,6 +136,7 @@ def test_request_keys_are_sglang_fields(route):
     for body in built_requests()[route]:
         assert set(body) <= fields, f"{route}: {set(body) - fields} are not fields of {cls}"
         assert set(body) <= set(documented), f"{route}: module table misses {set(body) - set(documented)}"
+        assert REQUIRED.get(cls, set()) <= set(body), f"{route}: required fields missing"
 
 
 def test_sampling_params_and_generate_body():
@@ -218,33 +239,27 @@ def test_broadcast_tp2_pp2_to_emulated_server(tiny_models, tmp_path):
     from safetensors.torch import load_file
 
     model = tiny_models / "llama-policy"
-    port, master_port = free_port(), free_port()
+    master_port = free_port()
     out = tmp_path / "received.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(
-        [sys.executable, "tests/workers/broadcast_worker.py", "--role", "server", "--port", str(port),
-         "--out", str(out), "--timeout", "240"],
+        [sys.executable, "tests/workers/sglang_emulator.py", "--out", str(out), "--timeout", "240"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not Path(str(out) + ".ready").exists():
-            assert server.poll() is None, server.communicate()[0]
-            assert time.monotonic() < deadline, "emulated server did not start"
-            time.sleep(0.2)
+        url = sglang_emulator.wait_ready(str(out), lambda: server.poll() is None)
         torchrun(4, ["tests/workers/broadcast_worker.py", "--role", "trainer", "--model", str(model),
-                     "--url", f"http://127.0.0.1:{port}", "--master-port", str(master_port),
+                     "--url", url, "--master-port", str(master_port),
                      "--bucket-bytes", str(64 * 1024)], timeout=300)
-        assert server.wait(timeout=60) == 0, server.communicate()[0]
+        got = sglang_emulator.dump_state(url, str(out))
     finally:
         if server.poll() is None:
             server.kill()
             server.wait(timeout=10)
-    got = torch.load(out)
-    assert got["completed"]
-    routes = [p.split("?")[0] for p, _ in got["log"]]
+    routes = [p.split("?")[0] for p, _ in got["log"] if not p.startswith("/_emulator")]
     n_updates = routes.count("/update_weights_from_distributed")
-    assert routes == (["/init_weights_update_group", "/pause_generation"]
-                      + ["/update_weights_from_distributed"] * n_updates + ["/flush_cache", "/continue_generation"])
+    assert routes == (["/init_weights_update_group", "/pause_generation", "/begin_weight_update"]
+                      + ["/update_weights_from_distributed"] * n_updates
+                      + ["/end_weight_update", "/flush_cache", "/continue_generation"])
     assert n_updates > 1  # several buckets
     for path, body in got["log"]:
         route = path.split("?")[0]
@@ -256,7 +271,7 @@ def test_broadcast_tp2_pp2_to_emulated_server(tiny_models, tmp_path):
     expected = {}
     for f in sorted(model.glob("*.safetensors")):
         expected.update(load_file(str(f)))
-    state = got["state"]
+    state = got["ranks"][0]
     assert sorted(state) == sorted(expected)
     for name, t in expected.items():
         assert state[name].dtype == t.dtype, name

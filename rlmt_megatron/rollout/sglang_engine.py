@@ -1,14 +1,39 @@
-"""A rollout engine backed by a running SGLang server (disaggregated mode), over plain HTTP.
+"""A rollout engine backed by a running SGLang server, over plain HTTP.
 
 Only the standard library talks to the server (``urllib.request`` + ``json``); every request has a
 bounded timeout, and every failure becomes an ``EngineError`` that names the engine, the URL and
 what the client was doing (generating, syncing weights v N, health check, ...).
 
-Weights travel out of band: the trainer's sender joins a process group with the server's ranks
-(``/init_weights_update_group``) and, for each bucket, POSTs the bucket's names/dtypes/shapes to
-``/update_weights_from_distributed`` while broadcasting the tensors from rank 0 of that group, one
-by one in the order of the names (see ``weight_sync/nccl_broadcast.py``). The server's model
-runner allocates empty tensors and joins each broadcast, then loads the bucket.
+Three ways in for weights, each driven by one transport in ``weight_sync/``:
+
+* disaggregated (``nccl_broadcast.py``): the trainer's sender joins a process group with the
+  server's ranks (``/init_weights_update_group``) and, for each bucket, POSTs the bucket's
+  names/dtypes/shapes to ``/update_weights_from_distributed`` while broadcasting the tensors from
+  rank 0 of that group, one by one in the order of the names; the server's model runner allocates
+  empty tensors, joins each broadcast, then loads the bucket;
+* colocated (``cuda_ipc.py``): each bucket is flattened into one uint8 tensor whose CUDA IPC
+  handle (pickled, base64) is POSTed to ``/update_weights_from_tensor`` with
+  ``load_format="flattened_bucket"``, one payload per server TP rank;
+* anywhere (``disk.py``): a safetensors folder written by the trainer is loaded with
+  ``/update_weights_from_disk``.
+
+In 0.5.23 the scheduler refuses ``update_weights_from_distributed`` and ``update_weights_from_tensor``
+outside a weight-update session (``scheduler_components/weight_updater.py``: "must run between
+begin_weight_update() and end_weight_update()"), so a sync is: ``/pause_generation`` ->
+``/begin_weight_update`` -> one update request per bucket (``flush_cache`` False) ->
+``/end_weight_update`` -> ``/flush_cache`` -> ``/continue_generation``. A failed sync still ends
+the session (a session left open makes the next ``begin`` fail) and continues generation.
+``/update_weights_from_disk`` needs no session and flushes the cache itself.
+
+Memory (colocated): ``sleep()`` is ``/release_memory_occupation`` and ``wake()``
+``/resume_memory_occupation``; the tags are ``kv_cache``, ``weights`` and ``cuda_graph``
+(``sglang/srt/constants.py``, ``GPU_MEMORY_ALL_TYPES``; no tags = all three). The server keeps the
+released tags in a set and *removes* each resumed tag from it (a tag resumed twice is a server
+error), so the client tracks what it released and resumes only that. A weight sync first resumes
+``weights`` (loading into released memory would fault), and ``generate`` resumes whatever is still
+released, so the colocated order "sleep -> train -> push (weights back) -> generate (KV cache and
+CUDA graphs back)" needs no extra calls. The server must run with ``--enable-memory-saver`` for the
+release to free anything.
 
 Every request body is built by a small pure function (``build_*_request``) so tests can compare
 its keys with SGLang's own request dataclasses without a server.
@@ -29,6 +54,14 @@ route                                  method     io_struct dataclass           
 /update_weights_from_distributed       POST       UpdateWeightsFromDistributedReqInput  names, dtypes, shapes, group_name,
                                                                                         flush_cache, abort_all_requests,
                                                                                         weight_version
+/update_weights_from_tensor            POST       UpdateWeightsFromTensorReqInput       serialized_named_tensors, load_format,
+                                                                                        flush_cache, abort_all_requests,
+                                                                                        weight_version
+/update_weights_from_disk              POST       UpdateWeightFromDiskReqInput          model_path, load_format,
+                                                                                        abort_all_requests, weight_version,
+                                                                                        flush_cache
+/begin_weight_update                   POST       BeginWeightUpdateReqInput             selector
+/end_weight_update                     POST       EndWeightUpdateReqInput               (empty body)
 /destroy_weights_update_group          POST       DestroyWeightsUpdateGroupReqInput     group_name
 /pause_generation                      POST       PauseGenerationReqInput               mode
 /continue_generation                   POST       ContinueGenerationReqInput            torch_empty_cache
@@ -52,17 +85,20 @@ is what ``Generation.logprobs`` means.
 
 ``UpdateWeightsFromDistributedReqInput.dtypes`` are names of ``torch`` attributes (the server does
 ``getattr(torch, dtype)``), e.g. ``"bfloat16"``; ``flush_cache`` defaults to True on the server, so
-the client sends False per bucket and flushes once after the last bucket.
+the client sends False per bucket and flushes once after the last bucket. ``weight_version`` is a
+string on the server. Note the disk request class is ``UpdateWeightFromDiskReqInput`` (singular).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -71,6 +107,10 @@ from rlmt_megatron.rollout.types import Generation, SamplingParams
 
 SGLANG_VERSION = "0.5.23"
 DEFAULT_GROUP_NAME = "weight_update_group"  # io_struct.py default for group_name
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # sglang/srt/constants.py GPU_MEMORY_ALL_TYPES
+FLATTENED_BUCKET = "flattened_bucket"  # load_format of /update_weights_from_tensor for flattened buckets
+
+log = logging.getLogger(__name__)
 
 # route -> (io_struct dataclass, fields this client sends); the tests check these against SGLang's fields.
 PROTOCOL: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -79,6 +119,12 @@ PROTOCOL: dict[str, tuple[str, tuple[str, ...]]] = {
         "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")),
     "/update_weights_from_distributed": ("UpdateWeightsFromDistributedReqInput", (
         "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version")),
+    "/update_weights_from_tensor": ("UpdateWeightsFromTensorReqInput", (
+        "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version")),
+    "/update_weights_from_disk": ("UpdateWeightFromDiskReqInput", (
+        "model_path", "load_format", "abort_all_requests", "weight_version", "flush_cache")),
+    "/begin_weight_update": ("BeginWeightUpdateReqInput", ("selector",)),
+    "/end_weight_update": ("EndWeightUpdateReqInput", ()),
     "/destroy_weights_update_group": ("DestroyWeightsUpdateGroupReqInput", ("group_name",)),
     "/pause_generation": ("PauseGenerationReqInput", ("mode",)),
     "/continue_generation": ("ContinueGenerationReqInput", ("torch_empty_cache",)),
@@ -143,6 +189,32 @@ def build_update_weights_from_distributed_request(bucket: Bucket, version: int, 
             "flush_cache": flush_cache, "abort_all_requests": False, "weight_version": str(version)}
 
 
+def build_update_weights_from_tensor_request(serialized_named_tensors: Sequence[str], version: int,
+                                             flush_cache: bool = False) -> dict[str, Any]:
+    """One flattened bucket: ``serialized_named_tensors[r]`` is server TP rank r's payload (base64)."""
+    if not serialized_named_tensors or not all(isinstance(p, str) for p in serialized_named_tensors):
+        raise ValueError("serialized_named_tensors must be a non-empty list of base64 strings (one per TP rank)")
+    return {"serialized_named_tensors": list(serialized_named_tensors), "load_format": FLATTENED_BUCKET,
+            "flush_cache": flush_cache, "abort_all_requests": False, "weight_version": str(version)}
+
+
+def build_update_weights_from_disk_request(model_path: str, version: int,
+                                           load_format: Optional[str] = None) -> dict[str, Any]:
+    """``load_format`` None = the server's own (``--load-format``); the server flushes the cache."""
+    return {"model_path": str(model_path), "load_format": load_format, "abort_all_requests": False,
+            "weight_version": str(version), "flush_cache": True}
+
+
+def build_begin_weight_update_request(selector: str = "all") -> dict[str, Any]:
+    if selector not in ("target", "draft", "all"):
+        raise ValueError(f"weight-update selector must be target, draft or all, not {selector!r}")
+    return {"selector": selector}
+
+
+def build_end_weight_update_request() -> dict[str, Any]:
+    return {}
+
+
 def build_destroy_weights_update_group_request(group_name: str = DEFAULT_GROUP_NAME) -> dict[str, Any]:
     return {"group_name": group_name}
 
@@ -157,12 +229,21 @@ def build_continue_generation_request(torch_empty_cache: bool = True) -> dict[st
     return {"torch_empty_cache": torch_empty_cache}
 
 
-def build_release_memory_request(tags: Optional[list[str]] = None) -> dict[str, Any]:
-    return {"tags": tags}
+def _check_tags(tags: Optional[Sequence[str]]) -> Optional[list[str]]:
+    if tags is None:
+        return None
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise ValueError(f"memory tags must be among {list(MEMORY_TAGS)}, not {unknown}")
+    return list(tags)
 
 
-def build_resume_memory_request(tags: Optional[list[str]] = None) -> dict[str, Any]:
-    return {"tags": tags}
+def build_release_memory_request(tags: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    return {"tags": _check_tags(tags)}
+
+
+def build_resume_memory_request(tags: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    return {"tags": _check_tags(tags)}
 
 
 # ---------------------------------------------------------------------------------- response parsing
@@ -209,7 +290,8 @@ class SGLangHTTPEngine(RolloutEngine):
     """Client of one SGLang HTTP server (``python -m sglang.launch_server``).
 
     ``broadcast`` is set by the weight transport (``NCCLBroadcastTransport.connect``): a callable that
-    broadcasts one bucket's tensors from rank 0 of the weight-update group.
+    broadcasts one bucket's tensors from rank 0 of the weight-update group. ``CudaIPCTransport`` and
+    ``DiskTransport`` call ``update_weights_from_tensor`` / ``update_weights_from_disk`` instead.
     """
 
     name = "sglang"
@@ -225,6 +307,8 @@ class SGLangHTTPEngine(RolloutEngine):
         self.group_name = group_name
         self.weight_version = initial_version
         self.broadcast: Optional[Callable[[Bucket], None]] = None
+        self._group_initialised = False
+        self._released: set[str] = set()  # memory tags released and not yet resumed (mirrors the server)
         build_pause_generation_request(pause_mode)  # validate early
 
     # ------------------------------------------------------------------ HTTP
@@ -270,6 +354,8 @@ class SGLangHTTPEngine(RolloutEngine):
         for i, p in enumerate(prompts):
             if not p:
                 raise EngineError(f"{self.name} engine at {self.url}: prompt {i} is empty")
+        if self._released:  # colocated: KV cache / CUDA graphs come back for the rollout
+            self.wake()
         doing = f"generating ({len(prompts)} prompts x n={params.n})"
         body = self._request("/generate", build_generate_request(prompts, params), doing, self.timeout)
         return parse_generate_response(body, len(prompts), params.n, self.weight_version,
@@ -284,12 +370,24 @@ class SGLangHTTPEngine(RolloutEngine):
                                                        self.group_name, backend)
         doing = f"joining weight-update group {self.group_name} at {master_address}:{master_port}"
         self._check_success(self._request("/init_weights_update_group", body, doing, self.weight_sync_timeout), doing)
+        self._group_initialised = True
 
     def destroy_weights_update_group(self) -> None:
         doing = f"destroying weight-update group {self.group_name}"
+        self._group_initialised = False  # whatever the answer: never destroyed twice
         reply = self._request("/destroy_weights_update_group", build_destroy_weights_update_group_request(self.group_name),
                               doing, self.control_timeout)
         self._check_success(reply, doing)
+
+    def begin_weight_update(self) -> None:
+        doing = "opening a weight-update session"
+        self._check_success(self._request("/begin_weight_update", build_begin_weight_update_request(), doing,
+                                          self.control_timeout), doing)
+
+    def end_weight_update(self) -> None:
+        doing = "closing the weight-update session"
+        self._check_success(self._request("/end_weight_update", build_end_weight_update_request(), doing,
+                                          self.weight_sync_timeout), doing)
 
     def pause_generation(self) -> None:
         self._request("/pause_generation", build_pause_generation_request(self.pause_mode),
@@ -303,19 +401,61 @@ class SGLangHTTPEngine(RolloutEngine):
         self._request(f"/flush_cache?timeout={self.control_timeout:g}", None, "flushing the cache",
                       self.control_timeout + 5, method="POST")
 
-    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
-        """pause_generation -> per bucket: POST update_weights_from_distributed while the trainer
-        broadcasts the tensors -> flush_cache -> continue_generation."""
-        if self.broadcast is None:
-            raise EngineError(f"{self.name} engine at {self.url}: syncing weights v{version}: no weight-update group "
-                              "(call NCCLBroadcastTransport.connect first)")
+    @contextmanager
+    def _weight_update_session(self, version: int) -> Iterator[None]:
+        """weights back (if released) -> pause -> begin -> [body] -> end -> flush -> continue.
+
+        On failure the session is still ended (quietly: the first error is the one to report) and
+        generation continued; the server's weights are then partly updated and a new sync is needed.
+        """
+        if "weights" in self._released:
+            self.wake(["weights"])
         self.pause_generation()
         try:
-            for i, bucket in enumerate(buckets):
-                self._sync_bucket(bucket, version, i)
+            self.begin_weight_update()
+            try:
+                yield
+            except BaseException:
+                try:
+                    self.end_weight_update()
+                except EngineError as e:
+                    log.warning("%s engine at %s: after a failed sync v%d: %s", self.name, self.url, version, e)
+                raise
+            self.end_weight_update()
             self.flush_cache()
         finally:
             self.continue_generation()
+        self.weight_version = version
+
+    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Per bucket: POST update_weights_from_distributed while the trainer broadcasts the tensors
+        (inside a weight-update session, see the module docstring)."""
+        if self.broadcast is None:
+            raise EngineError(f"{self.name} engine at {self.url}: syncing weights v{version}: no weight-update group "
+                              "(call NCCLBroadcastTransport.connect first, or push with CudaIPCTransport or "
+                              "DiskTransport)")
+        with self._weight_update_session(version):
+            for i, bucket in enumerate(buckets):
+                self._sync_bucket(bucket, version, i)
+
+    def update_weights_from_tensor(self, payloads: Iterable[Sequence[str]], version: int) -> None:
+        """One ``/update_weights_from_tensor`` per bucket; ``payloads`` yields, per bucket, the
+        serialized flattened bucket for each server TP rank (see ``weight_sync/cuda_ipc.py``). The
+        iterator is advanced only after the server answered, so it may free the previous bucket then."""
+        with self._weight_update_session(version):
+            for i, serialized in enumerate(payloads):
+                doing = f"syncing weights v{version} (bucket {i}, CUDA IPC to {len(serialized)} TP ranks)"
+                body = build_update_weights_from_tensor_request(serialized, version, flush_cache=False)
+                self._check_success(self._request("/update_weights_from_tensor", body, doing,
+                                                  self.weight_sync_timeout), doing)
+
+    def update_weights_from_disk(self, model_path: str, version: int, load_format: Optional[str] = None) -> None:
+        """Load a safetensors folder the server can read (same machine or shared filesystem)."""
+        if "weights" in self._released:
+            self.wake(["weights"])
+        doing = f"syncing weights v{version} from disk ({model_path})"
+        body = build_update_weights_from_disk_request(model_path, version, load_format)
+        self._check_success(self._request("/update_weights_from_disk", body, doing, self.weight_sync_timeout), doing)
         self.weight_version = version
 
     def _sync_bucket(self, bucket: Bucket, version: int, index: int) -> None:
@@ -347,13 +487,23 @@ class SGLangHTTPEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ memory / health
 
-    def sleep(self) -> None:
-        self._request("/release_memory_occupation", build_release_memory_request(), "releasing memory",
-                      self.control_timeout)
+    def sleep(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Release GPU memory (all of ``MEMORY_TAGS`` by default) while the trainer uses the GPU."""
+        todo = [t for t in (_check_tags(tags) or MEMORY_TAGS) if t not in self._released]
+        if not todo:
+            return
+        self._request("/release_memory_occupation", build_release_memory_request(todo),
+                      f"releasing memory {todo}", self.control_timeout)
+        self._released.update(todo)
 
-    def wake(self) -> None:
-        self._request("/resume_memory_occupation", build_resume_memory_request(), "resuming memory",
-                      self.control_timeout)
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Take back what ``sleep`` released (only ``tags`` when given)."""
+        todo = [t for t in (_check_tags(tags) or MEMORY_TAGS) if t in self._released]
+        if not todo:
+            return
+        self._request("/resume_memory_occupation", build_resume_memory_request(todo),
+                      f"resuming memory {todo}", self.control_timeout)
+        self._released.difference_update(todo)
 
     def health(self) -> bool:
         """True when ``/health_generate`` answers 200; raises ``EngineError`` when unreachable."""
@@ -366,4 +516,11 @@ class SGLangHTTPEngine(RolloutEngine):
         return True
 
     def close(self) -> None:
+        """Leave the weight-update group the server joined (its ranks keep the communicator
+        otherwise); a failure is logged, not raised, so closing always completes."""
         self.broadcast = None
+        if self._group_initialised:
+            try:
+                self.destroy_weights_update_group()
+            except EngineError as e:
+                log.warning("%s", e)

@@ -19,6 +19,9 @@ class WeightTransport(abc.ABC):
     def push(self, buckets: Iterable[Bucket], version: int) -> None:
         """Deliver a complete set of weights as ``version``."""
 
+    def close(self) -> None:
+        """Release what the transport holds (process groups, files); no-op by default."""
+
 
 class InProcessTransport(WeightTransport):
     """The engine lives in this process: hand it the buckets directly (no copies)."""

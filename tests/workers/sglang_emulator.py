@@ -1,0 +1,316 @@
+"""An emulation of an SGLang 0.5.23 server's weight-sync side, for protocol tests (SGLang needs a GPU).
+
+It answers the routes ``SGLangHTTPEngine`` uses and does with each request what the 0.5.23 wheel
+does (file references are to ``python/sglang/srt``):
+
+* ``/begin_weight_update`` / ``/end_weight_update`` open and close the weight-update session;
+  ``/update_weights_from_distributed`` and ``/update_weights_from_tensor`` are refused outside one,
+  with the server's message (``managers/scheduler_components/weight_updater.py``);
+* ``/update_weights_from_tensor``: each emulated TP rank r takes ``serialized_named_tensors[r]``
+  only, base64-decodes it with ``validate=True`` and unpickles it with an allow-list unpickler
+  (``utils/common.py::MultiprocessingSerializer.deserialize`` / ``SafeUnpickler``; the list below
+  is a subset of SGLang's ``ALLOWED_GLOBALS``, so a payload it accepts SGLang accepts), after
+  patching ``rebuild_cuda_tensor`` to map a GPU UUID in argument 6 to the local device index
+  (``utils/patch_torch.py``); a ``flattened_bucket`` payload is rebuilt as
+  ``FlattenedTensorBucket.reconstruct_tensors`` does: ``flat[start_idx:end_idx].view(dtype).reshape(shape)``
+  from metadata read attribute by attribute (``_update_weights_from_flattened_bucket``);
+* ``/update_weights_from_distributed``: empty tensors of the requested dtype/shape, one broadcast
+  from group rank 0 per name (``nccl_broadcast.receive_bucket``); ``/init_weights_update_group``
+  joins as the model runner does (``join_as_receiver``);
+* ``/update_weights_from_disk``: reads every ``*.safetensors`` file of ``model_path`` (filtered by
+  the index when there is one), as the default loader does; no session needed;
+* ``/release_memory_occupation`` / ``/resume_memory_occupation``: the scheduler's ``offload_tags``
+  set; no tags = all of kv_cache, weights, cuda_graph; resuming a tag that is not released is an
+  error (the server does ``offload_tags.remove(tag)``).
+
+What it cannot show: that a real model's ``load_weights`` accepts the HF names (the HF and vLLM
+engine tests cover the names), and real CUDA IPC handles (``tests/gpu/test_gpu_cuda_ipc.py``).
+
+Test-only routes: ``/_emulator/dump`` saves the received tensors (per emulated TP rank), the
+request log and the released tags to ``out``; ``/_emulator/stop`` stops the server.
+
+Run it with :func:`running` (a process spawned by the test, so it can open CPU shared-memory
+handles, which need the test process's multiprocessing authkey) or as a script:
+``python tests/workers/sglang_emulator.py --out FILE [--port P] [--tp-size N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+import pickle
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+MEMORY_TAGS = ["kv_cache", "weights", "cuda_graph"]  # srt/constants.py GPU_MEMORY_ALL_TYPES
+
+# A subset of SafeUnpickler.ALLOWED_GLOBALS (sglang 0.5.23 srt/utils/common.py).
+_DTYPES = ["bfloat16", "bool", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "int16",
+           "int32", "int64", "uint8", "half", "float", "double", "long", "int", "short"]
+ALLOWED_GLOBALS = {
+    ("builtins", "bool"), ("builtins", "bytearray"), ("builtins", "bytes"), ("builtins", "dict"),
+    ("builtins", "float"), ("builtins", "int"), ("builtins", "list"), ("builtins", "set"), ("builtins", "str"),
+    ("builtins", "tuple"), ("collections", "OrderedDict"), ("copyreg", "__newobj__"), ("copyreg", "__newobj_ex__"),
+    ("multiprocessing.resource_sharer", "DupFd"), ("types", "SimpleNamespace"),
+    ("torch", "Tensor"), ("torch", "Size"), ("torch", "device"), ("torch", "dtype"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"), ("torch", "UntypedStorage"),
+    ("torch.multiprocessing.reductions", "rebuild_tensor"),
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_fd"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_filename"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_empty"),
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage_child"),
+} | {("torch", d) for d in _DTYPES}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+
+
+def _patch_torch_reductions() -> None:
+    """sglang's ``monkey_patch_torch_reductions`` on the receiving side: a GPU UUID in argument 6 of
+    ``rebuild_cuda_tensor`` becomes the index of that GPU in this process."""
+    from torch.multiprocessing import reductions
+
+    if hasattr(reductions, "_emulator_original_rebuild_cuda_tensor"):
+        return
+    original = reductions.rebuild_cuda_tensor
+    reductions._emulator_original_rebuild_cuda_tensor = original
+
+    def rebuild(*args):
+        device = args[6]
+        if isinstance(device, str):
+            matches = [i for i in range(torch.cuda.device_count())
+                       if str(torch.cuda.get_device_properties(i).uuid) == device]
+            if not matches:
+                raise RuntimeError(f"Invalid device_uuid={device}")
+            device = matches[0]
+        return original(*args[:6], device, *args[7:])
+
+    reductions.rebuild_cuda_tensor = rebuild
+
+
+def deserialize(data: str):
+    """``MultiprocessingSerializer.deserialize`` of a base64 string."""
+    return SafeUnpickler(io.BytesIO(base64.b64decode(data, validate=True))).load()
+
+
+def reconstruct_flattened_bucket(payload) -> list[tuple[str, torch.Tensor]]:
+    flat = payload["flattened_tensor"]
+    out = []
+    for meta in payload["metadata"]:
+        name, shape, dtype, start, end = meta.name, meta.shape, meta.dtype, meta.start_idx, meta.end_idx
+        _ = meta.numel  # read by the server too
+        out.append((name, flat[start:end].view(dtype).reshape(shape)))
+    return out
+
+
+def _read_disk_folder(model_path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    folder = Path(model_path)
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wanted = set(json.loads(index.read_text())["weight_map"].values())
+        files = [f for f in files if f.name in wanted]
+    if not files:
+        raise FileNotFoundError(f"no safetensors files in {model_path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0) -> None:
+    from rlmt_megatron.rollout.weight_sync.nccl_broadcast import join_as_receiver, receive_bucket
+
+    _patch_torch_reductions()
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
+    log: list = []
+    shared = {"session": None, "offload_tags": set(), "group": None, "paused": False}
+    stop = threading.Event()
+
+    def dump():
+        torch.save({"ranks": ranks, "log": log, "offload_tags": sorted(shared["offload_tags"])}, out)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, obj, code=200, text=False):
+            data = obj.encode() if text else json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _result(self, success, message):
+            return self._reply({"success": success, "message": message}, 200 if success else 400)
+
+        def do_GET(self):
+            if self.path == "/health_generate":
+                return self._reply({})
+            return self._reply({"error": f"no route {self.path}"}, 404)
+
+        def do_POST(self):
+            route = self.path.split("?")[0]
+            n = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(n)) if n else None
+            log.append((self.path, body))
+            try:
+                return self._handle(route, body)
+            except Exception as e:  # noqa: BLE001 - reported to the client like a server error
+                return self._reply({"error": {"message": f"{type(e).__name__}: {e}"}}, 500)
+
+        def _handle(self, route, body):
+            if route == "/begin_weight_update":
+                if shared["session"] is not None:
+                    return self._result(False, "a weight-update session is already open; call end_weight_update() first")
+                shared["session"] = body.get("selector", "all")
+                return self._result(True, "Success")
+            if route == "/end_weight_update":
+                if shared["session"] is None:
+                    return self._result(False, "no weight-update session is open; call begin_weight_update() first")
+                shared["session"] = None
+                return self._result(True, "Success")
+            if route in ("/update_weights_from_tensor", "/update_weights_from_distributed") and shared["session"] is None:
+                what = route.lstrip("/")
+                return self._result(False, f"{what} must run between begin_weight_update() and end_weight_update()")
+            if route == "/update_weights_from_tensor":
+                payloads = body["serialized_named_tensors"]
+                if len(payloads) != tp_size:
+                    raise IndexError(f"{len(payloads)} payloads for {tp_size} TP ranks")
+                for r in range(tp_size):  # each rank deserializes only its own payload
+                    data = deserialize(payloads[r])
+                    named = reconstruct_flattened_bucket(data) if body.get("load_format") == "flattened_bucket" else data
+                    for name, t in named:
+                        ranks[r][name] = t.detach().cpu().clone()
+                    del data, named
+                return self._result(True, "Success")
+            if route == "/update_weights_from_distributed":
+                for name, t in receive_bucket(shared["group"], body["names"], body["dtypes"], body["shapes"]):
+                    for r in range(tp_size):
+                        ranks[r][name] = t
+                return self._result(True, "Succeeded to update parameter online.")
+            if route == "/update_weights_from_disk":
+                state = _read_disk_folder(body["model_path"])
+                for r in range(tp_size):
+                    ranks[r].clear()
+                    ranks[r].update(state)
+                return self._reply({"success": True, "message": "Succeeded to update model weights.",
+                                    "num_paused_requests": 0})
+            if route == "/init_weights_update_group":
+                shared["group"] = join_as_receiver(body["master_address"], body["master_port"], body["rank_offset"],
+                                                   body["world_size"], body["group_name"], body["backend"],
+                                                   tp_rank=0, timeout_s=60)
+                return self._result(True, "Succeeded to initialize custom process group.")
+            if route == "/destroy_weights_update_group":
+                if shared["group"] is not None:
+                    torch.distributed.destroy_process_group(shared["group"])
+                    shared["group"] = None
+                return self._result(True, "Succeeded to destroy custom process group.")
+            if route == "/release_memory_occupation":
+                shared["offload_tags"].update(body.get("tags") or MEMORY_TAGS)
+                return self._reply(None)
+            if route == "/resume_memory_occupation":
+                for tag in body.get("tags") or MEMORY_TAGS:
+                    shared["offload_tags"].remove(tag)  # KeyError for a tag not released, as on the server
+                return self._reply(None)
+            if route in ("/pause_generation", "/continue_generation"):
+                shared["paused"] = route == "/pause_generation"
+                return self._reply({"message": "ok", "status": "ok"})
+            if route == "/flush_cache":
+                return self._reply("Cache flushed.\n", text=True)
+            if route == "/_emulator/dump":
+                dump()
+                return self._reply({"ok": True})
+            if route == "/_emulator/stop":
+                stop.set()
+                return self._reply({"ok": True})
+            return self._reply({"detail": "Not Found"}, 404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Path(out + ".ready").write_text(str(server.server_address[1]))
+    stopped = stop.wait(timeout=timeout)
+    server.shutdown()
+    server.server_close()
+    os._exit(0 if stopped else 3)
+
+
+def _post(url: str, route: str) -> None:
+    import urllib.request
+
+    req = urllib.request.Request(url + route, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        resp.read()
+
+
+def wait_ready(out: str, alive, timeout: float = 60.0) -> str:
+    """The emulator's URL once it listens; ``alive()`` says whether its process still runs."""
+    ready = Path(out + ".ready")
+    deadline = time.monotonic() + timeout
+    while not ready.exists() or not ready.read_text():
+        if not alive():
+            raise RuntimeError("the SGLang emulator exited before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the SGLang emulator did not start")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{ready.read_text()}"
+
+
+def dump_state(url: str, out: str) -> dict:
+    _post(url, "/_emulator/dump")
+    return torch.load(out)
+
+
+@contextlib.contextmanager
+def running(out: str, tp_size: int = 1, timeout: float = 120.0):
+    """Start the emulator in a spawned process; yields its URL; stops it afterwards."""
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=serve, args=(str(out), 0, tp_size, timeout), daemon=True, name="sglang-emulator")
+    proc.start()
+    url = None
+    try:
+        url = wait_ready(str(out), proc.is_alive)
+        yield url
+    finally:
+        if url is not None and proc.is_alive():
+            with contextlib.suppress(OSError):
+                _post(url, "/_emulator/stop")
+            proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=240)
+    a = p.parse_args()
+    serve(a.out, a.port, a.tp_size, a.timeout)
+
+
+if __name__ == "__main__":
+    main()
