@@ -22,10 +22,17 @@ setup(
         "numpy",
         # dist_checkpointing's writer processes report memory through psutil and fail without it.
         "psutil",
+        # run monitoring: metrics.jsonl + TensorBoard + W&B (offline unless a key is set), curves
+        "tensorboard>=2.14",
+        "wandb>=0.19",
+        "tqdm",
+        "matplotlib>=3.7",
+        # prompt sets: verl-style parquet
+        "pyarrow>=14",
     ],
     extras_require={
         "test": ["pytest>=8"],
-        "wandb": ["wandb>=0.19"],
+        "datasets": ["datasets>=2.14"],
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang==0.5.23"],
         "vllm": ["vllm>=0.10"],
@@ -36,6 +43,10 @@ setup(
             "rlmt-convert=rlmt_megatron.cli.convert:cli",
             "rlmt-logprobs=rlmt_megatron.cli.logprobs:cli",
             "rlmt-score=rlmt_megatron.cli.score:cli",
+            "rlmt-train=rlmt_megatron.cli.train:cli",
+            "rlmt-sft=rlmt_megatron.cli.supervised:sft_cli",
+            "rlmt-train-rm=rlmt_megatron.cli.supervised:rm_cli",
+            "rlmt-plot=rlmt_megatron.cli.plot:cli",
         ]
     },
 )

@@ -56,7 +56,7 @@ def policy_loss_fn(
             "loss/policy": _token_mean_share(parts["pg_loss"], mask, norms),
             "policy/clipfrac": _token_mean_share(parts["clipped"].float(), mask, norms),
             "policy/ratio_mean": _token_mean_share(parts["ratio"], mask, norms),
-            "rollout/logprob_diff_abs_mean": _token_mean_share((logp - f["old_logp"]).abs(), mask, norms),
+            "policy/logp_change_abs_mean": _token_mean_share((logp - f["old_logp"]).abs(), mask, norms),
         }
         if "kl" in parts:
             metrics["kl"] = _token_mean_share(parts["kl"], mask, norms)

@@ -1,0 +1,195 @@
+"""The typed configuration of an RLMT run (``rlmt-train CONFIG.yaml key=value ...``).
+
+One YAML file, validated at load: unknown keys, wrong types and impossible combinations fail
+with the field's dotted path and the file name. ``key.sub=value`` overrides on the command line
+are parsed as YAML scalars (``lr=1e-6``, ``algorithm.name=ppo``, ``data.prompts=[a.parquet]``).
+
+Defaults are the paper's GRPO recipe (``../docs/training.md`` lists them with their source);
+the shipped example configs under ``examples/`` restate them for each method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from rlmt_megatron.config import ModelBuildConfig, StrictModel
+from rlmt_megatron.errors import InputFileError
+from rlmt_megatron.monitoring.metrics import MonitoringConfig
+from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
+from rlmt_megatron.thinking.templates import ThinkingFormatConfig
+from rlmt_megatron.training.engine import OptimConfig
+
+
+class RunConfig(StrictModel):
+    out_dir: str = Field("runs/rlmt", description="everything the run writes goes here")
+    seed: int = 1234
+    total_steps: PositiveInt = 120
+    save_every: NonNegativeInt = Field(20, description="checkpoint every N steps (0 = only at the end)")
+    keep_last: PositiveInt = Field(2, description="checkpoints kept (older ones are deleted)")
+    resume: str = Field("auto", description="auto: latest complete checkpoint in out_dir if any; never; or a path")
+    export_hf: bool = Field(True, description="write the final policy as an HF folder (out_dir/final_hf)")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (tests, debugging)")
+
+
+class ModelsConfig(StrictModel):
+    policy: str = Field(..., description="HF folder or rlmt Megatron checkpoint of the initial policy")
+    reward: str = Field(..., description="HF folder (…ForSequenceClassification) or Megatron checkpoint of the RM")
+    reference: Optional[str] = Field(None, description="reference policy for KL / DPO; default: the initial policy")
+    critic: Optional[str] = Field(None, description="PPO critic init; default: the initial policy (as in the paper)")
+
+
+class DataConfig(StrictModel):
+    prompts: list[str] = Field(..., min_length=1, description="parquet / jsonl / datasets folders, concatenated")
+    prompt_field: Optional[str] = Field(None, description="column holding the messages (default: prompt for parquet, messages for jsonl)")
+    max_prompt_tokens: PositiveInt = Field(1024, description="longer prompts are left-truncated")
+    prompts_per_step: PositiveInt = 64
+    shuffle: bool = True
+
+
+class RolloutConfig(StrictModel):
+    engine: Literal["hf", "vllm", "sglang"] = Field("hf", description="hf: embedded transformers engine (CPU/1 GPU)")
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    sglang_url: Optional[str] = Field(None, description="base URL of the SGLang server (engine=sglang)")
+    samples_per_prompt: PositiveInt = 8
+    temperature: NonNegativeFloat = 0.7
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    max_new_tokens: PositiveInt = 4096
+    timeout_s: PositiveFloat = Field(3600.0, description="longest wait for one generate call")
+
+
+class AlgorithmConfig(StrictModel):
+    name: Literal["grpo", "ppo", "dpo"] = "grpo"
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="outcome estimator for name=grpo")
+    clip_low: NonNegativeFloat = 0.2
+    clip_high: NonNegativeFloat = 0.2
+    dual_clip_c: Optional[float] = Field(3.0, description="dual-clip constant (> 1) or null")
+    kl_coef: NonNegativeFloat = Field(0.001, description="KL(policy || reference) loss coefficient; 0 = no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: NonNegativeFloat = 0.001
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    updates_per_rollout: PositiveInt = Field(1, description="optimizer steps per rollout batch (mini-batches, 1 epoch)")
+    # PPO
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(1.0, ge=0.0, le=1.0)
+    value_clip: Optional[PositiveFloat] = 0.5
+    # DPO
+    dpo_beta: PositiveFloat = 0.1
+    dpo_mode: Literal["online", "one_round"] = Field(
+        "online", description="online: pairs from the current policy every step; one_round: the paper's — "
+        "pairs from the initial model (the engine is never updated), each prompt's pair reused across epochs")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c must be > 1 (or null), got {self.dual_clip_c}")
+        return self
+
+
+class RewardConfig(StrictModel):
+    max_tokens_per_microbatch: PositiveInt = 8192
+    max_length: Optional[PositiveInt] = Field(None, description="RM inputs longer than this keep BOS + the tail")
+
+
+
+class RLMTConfig(StrictModel):
+    run: RunConfig = Field(default_factory=RunConfig)
+    models: ModelsConfig
+    build: ModelBuildConfig = Field(default_factory=ModelBuildConfig, description="layout and precision of every role")
+    data: DataConfig
+    format: ThinkingFormatConfig = Field(default_factory=ThinkingFormatConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="policy optimizer (paper: AdamW 1e-6, wd 0.01, clip 1.0)")
+    critic_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5), description="PPO critic optimizer")
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        a = self.algorithm
+        if a.name == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError("algorithm.name=grpo compares samples of one prompt: rollout.samples_per_prompt must be >= 2")
+        if a.name == "dpo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError("algorithm.name=dpo pairs best vs worst: rollout.samples_per_prompt must be >= 2")
+        if self.rollout.engine == "sglang" and not self.rollout.sglang_url:
+            raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.algorithm.name == "dpo" or self.algorithm.kl_coef > 0
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise InputFileError(f"{source}: cannot set {dotted}: {k} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise InputFileError(f"override {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise InputFileError(f"override {item!r}: value is not valid YAML ({e})") from None
+        out.append((key, value))
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        lines.append(f"  {path}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None, cls: type[StrictModel] = RLMTConfig):
+    """Read ``path`` (YAML), apply ``overrides``, validate as ``cls``. Errors name the file and the field."""
+    tree: dict = dict(base or {})
+    source = "<overrides>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputFileError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise InputFileError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(loaded, dict):
+            raise InputFileError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree.update(loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, source)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise InputFileError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: StrictModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

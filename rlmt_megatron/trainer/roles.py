@@ -1,0 +1,94 @@
+"""Builds what a run trains and queries: the Megatron roles and the rollout engine.
+
+Every role (policy, reference, critic, reward model) is a Megatron-Core model on all trainer
+ranks with the run's layout (``build.parallel``). The reference is a frozen second model (see
+``training/engine.py`` for why not a weight swap); it is only built when the algorithm needs it.
+The rollout engine lives on global rank 0, which drives generation and receives every weight
+sync; the other ranks learn the rollouts by broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rlmt_megatron.checkpoint.hf_export import save_hf_folder
+from rlmt_megatron.checkpoint.load import is_megatron_checkpoint, load_model
+from rlmt_megatron.distributed.collectives import is_rank0
+from rlmt_megatron.errors import InputFileError
+from rlmt_megatron.reward.scorer import RewardScorer
+from rlmt_megatron.rollout.engine import RolloutEngine
+from rlmt_megatron.training.engine import TrainEngine
+
+
+@dataclass
+class Roles:
+    policy: TrainEngine
+    reference: Optional[TrainEngine]
+    critic: Optional[TrainEngine]
+    scorer: RewardScorer
+    tokenizer: object  # the policy's HF tokenizer
+
+
+def _tokenizer(source: str, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise InputFileError(f"{source}: cannot load the {what} tokenizer ({e})") from None
+
+
+def _exists(path: str, field: str) -> str:
+    if not Path(path).exists():
+        raise InputFileError(f"{field}: {path} does not exist")
+    return path
+
+
+def build_roles(cfg) -> Roles:
+    """Load every role the algorithm needs. Collective over the trainer's ranks."""
+    m, build = cfg.models, cfg.build
+    policy_src = _exists(m.policy, "models.policy")
+    policy = TrainEngine(load_model(policy_src, "policy", build), cfg.optim)
+    reference = None
+    if cfg.needs_reference:
+        reference = TrainEngine(load_model(_exists(m.reference or m.policy, "models.reference"), "policy", build), None)
+    critic = None
+    if cfg.algorithm.name == "ppo":
+        critic = TrainEngine(load_model(_exists(m.critic or m.policy, "models.critic"), "critic", build), cfg.critic_optim)
+    rm_src = _exists(m.reward, "models.reward")
+    reward = TrainEngine(load_model(rm_src, "reward", build), None)
+    scorer = RewardScorer(reward, _tokenizer(rm_src, "reward model"), cfg.reward.max_tokens_per_microbatch, cfg.reward.max_length)
+    return Roles(policy, reference, critic, scorer, _tokenizer(policy_src, "policy"))
+
+
+def engine_model_dir(cfg, policy: TrainEngine) -> str:
+    """An HF folder the engine starts from: the policy's own, or an export of a Megatron checkpoint
+    (collective). Its weights are replaced by the first sync anyway."""
+    if not is_megatron_checkpoint(cfg.models.policy):
+        return cfg.models.policy
+    out = Path(cfg.run.out_dir) / "rollout_init_hf"
+    save_hf_folder(policy.built, out, tokenizer_src=cfg.models.policy)
+    return str(out)
+
+
+def make_rollout_engine(cfg, model_dir: str) -> Optional[RolloutEngine]:
+    """The engine on global rank 0 (None elsewhere)."""
+    if not is_rank0():
+        return None
+    r = cfg.rollout
+    if r.engine == "hf":
+        from rlmt_megatron.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_dir)
+    if r.engine == "vllm":
+        from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
+
+        max_len = cfg.data.max_prompt_tokens + r.max_new_tokens
+        return SubprocessEngine("rlmt_megatron.rollout.vllm_engine.VLLMEngine",
+                                {"model_dir": model_dir, "max_model_len": max_len, "seed": cfg.run.seed},
+                                timeout_s=r.timeout_s)
+    from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
+
+    return SGLangHTTPEngine(r.sglang_url, timeout=r.timeout_s)

@@ -1,0 +1,95 @@
+"""Generate and score: prompts → chat/thinking template → engine → parsed answers → RM rewards.
+
+Generation runs on global rank 0 (the engine's owner); the token ids and logprobs are broadcast
+so every rank builds the same ``Rollout`` list. Parsing and reward scoring then run everywhere
+(the RM is a Megatron model on all ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from rlmt_megatron.distributed.collectives import broadcast_from_rank0
+from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
+from rlmt_megatron.rollout.types import SamplingParams
+from rlmt_megatron.thinking import build_prompt_ids, parse_response, stop_settings
+from rlmt_megatron.trainer.experience import Rollout
+
+
+def sampling_params(cfg, tokenizer, step: int) -> SamplingParams:
+    r = cfg.rollout
+    stop, stop_ids = stop_settings(cfg.format, tokenizer)
+    # A seed per step: a resumed run samples exactly what the uninterrupted run sampled.
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                          stop=stop, stop_token_ids=stop_ids, n=r.samples_per_prompt, seed=cfg.run.seed * 100003 + step)
+
+
+def prompt_token_ids(cfg, tokenizer, conversations: Sequence[list[dict]]) -> tuple[list[list[int]], int]:
+    """Templated prompt ids (left-truncated) and how many were truncated."""
+    ids, truncated = [], 0
+    for messages in conversations:
+        p, cut = build_prompt_ids(messages, tokenizer, cfg.format, cfg.data.max_prompt_tokens)
+        ids.append(p)
+        truncated += int(cut)
+    return ids, truncated
+
+
+def generate(engine: Optional[RolloutEngine], prompt_ids: list[list[int]], params: SamplingParams) -> list[Rollout]:
+    """Rank 0 generates; every rank returns the same rollouts (prompt-major, n per prompt)."""
+    payload = None
+    if engine is not None:
+        try:
+            gens = engine.generate(prompt_ids, params)
+            payload = [(g.prompt_index, g.token_ids, g.logprobs, g.finish_reason, g.weight_version)
+                       for per_prompt in gens for g in per_prompt]
+        except EngineError as e:
+            payload = e  # every rank raises the same error instead of waiting in the broadcast
+    payload = broadcast_from_rank0(payload)
+    if isinstance(payload, Exception):
+        raise payload
+    if len(payload) != len(prompt_ids) * params.n:
+        raise EngineError(f"rollout engine returned {len(payload)} samples for {len(prompt_ids)} prompts x n={params.n}")
+    return [Rollout(p, list(prompt_ids[p]), list(ids), list(lps), fin, ver) for p, ids, lps, fin, ver in payload]
+
+
+def parse_and_score(cfg, tokenizer, scorer, rollouts: list[Rollout], conversations: Sequence[list[dict]]) -> None:
+    """Fill each rollout's ``extras`` (text, thinking, answer, format flag) and ``reward``."""
+    answers = []
+    for r in rollouts:
+        text = tokenizer.decode(r.response_ids, skip_special_tokens=True)
+        parsed = parse_response(text, cfg.format, eos_token=tokenizer.eos_token)
+        r.extras.update(text=text, thinking=parsed.thinking, answer=parsed.answer, format_ok=parsed.format_ok)
+        answers.append(parsed.answer)
+    rewards = scorer.score([conversations[r.prompt_index] for r in rollouts], answers)
+    for r, value in zip(rollouts, rewards):
+        r.reward = value
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], tokenizer, truncated_prompts: int) -> dict[str, float]:
+    finite = [r.reward for r in rollouts if math.isfinite(r.reward)]
+    n = len(rollouts)
+    mean = sum(finite) / len(finite) if finite else math.nan
+    std = (sum((x - mean) ** 2 for x in finite) / (len(finite) - 1)) ** 0.5 if len(finite) > 1 else 0.0
+    lengths = [len(r.response_ids) for r in rollouts]
+
+    def tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    thinking = [tokens(r.extras.get("thinking")) for r in rollouts]
+    answer = [tokens(r.extras.get("answer")) for r in rollouts]
+    return {
+        "reward/mean": mean,
+        "reward/std": std,
+        "reward/min": min(finite) if finite else math.nan,
+        "reward/max": max(finite) if finite else math.nan,
+        "reward/nonfinite_count": float(n - len(finite)),
+        "format/ok_rate": sum(bool(r.extras.get("format_ok")) for r in rollouts) / n,
+        "response/len_mean": sum(lengths) / n,
+        "response/len_max": float(max(lengths)),
+        "response/clip_rate": sum(r.finish_reason == "length" for r in rollouts) / n,
+        "response/empty_count": float(sum(x == 0 for x in lengths)),
+        "thinking/len_mean": sum(thinking) / n,
+        "answer/len_mean": sum(answer) / n,
+        "prompt/truncated_count": float(truncated_prompts),
+    }

@@ -1,0 +1,175 @@
+"""One policy update per algorithm: from scored rollouts to an optimizer step (GRPO, PPO, DPO).
+
+Every function runs on all trainer ranks with the same ``rollouts`` list; each data-parallel
+rank computes logprobs/values for and trains on its contiguous share (``dp_shard``), so the
+global batch is exactly the step's rollouts. Returns the metrics of the step (identical on all
+ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from rlmt_megatron.algorithms import gae
+from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
+from rlmt_megatron.distributed.collectives import dp_rank_and_size, dp_shard, shard_bounds
+from rlmt_megatron.trainer.experience import (
+    Rollout,
+    dpo_pairs,
+    dpo_sample,
+    group_advantages,
+    policy_sample,
+    response_mask,
+    sequence_of,
+)
+from rlmt_megatron.training.batching import Sample
+from rlmt_megatron.training.forward_only import sequence_logprobs, token_values
+from rlmt_megatron.training.losses import dpo_loss_fn, policy_loss_fn, value_loss_fn
+
+
+def _dp_sum(values: list[float], op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=parallel_state.get_data_parallel_group())
+    return t.tolist()
+
+
+def _logprob_diff(local: Sequence[Rollout], old_logp: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Engine vs trainer log p of the sampled tokens, over the global batch."""
+    total, count, worst = 0.0, 0, 0.0
+    for r, lp in zip(local, old_logp):
+        if not r.response_ids:
+            continue
+        d = (torch.tensor(r.engine_logprobs, dtype=torch.float64) - lp[len(r.prompt_ids) - 1:].double()).abs()
+        total, count, worst = total + float(d.sum()), count + d.numel(), max(worst, float(d.max()))
+    total, count = _dp_sum([total, count])
+    (worst,) = _dp_sum([worst], dist.ReduceOp.MAX if dist.is_initialized() else None)
+    return {"rollout/logprob_diff_mean": total / max(count, 1.0), "rollout/logprob_diff_max": worst}
+
+
+def _minibatches(samples: list[Sample], k: int) -> list[list[Sample]]:
+    n = len(samples)
+    if n < k:
+        raise ValueError(f"algorithm.updates_per_rollout={k} but this data-parallel rank holds only {n} rollouts")
+    return [samples[lo:hi] for lo, hi in (shard_bounds(n, i, k) for i in range(k))]
+
+
+def _train(engine, samples: list[Sample], loss_fn, updates: int, unit_size: int = 1) -> dict[str, float]:
+    """``updates`` optimizer steps over consecutive mini-batches; metrics averaged over them."""
+    merged: dict[str, float] = {}
+    batches = _minibatches(samples, updates) if unit_size == 1 else [samples]
+    for batch in batches:
+        for k, v in engine.train_step(batch, loss_fn, unit_size=unit_size).items():
+            merged[k] = merged.get(k, 0.0) + v / len(batches)
+    return merged
+
+
+def _policy_loss(cfg, vocab: int):
+    a = cfg.algorithm
+    return policy_loss_fn(
+        PolicyLossConfig(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c,
+                         kl_in_loss=a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                         entropy_coef=a.entropy_coef),
+        vocab, a.aggregation, temperature=_temperature(cfg),
+    )
+
+
+def _temperature(cfg) -> float:
+    # The engine samples from softmax(logits / T); the trainer's old/new/ref log p use the same T.
+    return cfg.rollout.temperature or 1.0
+
+
+def _old_and_ref_logp(cfg, roles, sequences):
+    mt = cfg.optim.max_tokens_per_microbatch
+    old = sequence_logprobs(roles.policy, sequences, mt, _temperature(cfg))
+    ref = sequence_logprobs(roles.reference, sequences, mt, _temperature(cfg)) if roles.reference is not None else None
+    return old, ref
+
+
+def grpo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
+    advantages = group_advantages(rollouts, cfg.algorithm.advantage)
+    rank, size = dp_rank_and_size()
+    lo, hi = shard_bounds(len(rollouts), rank, size)
+    local = rollouts[lo:hi]
+    old, ref = _old_and_ref_logp(cfg, roles, [sequence_of(r) for r in local])
+    samples = [policy_sample(r, float(advantages[lo + i]), old[i], None if ref is None else ref[i]) for i, r in enumerate(local)]
+    metrics = _logprob_diff(local, old)
+    vocab = roles.policy.built.spec.vocab_size
+    metrics.update(_train(roles.policy, samples, _policy_loss(cfg, vocab), cfg.algorithm.updates_per_rollout))
+    trained = advantages[[i for i, r in enumerate(rollouts) if r.trainable]]
+    metrics["advantages/mean"] = float(trained.mean()) if trained.numel() else 0.0
+    metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
+    return metrics
+
+
+def _global_whiten(values: list[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whiten token advantages with mean/variance over the *global* batch (all DP ranks)."""
+    s = sum(float((v * m).sum()) for v, m in zip(values, masks))
+    n = sum(float(m.sum()) for m in masks)
+    s, n = _dp_sum([s, n])
+    mean = s / max(n, 1.0)
+    sq = sum(float((((v - mean) ** 2) * m).sum()) for v, m in zip(values, masks))
+    (sq,) = _dp_sum([sq])
+    std = (sq / max(n - 1.0, 1.0)) ** 0.5
+    return [((v - mean) / (std + 1e-8)) * m for v, m in zip(values, masks)]
+
+
+def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
+    """PPO with a critic: outcome reward on the last response token, GAE(γ, λ), advantages
+    whitened over the global batch, clipped value loss on the critic."""
+    a = cfg.algorithm
+    local = dp_shard(rollouts)
+    seqs = [sequence_of(r) for r in local]
+    old, ref = _old_and_ref_logp(cfg, roles, seqs)
+    values = token_values(roles.critic, seqs, cfg.critic_optim.max_tokens_per_microbatch)
+    advs, returns, masks, old_values = [], [], [], []
+    for r, v in zip(local, values):
+        n = len(r.prompt_ids) + len(r.response_ids) - 1
+        mask = response_mask(len(r.prompt_ids), len(r.response_ids)) if r.trainable else torch.zeros(n)
+        v_act = v[:-1].double()  # value of action t = critic output at position t
+        token_rewards = torch.zeros(n, dtype=torch.float64)
+        if r.trainable:
+            token_rewards[n - 1] = r.reward
+        adv, ret = gae(token_rewards[None], v_act[None], mask[None].bool(), a.gamma, a.lam)
+        advs.append(adv[0]), returns.append(ret[0]), masks.append(mask), old_values.append(v_act)
+    advs = _global_whiten(advs, masks)
+    policy_samples, critic_samples = [], []
+    for i, r in enumerate(local):
+        seq = torch.tensor(sequence_of(r), dtype=torch.long)
+        fields = {"loss_mask": masks[i], "old_logp": old[i].float(), "advantages": advs[i].float()}
+        if ref is not None:
+            fields["ref_logp"] = ref[i].float()
+        policy_samples.append(Sample(seq, fields))
+        critic_samples.append(Sample(seq, {"loss_mask": masks[i], "returns": returns[i].float(),
+                                           "old_values": old_values[i].float()}))
+    metrics = _logprob_diff(local, old)
+    k = a.updates_per_rollout
+    metrics.update(_train(roles.critic, critic_samples, value_loss_fn(a.value_clip, a.aggregation), k))
+    metrics = {("critic/" + key if key in ("grad_norm", "lr") else key): v for key, v in metrics.items()}
+    metrics.update(_train(roles.policy, policy_samples, _policy_loss(cfg, roles.policy.built.spec.vocab_size), k))
+    return metrics
+
+
+def dpo_update(cfg, roles, rollouts: list[Rollout]) -> Optional[dict[str, float]]:
+    """On-policy DPO: best vs worst response of each prompt by reward. Returns None (no update)
+    when fewer pairs than data-parallel ranks exist (every rank needs one)."""
+    pairs = dpo_pairs(rollouts)
+    _, size = dp_rank_and_size()
+    if len(pairs) < size:
+        return None
+    local = [r for pair in dp_shard(pairs) for r in pair]
+    seqs = [sequence_of(r) for r in local]
+    ref = sequence_logprobs(roles.reference, seqs, cfg.optim.max_tokens_per_microbatch)
+    samples = [dpo_sample(r, ref[i]) for i, r in enumerate(local)]
+    loss = dpo_loss_fn(roles.policy.built.spec.vocab_size, beta=cfg.algorithm.dpo_beta)
+    metrics = _train(roles.policy, samples, loss, 1, unit_size=2)
+    metrics["dpo/pairs"] = float(len(pairs))
+    return metrics
+
+
+UPDATES = {"grpo": grpo_update, "ppo": ppo_update, "dpo": dpo_update}

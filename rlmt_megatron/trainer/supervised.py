@@ -1,0 +1,117 @@
+"""Supervised stages around RLMT: the SFT warm-start (``rlmt-sft``) and reward-model training on
+preference pairs (``rlmt-train-rm``; used by the demo to make its tiny RM meaningful).
+
+Both are epochs over a fixed dataset, seeded shuffle, ``batch_size`` sequences (SFT) or pairs
+(RM) per optimizer step, on the same TrainEngine as RL; the result is written as an HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field, PositiveInt
+
+from rlmt_megatron.checkpoint.hf_export import save_hf_folder
+from rlmt_megatron.checkpoint.load import load_model
+from rlmt_megatron.config import ModelBuildConfig, StrictModel
+from rlmt_megatron.data.jsonl import field, messages_field, read_jsonl
+from rlmt_megatron.distributed.bootstrap import initialize
+from rlmt_megatron.distributed.collectives import barrier, dp_rank_and_size, dp_shard, is_rank0
+from rlmt_megatron.errors import InputFileError
+from rlmt_megatron.monitoring import MetricsLogger, MonitoringConfig, ProgressReporter, write_resolved_config
+from rlmt_megatron.reward.rm_template import rm_input_ids
+from rlmt_megatron.training.batching import Sample
+from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+from rlmt_megatron.training.losses import reward_model_loss_fn, sft_loss_fn
+
+
+class SupervisedConfig(StrictModel):
+    model: str = Field(..., description="HF folder or rlmt checkpoint to start from")
+    data: list[str] = Field(..., min_length=1, description="jsonl files (SFT: messages; RM: messages, chosen, rejected)")
+    out_dir: str = "runs/supervised"
+    seed: int = 1234
+    epochs: PositiveInt = 2
+    batch_size: PositiveInt = Field(64, description="sequences (SFT) or preference pairs (RM) per optimizer step")
+    max_length: PositiveInt = Field(4096, description="SFT rows longer than this are dropped and counted")
+    build: ModelBuildConfig = Field(default_factory=ModelBuildConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=4e-6, lr_schedule="cosine"))
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+
+def preference_samples(paths: list[str], tokenizer) -> list[Sample]:
+    """(chosen, rejected) samples, interleaved, each scored at its last token."""
+    out: list[Sample] = []
+    for path in paths:
+        for lineno, row in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            messages = messages_field(row, where)
+            for key in ("chosen", "rejected"):
+                ids = rm_input_ids(tokenizer, messages, field(row, key, str, where))
+                mask = torch.zeros(len(ids) - 1)
+                mask[-1] = 1.0  # one "loss token" per sequence: the global pair count
+                out.append(Sample(torch.tensor(ids, dtype=torch.long), {"loss_mask": mask}))
+    if not out:
+        raise InputFileError(f"{', '.join(paths)}: no preference pairs")
+    return out
+
+
+def sft_samples(paths: list[str], tokenizer, max_length: int) -> list[Sample]:
+    from rlmt_megatron.data.sft import load_sft_samples
+
+    samples: list[Sample] = []
+    for path in paths:
+        samples.extend(load_sft_samples(path, tokenizer, max_length))
+    return samples
+
+
+def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) -> Path:
+    from transformers import AutoTokenizer
+
+    out = Path(cfg.out_dir)
+    initialize(cfg.build.parallel, cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    unit = 2 if kind == "reward_model" else 1
+    samples = preference_samples(cfg.data, tokenizer) if kind == "reward_model" else sft_samples(cfg.data, tokenizer, cfg.max_length)
+    units = [samples[i:i + unit] for i in range(0, len(samples), unit)]
+    steps_per_epoch = math.ceil(len(units) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    optim = cfg.optim.model_copy(update={"total_steps": total})
+    role = "reward" if kind == "reward_model" else "policy"
+    engine = TrainEngine(load_model(cfg.model, role, cfg.build), optim)
+    loss = reward_model_loss_fn() if kind == "reward_model" else sft_loss_fn(engine.built.spec.vocab_size)
+    _, dp = dp_rank_and_size()
+    if cfg.batch_size < dp:
+        raise InputFileError(f"batch_size={cfg.batch_size} is smaller than the {dp} data-parallel ranks")
+    logger = progress = None
+    if is_rank0():
+        write_resolved_config(out, cfg.model_dump(mode="json"))
+        logger = MetricsLogger(out, cfg.monitoring, cfg.model_dump(mode="json"), resume_from_step=None)
+        progress = ProgressReporter(total_steps=total, start_step=0)
+    rng = random.Random(cfg.seed)
+    step = 0
+    for epoch in range(cfg.epochs):
+        order = list(range(len(units)))
+        rng.shuffle(order)
+        for lo in range(0, len(order), cfg.batch_size):
+            batch = [units[i] for i in order[lo:lo + cfg.batch_size]]
+            if len(batch) < dp:  # a last partial batch too small to give every DP rank a unit
+                continue
+            local = [s for u in dp_shard(batch) for s in u]
+            step += 1
+            metrics = engine.train_step(local, loss, unit_size=unit)
+            metrics["epoch"] = float(epoch)
+            if is_rank0():
+                logger.log(step, metrics)
+                progress.update(step, metrics)
+    save_hf_folder(engine.built, out / "hf", tokenizer_src=cfg.model)
+    barrier()
+    if is_rank0():
+        logger.close()
+        progress.close()
+        (out / "DONE.json").write_text(json.dumps({"steps": step, "model": str(out / "hf")}) + "\n")
+    return out / "hf"
