@@ -1,0 +1,272 @@
+"""Throughput of the trainer -> rollout weight export and sync, against a plain memory copy.
+
+  python benchmarks/weight_sync.py [--layers N] [--vocab V] [--bucket-mib 512] [--layouts 1x1,2x1,1x2]
+                                   [--repeats 3] [--write docs/benchmarks.md]
+
+Model: Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32 heads and 8 KV heads of 128,
+llama3 RoPE) with random weights, written as an HF folder (config.json, bf16 safetensors, a
+small tokenizer) to a temporary directory; the Megatron model is loaded from it at each layout.
+
+- export: drain ``buckets_at`` (HF names, bf16, buckets of ``--bucket-mib``) onto global rank 0,
+  at every TP x PP layout asked for (torchrun, one process per model-parallel rank);
+- at 1x1 also: the export without the dtype cast, the export streamed into the embedded HF
+  engine (``InProcessTransport`` -> ``HFEngine.update_weights``), and the engine's copy alone;
+- the floor, in the same process: copying the same number of bytes with ``copy_`` into
+  preallocated memory, and with ``clone`` into fresh memory.
+GB/s is the bytes of the exported tensors over the time; "of floor" divides by the copy_ GB/s.
+
+On CPU (gloo) the defaults are 2 layers and vocab 32768 (~0.7 B parameters, 1.4 GB in bf16) so
+every layout fits a 24 GB machine. With CUDA the same script measures the colocated path on
+one GPU (Megatron model and HF engine on the GPU, bf16, 1x1 only) with the full 8B shape
+(32 layers, vocab 128256) by default, against a device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "weight_sync_worker.py"
+
+# Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json) minus the layer count and vocabulary.
+LLAMA31_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
+    mlp_bias=False, hidden_act="silu",
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+DEFAULTS = {"cpu": dict(layers=2, vocab=32768, layouts="1x1,2x1,1x2", params_dtype="float32"),
+            "cuda": dict(layers=32, vocab=128256, layouts="1x1", params_dtype="bfloat16")}
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """'1x1,2x1' -> [(1, 1), (2, 1)] (TP x PP)."""
+    layouts = []
+    for item in text.split(","):
+        try:
+            tp, pp = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"layout '{item}' is not TPxPP (e.g. 2x1)") from None
+        if tp < 1 or pp < 1:
+            raise argparse.ArgumentTypeError(f"layout '{item}': TP and PP must be at least 1")
+        layouts.append((tp, pp))
+    return layouts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=_positive, default=None,
+                   help="decoder layers (default 2 on CPU to fit a 24 GB machine, 32 on GPU)")
+    p.add_argument("--vocab", type=_positive, default=None,
+                   help="vocabulary size (default 32768 on CPU to fit a 24 GB machine, 128256 on GPU)")
+    p.add_argument("--bucket-mib", type=_positive, default=512, help="export bucket size in MiB")
+    p.add_argument("--layouts", type=parse_layouts, default=None,
+                   help="TPxPP layouts to export at (default 1x1,2x1,1x2 on CPU; 1x1 on GPU, the only one there)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed passes per measurement (best and median reported)")
+    p.add_argument("--params-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="Megatron parameter dtype (default float32 on CPU, the dtype tested there; bfloat16 on GPU)")
+    p.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="bfloat16", help="HF engine dtype")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads per process (default: cores / processes)")
+    p.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir, removed)")
+    p.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
+    return p
+
+
+def parse_args(argv=None, cuda: bool | None = None) -> argparse.Namespace:
+    """Parse and fill the device-dependent defaults; reject layouts the model or device cannot take."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    a.device = "cuda" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
+    for key, value in DEFAULTS[a.device].items():
+        if getattr(a, key) is None:
+            setattr(a, key, parse_layouts(value) if key == "layouts" else value)
+    for tp, pp in a.layouts:
+        if LLAMA31_8B["num_key_value_heads"] % tp:
+            p.error(f"layout {tp}x{pp}: TP must divide the {LLAMA31_8B['num_key_value_heads']} KV heads")
+        if a.layers % pp:
+            p.error(f"layout {tp}x{pp}: PP must divide --layers {a.layers}")
+        if a.device == "cuda" and tp * pp != 1:
+            p.error(f"layout {tp}x{pp}: on GPU only the colocated 1x1 path (one GPU) is measured")
+    if (1, 1) not in a.layouts:
+        p.error("--layouts must include 1x1 (the sync into the engine and the reference export run there)")
+    return a
+
+
+# --------------------------------------------------------------------------- model folder
+
+def llama_config(layers: int, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, vocab_size=vocab, dtype="bfloat16", **LLAMA31_8B)
+
+
+def parameter_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """HF parameter names and shapes of LlamaForCausalLM for this config (built on the meta device)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(layers, vocab))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def write_random_model(folder: Path, layers: int, vocab: int, device: str, seed: int = 0) -> int:
+    """HF folder with random bf16 weights (norms at one) and a small tokenizer; returns the weight bytes."""
+    from rlmt_megatron.checkpoint.safetensors_io import write_safetensors_folder
+    from rlmt_megatron.tools.tiny_models import train_tokenizer
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, shape in parameter_shapes(layers, vocab).items():
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:  # generated where it is fast, stored on the host for writing
+            state[name] = torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=gen).cpu()
+    write_safetensors_folder(state, folder)
+    llama_config(layers, vocab).save_pretrained(folder)
+    train_tokenizer(1024).save_pretrained(folder)  # the engine needs one; its ids never meet these weights
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# --------------------------------------------------------------------------- runs
+
+def run_layout(model_dir: Path, tp: int, pp: int, a: argparse.Namespace, out: Path) -> list[dict]:
+    """One torchrun job at TP x PP; its rows, or one row saying why it failed."""
+    import socket
+
+    procs = tp * pp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = a.threads or max(1, (os.cpu_count() or 1) // procs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), str(WORKER),
+           "--model", str(model_dir), "--tp", str(tp), "--pp", str(pp), "--bucket-mib", str(a.bucket_mib),
+           "--repeats", str(a.repeats), "--params-dtype", a.params_dtype, "--engine-dtype", a.engine_dtype,
+           "--out", str(out)] + (["--sync"] if (tp, pp) == (1, 1) else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0 or not out.is_file():
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or ["no output (killed: out of memory?)"]
+        sys.stderr.write(proc.stderr[-4000:])
+        return [{"tp": tp, "pp": pp, "procs": procs, "threads": threads, "what": "failed", "error": lines[-1][:160]}]
+    return json.loads(out.read_text())
+
+
+def add_rates(rows: list[dict]) -> list[dict]:
+    """GB/s of every row and its ratio to the copy_ floor measured in the same run (same layout)."""
+    floors = {(r["tp"], r["pp"]): r for r in rows if r["what"].startswith("floor: copy_")}
+    for r in rows:
+        if "error" in r:
+            continue
+        r["gbps"] = r["bytes"] / r["best_s"] / 1e9
+        floor = floors.get((r["tp"], r["pp"]))
+        r["of_floor"] = r["gbps"] / (floor["bytes"] / floor["best_s"] / 1e9) if floor else None
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| TP×PP | procs × threads | measured | GB | buckets | best s | median s | GB/s (best) | of floor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        who = f"{r['procs']} × {r['threads']}" if r.get("threads") else f"{r['procs']} GPU"
+        if "error" in r:
+            lines.append(f"| {r['tp']}×{r['pp']} | {who} | failed: {r['error']} | | | | | | |")
+            continue
+        ratio = f"{r['of_floor']:.2f}" if r.get("of_floor") is not None else ""
+        lines.append(f"| {r['tp']}×{r['pp']} | {who} | {r['what']} | {r['bytes'] / 1e9:.2f} | {r['buckets']} "
+                     f"| {r['best_s']:.2f} | {r['median_s']:.2f} | {r['gbps']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = names[0] if names else model
+    mem = ""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    return f"CPU {model}, {os.cpu_count()} cores{mem}"
+
+
+def measured_command(argv: list[str]) -> str:
+    """The command line without --write (where the results go does not change them)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--write":
+            skip = True
+        elif not arg.startswith("--write="):
+            kept.append(arg)
+    return " ".join(["python benchmarks/weight_sync.py", *kept])
+
+
+def section(a: argparse.Namespace, rows: list[dict], weight_bytes: int, load: tuple[float, float, float], argv) -> str:
+    versions = ", ".join(f"{pkg} {metadata.version(pkg)}" for pkg in ("torch", "megatron-core", "transformers"))
+    where = "colocated on one GPU" if a.device == "cuda" else "CPU, gloo"
+    return (
+        f"\n## Weight export + sync, {where} ({datetime.date.today()})\n\n"
+        f"{machine()}; {versions}. Load average when it started: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        f"(1/5/15 min).\n"
+        f"Model: Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32 heads / 8 KV heads of 128, llama3 "
+        f"RoPE), {a.layers} layers, vocab {a.vocab}, random weights: {weight_bytes / 1e9:.2f} GB in bf16. "
+        f"Megatron params {a.params_dtype}, export bf16, HF engine {a.engine_dtype}, buckets {a.bucket_mib} MiB; "
+        f"best of {a.repeats} passes (median beside).\n"
+        f"Command: `{measured_command(argv)}`\n\n" + table(rows) + "\n"
+    )
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    load = os.getloadavg()
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="rlmt-weight-sync-"))
+    try:
+        model_dir = work / "model"
+        print(f"writing a {a.layers}-layer, vocab {a.vocab} model to {model_dir} ...", flush=True)
+        weight_bytes = write_random_model(model_dir, a.layers, a.vocab, a.device)
+        rows = []
+        for tp, pp in a.layouts:
+            got = add_rates(run_layout(model_dir, tp, pp, a, work / f"rows-{tp}x{pp}.json"))
+            print("\n".join(table(got).splitlines()[2:]), flush=True)
+            rows += got
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(rows))
+    if a.write:
+        with a.write.open("a") as f:
+            f.write(section(a, rows, weight_bytes, load, argv))
+
+
+if __name__ == "__main__":
+    main()
