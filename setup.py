@@ -31,7 +31,7 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "accelerate"],  # accelerate: transformers loads FP8 folders with it
         "datasets": ["datasets>=2.14"],
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang==0.5.23"],
@@ -47,6 +47,7 @@ setup(
             "rlmt-sft=rlmt_megatron.cli.supervised:sft_cli",
             "rlmt-train-rm=rlmt_megatron.cli.supervised:rm_cli",
             "rlmt-plot=rlmt_megatron.cli.plot:cli",
+            "rlmt-generate=rlmt_megatron.cli.generate:cli",
         ]
     },
 )

@@ -1,32 +1,56 @@
 #!/usr/bin/env bash
-# The main job on a CPU machine: build the tiny models, convert HF -> Megatron at TP=2 (two
-# processes), back to HF, compute logprobs and reward scores under Megatron at TP x PP, and
-# check them against transformers. Outputs go to runs/demo/ (or $1).
+# The main job on a CPU machine: a real RLMT run on tiny, locally built models.
+#   1. build tiny HF models (Llama policy, Llama reward model, locally trained tokenizer);
+#   2. train the reward model on synthetic preferences (rlmt-train-rm) so its scores mean
+#      something: coherent helpful answers beat curt, shuffled, gibberish and [NULL] ones;
+#   3. SFT warm-start in the thinking format <think>…</think> answer (rlmt-sft);
+#   4. GRPO against the reward model on WildChat-IF prompts (../shared/data/wildchat-if; the
+#      bundled synthetic prompts when that folder is absent), policy at TP=2 over two processes;
+#   5. plot the curves (rlmt-plot).
+# Everything goes to runs/demo/ (or $1): metrics.jsonl, TensorBoard events, W&B offline files,
+# per-step samples, checkpoints, the final HF policy, and plots/*.png.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/tools/setup_env.sh" test
 out="${1:-$repo/runs/demo}"
+rm -rf "$out"
 mkdir -p "$out"
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
-run2() { python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "$1" "${@:2}"; }
+export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore WANDB_SILENT=true
+quiet() { grep -vE "^(\s|Setting up optimizer|> |Loading weights|Implicit initialization|RerunStateMachine|Params for bucket|Number of buckets|Total number of)" || true; }
 
-echo "== 1/5 building tiny HF models"
-python "$repo/tools/make_tiny_models.py" --out "$out/models"
-echo "== 2/5 HF -> Megatron distributed checkpoint (TP=2, 2 processes)"
-run2 29511 -m rlmt_megatron.cli.convert hf-to-mcore --hf "$out/models/llama-policy" --out "$out/mcore/llama-policy" --tp 2
-echo "== 3/5 Megatron -> HF (1 process)"
-rlmt-convert mcore-to-hf --ckpt "$out/mcore/llama-policy" --out "$out/export/llama-policy"
-echo "== 4/5 logprobs (TP=1 x PP=2) and reward scores (TP=2) under Megatron"
-run2 29512 -m rlmt_megatron.cli.logprobs --model "$out/mcore/llama-policy" --pp 2 \
-  --input "$repo/examples/data/chat_responses.jsonl" --out "$out/logprobs.jsonl"
-run2 29513 -m rlmt_megatron.cli.score --rm "$out/models/llama-rm" --tp 2 \
-  --input "$repo/examples/data/chat_responses.jsonl" --out "$out/scores.jsonl"
-python - "$out/scores.jsonl" <<'PY'
+echo "== 1/5 tiny HF models and synthetic demo data"
+python "$repo/tools/make_tiny_models.py" --out "$out/models" | tail -1
+python -m rlmt_megatron.tools.demo_data --out "$out/data"
+prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
+if [ ! -f "$prompts" ]; then
+  echo "   (../shared/data/wildchat-if absent: using the synthetic demo prompts)"
+  prompts="$out/data/prompts.jsonl"
+fi
+
+echo "== 2/5 reward model on synthetic preferences (Bradley-Terry)"
+rlmt-train-rm "$repo/examples/demo/rm.yaml" model="$out/models/llama-rm" \
+  "data=[$out/data/preferences.jsonl]" out_dir="$out/rm" 2>&1 | quiet
+
+echo "== 3/5 SFT warm-start on synthetic thinking traces"
+rlmt-sft "$repo/examples/demo/sft.yaml" model="$out/models/llama-policy" \
+  "data=[$out/data/sft_thinking.jsonl]" out_dir="$out/sft" 2>&1 | quiet
+
+echo "== 4/5 RLMT: GRPO against the reward model (TP=2, two processes)"
+python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29521 \
+  -m rlmt_megatron.cli.train "$repo/examples/demo/grpo.yaml" run.out_dir="$out/grpo" \
+  models.policy="$out/sft/hf" models.reward="$out/rm/hf" "data.prompts=[$prompts]" \
+  build.parallel.tp=2 2>&1 | quiet
+
+echo "== 5/5 curves"
+rlmt-plot "$out/grpo" | tail -1
+python - "$out/grpo/metrics.jsonl" <<'PY'
 import json, sys
-for row in map(json.loads, open(sys.argv[1])):
-    print(f"  score {row['score']:+8.3f}  {row['messages'][-1]['content'][:50]}")
+rows = [json.loads(line) for line in open(sys.argv[1])]
+k = max(1, len(rows) // 5)
+first, last = rows[:k], rows[-k:]
+mean = lambda rs, key: sum(r[key] for r in rs if r[key] is not None) / len(rs)
+print(f"reward/mean: first {k} steps {mean(first, 'reward/mean'):+.2f} -> last {k} steps {mean(last, 'reward/mean'):+.2f}; "
+      f"format/ok_rate {mean(first, 'format/ok_rate'):.2f} -> {mean(last, 'format/ok_rate'):.2f}; "
+      f"engine vs trainer logprob diff (mean) {max(r['rollout/logprob_diff_mean'] for r in rows):.1e} at most")
 PY
-echo "== 5/5 parity with transformers"
-python -m rlmt_megatron.tools.parity_report --hf "$out/models/llama-policy" \
-  --exported "$out/export/llama-policy" --logprobs "$out/logprobs.jsonl"
-echo "demo finished: outputs in $out"
+echo "demo finished: outputs in $out/grpo (metrics.jsonl, tensorboard/, wandb/, samples/, plots/, final_hf/)"

@@ -6,11 +6,14 @@ therefore builds, with the project's own trainers:
 1. an SFT warm-start set in the paper's thinking format (``<think>\\n{plan}\\n</think>\\n\\n{answer}``)
    whose answers come in two styles, half *helpful* (acknowledge, give steps, close politely)
    and half *curt* (a short refusal-like line);
-2. a preference set in which the helpful answer to a prompt is chosen over a curt one.
+2. a preference set in which the helpful answer to a prompt is chosen over a curt one, over
+   the same words shuffled, over gibberish of similar length, and over the strict-mode
+   ``[NULL]`` answer (so neither length nor vocabulary alone earns reward: a tiny RM trained
+   only on helpful-vs-curt rewards any long string, and GRPO then learns to babble).
 
-The reward model learns "helpful beats curt" from (2); the warm-started policy samples both
-styles; GRPO should then move the policy towards the helpful style, so the demo's reward curve
-rises for a reason one can state. Everything is generated from a seed (deterministic).
+The reward model learns "coherent helpful beats everything else" from (2); the warm-started
+policy samples both styles; GRPO should then move the policy towards the helpful style, so the
+demo's reward curve rises for a reason one can state. Everything is generated from a seed.
 """
 
 from __future__ import annotations
@@ -54,11 +57,32 @@ def curt_answer(rng: random.Random) -> str:
     return rng.choice(CURT)
 
 
+def shuffled(rng: random.Random, text: str) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def gibberish(rng: random.Random, length: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789 .,;!?<>/"
+    return "".join(rng.choice(letters) for _ in range(length))
+
+
+def rejected_answer(rng: random.Random, kind: int, chosen: str) -> str:
+    if kind == 0:
+        return curt_answer(rng)
+    if kind == 1:
+        return shuffled(rng, chosen)
+    if kind == 2:
+        return gibberish(rng, len(chosen))
+    return "[NULL]"  # what strict mode scores when the thinking delimiter is missing
+
+
 def warm_start_text(plan: str, answer: str) -> str:
     return f"<think>\n{plan}\n</think>\n\n{answer}"
 
 
-def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 256,
+def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 512,
                    prompt_rows: int = 64) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,10 +93,11 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref
         answer = helpful_answer(rng, topic) if i % 2 == 0 else curt_answer(rng)
         sft.append({"messages": [{"role": "user", "content": ask},
                                  {"role": "assistant", "content": warm_start_text(thinking(rng), answer)}]})
-    for _ in range(pref_rows):
+    for i in range(pref_rows):
         ask, topic = prompt(rng)
+        chosen = helpful_answer(rng, topic)
         prefs.append({"messages": [{"role": "user", "content": ask}],
-                      "chosen": helpful_answer(rng, topic), "rejected": curt_answer(rng)})
+                      "chosen": chosen, "rejected": rejected_answer(rng, i % 4, chosen)})
     for _ in range(prompt_rows):
         prompts.append({"messages": [{"role": "user", "content": prompt(rng)[0]}]})
     files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl", "prompts": out / "prompts.jsonl"}

@@ -65,12 +65,26 @@ def build_roles(cfg) -> Roles:
 
 def engine_model_dir(cfg, policy: TrainEngine) -> str:
     """An HF folder the engine starts from: the policy's own, or an export of a Megatron checkpoint
-    (collective). Its weights are replaced by the first sync anyway."""
-    if not is_megatron_checkpoint(cfg.models.policy):
-        return cfg.models.policy
-    out = Path(cfg.run.out_dir) / "rollout_init_hf"
-    save_hf_folder(policy.built, out, tokenizer_src=cfg.models.policy)
-    return str(out)
+    (collective). Its weights are replaced by the first sync anyway. With FP8 rollouts the engine
+    must start from an FP8 folder, so its layers expect the FP8 weights and scales every sync sends."""
+    folder = cfg.models.policy
+    if is_megatron_checkpoint(folder):
+        folder = str(Path(cfg.run.out_dir) / "rollout_init_hf")
+        save_hf_folder(policy.built, folder, tokenizer_src=cfg.models.policy)
+    if cfg.weight_sync.fp8 == "none":
+        return folder
+    from rlmt_megatron.distributed.collectives import barrier
+    from rlmt_megatron.rollout.weight_sync import fp8
+
+    config = fp8.config_for_sync(cfg.weight_sync.fp8, cfg.rollout.engine)
+    fp8_folder = Path(cfg.run.out_dir) / "rollout_init_fp8"
+    if is_rank0():
+        import json
+
+        fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, cfg.weight_sync.engine_tp_size)
+        fp8.write_fp8_hf_folder(folder, fp8_folder, config)
+    barrier()
+    return str(fp8_folder)
 
 
 def make_rollout_engine(cfg, model_dir: str) -> Optional[RolloutEngine]:
