@@ -45,38 +45,47 @@ def _local_entries(built: BuiltModel) -> list[tuple[ResolvedRule, torch.nn.Param
     return entries
 
 
-def _full_hf_tensors(built: BuiltModel, rr: ResolvedRule, shard: torch.Tensor) -> list[torch.Tensor]:
-    """All-gather ``shard`` over TP and split it into the HF parts (collective over TP)."""
+def _full_hf_tensors(built: BuiltModel, rr: ResolvedRule, shard: torch.Tensor, dtype: Optional[torch.dtype],
+                     sender: bool) -> list[torch.Tensor]:
+    """All-gather ``shard`` over TP and split it into the HF parts (collective over TP).
+
+    The cast to the export dtype happens before the gather (elementwise, so the result is the
+    same bit for bit) to halve the bytes moved for bf16 exports; only the sender rebuilds the HF
+    tensors, the other TP ranks just contribute their shard.
+    """
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     spec = built.spec
+    shard = shard.detach() if dtype is None else shard.detach().to(dtype)
     if rr.rule.tp_dim is None or tp == 1:
-        per_rank = [shard.detach()]
+        per_rank = [shard]
     else:
         per_rank = [torch.empty_like(shard) for _ in range(tp)]
-        dist.all_gather(per_rank, shard.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_gather(per_rank, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    if not sender:
+        return []
     heads, kv = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
     split = [unfuse(rr.rule.fuse, t, heads, kv, spec.head_dim) for t in per_rank]
     dim = rr.rule.tp_dim or 0
-    parts = [torch.cat([s[k] for s in split], dim=dim) for k in range(len(rr.hf_names))]
+    parts = [split[0][k] if len(split) == 1 else torch.cat([s[k] for s in split], dim=dim) for k in range(len(rr.hf_names))]
     if rr.rule.vocab:
         parts = [p[: spec.vocab_size] for p in parts]
     return parts
 
 
 def iter_hf_tensors(built: BuiltModel, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) on each stage's sender rank; collective over TP."""
+    """Yield (HF name, full tensor) on each stage's sender rank; collective over TP.
+
+    Tensors may be views of the live parameters (TP=1, no cast): copy before the next update."""
     from megatron.core import parallel_state
 
     if parallel_state.get_data_parallel_rank() != 0:
         return
     sender = parallel_state.get_tensor_model_parallel_rank() == 0
     for rr, param in _local_entries(built):
-        parts = _full_hf_tensors(built, rr, param)
-        if sender:
-            for name, t in zip(rr.hf_names, parts):
-                yield name, t if dtype is None else t.to(dtype)
+        parts = _full_hf_tensors(built, rr, param, dtype, sender)
+        yield from zip(rr.hf_names, parts)
 
 
 def export_dtype(built: BuiltModel) -> torch.dtype:
@@ -115,6 +124,8 @@ def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCK
     # Who sends, in stage order: (pp rank, global rank) of every sender.
     senders: list = [None] * dist.get_world_size()
     dist.all_gather_object(senders, (parallel_state.get_pipeline_model_parallel_rank(), rank) if is_sender else None)
+    # NCCL moves only device tensors: receive onto this rank's GPU there, into CPU memory on gloo.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     for _, src in sorted(s for s in senders if s is not None):
         if src == rank == dst:
             yield from local
@@ -132,7 +143,7 @@ def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCK
                     break
                 bucket = []
                 for name, shape, dt in box[0]:
-                    buf = torch.empty(shape, dtype=dt)
+                    buf = torch.empty(shape, dtype=dt, device=device)
                     dist.recv(buf, src)
                     bucket.append((name, buf))
                 yield bucket
@@ -143,7 +154,8 @@ def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCK
 
 def gather_hf_state_dict(built: BuiltModel, dst: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:
     """Collect the whole HF state dict on global rank ``dst`` (None elsewhere). Collective."""
-    state = {name: t for bucket in buckets_at(built, dst, dtype=dtype) for name, t in bucket}
+    # clone: the stream may hold views of live parameters, and the caller keeps this dict
+    state = {name: t.clone() for bucket in buckets_at(built, dst, dtype=dtype) for name, t in bucket}
     rank = dist.get_rank() if dist.is_initialized() else 0
     return state if rank == dst else None
 
