@@ -90,13 +90,18 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
     torchrun(2, ["-m", "rlmt_megatron.cli.train", str(cfg)], timeout=600)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
+    one_round = algorithm.get("dpo_mode") == "one_round"
     for r in rows:
         assert r["reward/nonfinite_count"] == 0
-        # Engine (transformers) and trainer (Megatron, TP/PP) agree on the sampled tokens' logprobs.
-        assert r["rollout/logprob_diff_max"] <= 1e-4, r
         assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
-    if algorithm["name"] == "dpo" and algorithm.get("dpo_mode") == "one_round":
-        assert [r["weight_version"] for r in rows] == [0, 0]  # the engine keeps the initial policy
+    # Engine (transformers) and trainer (Megatron, TP/PP) agree on the sampled tokens' logprobs
+    # after every sync; in one_round DPO the engine keeps the initial policy, so from step 2 on
+    # the difference is the policy's drift from its sampler.
+    for r in rows[:1] if one_round else rows:
+        assert r["rollout/logprob_diff_max"] <= 1e-4, r
+    if one_round:
+        assert rows[1]["rollout/logprob_diff_max"] > 1e-3
+        assert [r["weight_version"] for r in rows] == [0, 0]
     else:
         assert [r["weight_version"] for r in rows] == [1, 2]
     expected_keys = {"ppo": {"loss/policy", "loss/value", "critic/grad_norm", "kl"}, "grpo": {"loss/policy", "kl", "entropy"},

@@ -164,10 +164,14 @@ def dpo_update(cfg, roles, rollouts: list[Rollout]) -> Optional[dict[str, float]
         return None
     local = [r for pair in dp_shard(pairs) for r in pair]
     seqs = [sequence_of(r) for r in local]
-    ref = sequence_logprobs(roles.reference, seqs, cfg.optim.max_tokens_per_microbatch)
+    mt = cfg.optim.max_tokens_per_microbatch
+    ref = sequence_logprobs(roles.reference, seqs, mt)
     samples = [dpo_sample(r, ref[i]) for i, r in enumerate(local)]
+    # Engine vs trainer on the paired responses (in one_round mode this is the drift from the
+    # frozen sampler, by design).
+    metrics = _logprob_diff(local, sequence_logprobs(roles.policy, seqs, mt, _temperature(cfg)))
     loss = dpo_loss_fn(roles.policy.built.spec.vocab_size, beta=cfg.algorithm.dpo_beta)
-    metrics = _train(roles.policy, samples, loss, 1, unit_size=2)
+    metrics.update(_train(roles.policy, samples, loss, 1, unit_size=2))
     metrics["dpo/pairs"] = float(len(pairs))
     return metrics
 
