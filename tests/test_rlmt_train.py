@@ -179,3 +179,29 @@ def test_overlong_prompts_are_left_truncated_and_counted(tiny_models, tmp_path):
     proc = run_cli("rlmt_megatron.cli.train", [str(cfg)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(out)[0]["prompt/truncated_count"] == 2
+
+
+def _fault_run(mode, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_models, out, run={"total_steps": 1, "export_hf": False})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "tests/workers/rlmt_fault_worker.py", "--mode", mode, str(cfg)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    return proc, out
+
+
+@pytest.mark.parametrize("mode, message", [("empty", "returned 6 empty responses"), ("nan_all", "all 6 rewards are NaN/inf")])
+def test_untrainable_steps_stop_with_a_clear_error(mode, message, tiny_models, tmp_path):
+    proc, _ = _fault_run(mode, tiny_models, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_some_nan_rewards_are_dropped_and_counted(tiny_models, tmp_path):
+    proc, out = _fault_run("nan_some", tiny_models, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = read_metrics(out)[0]
+    assert row["reward/nonfinite_count"] == 2  # samples 0 and 3 of 6
+    samples = [json.loads(line) for line in (out / "samples" / "step_000001.jsonl").read_text().splitlines()]
+    finite = [s["reward"] for s in samples if s["reward"] is not None]
+    assert len(finite) == 4 and row["reward/mean"] == pytest.approx(sum(finite) / 4, abs=1e-9)
