@@ -10,6 +10,7 @@ the shipped example configs under ``examples/`` restate them for each method.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -119,6 +120,10 @@ class RLMTConfig(StrictModel):
             raise ValueError("algorithm.name=dpo pairs best vs worst: rollout.samples_per_prompt must be >= 2")
         if self.rollout.engine == "sglang" and not self.rollout.sglang_url:
             raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
+        # Decaying schedules run over the whole run unless the recipe says otherwise.
+        for optim in (self.optim, self.critic_optim):
+            if "total_steps" not in optim.model_fields_set:
+                optim.total_steps = self.run.total_steps * a.updates_per_rollout
         return self
 
     @property
@@ -140,6 +145,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     node[keys[-1]] = value
 
 
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
@@ -150,6 +158,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise InputFileError(f"override {item!r}: value is not valid YAML ({e})") from None
+        if isinstance(value, str) and _SCIENTIFIC.match(value):
+            value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean a number
         out.append((key, value))
     return out
 
