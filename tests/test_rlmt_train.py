@@ -7,7 +7,8 @@ and the tiny reward model. What is checked against independent references:
   logprobs of its own samples equal the trainer's (``rollout/logprob_diff_max``): transformers
   vs Megatron, two implementations;
 - rewards: the dumped answers are re-scored with transformers' LlamaForSequenceClassification
-  on the RM's own chat template, and must equal the logged rewards;
+  on the RM's own chat template, and must equal the logged rewards (also with the RM on its own
+  TP=2 layout beside a PP=2 policy);
 - resume: 4 steps straight vs 2 steps, SIGKILL, automatic resume → identical metrics and weights.
 """
 
@@ -72,7 +73,7 @@ def rescore_with_transformers(tiny: Path, out: Path, step: int) -> tuple[list[fl
 
 RUNS = {
     "grpo-tp2": ({"name": "grpo"}, {"tp": 2}),
-    "grpo-pp2": ({"name": "grpo"}, {"pp": 2}),
+    "grpo-pp2-rm-tp2": ({"name": "grpo"}, {"pp": 2}),  # the reward model on its own TP=2 groups
     "ppo-tp2": ({"name": "ppo"}, {"tp": 2}),
     "ppo-pp2": ({"name": "ppo"}, {"pp": 2}),
     "dpo-tp2": ({"name": "dpo"}, {"tp": 2}),
@@ -85,6 +86,8 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
     algorithm, parallel = RUNS[run]
     out = tmp_path / "run"
     extra = {"monitoring": {"wandb": {"mode": "offline"}}} if run == "grpo-tp2" else {}
+    if run.endswith("rm-tp2"):
+        extra["reward"] = {"parallel": {"tp": 2}}
     cfg = write_config(tmp_path / "cfg.yaml", tiny_models, out, algorithm=algorithm,
                        build={"parallel": parallel}, **extra)
     torchrun(2, ["-m", "rlmt_megatron.cli.train", str(cfg)], timeout=600)

@@ -64,3 +64,13 @@ def test_decaying_schedules_default_to_the_run_length():
     assert cfg.optim.total_steps == 100 and cfg.critic_optim.total_steps == 100
     cfg = load_config(None, ["models.policy=a", "models.reward=b", "data.prompts=[p]", "optim.total_steps=7"])
     assert cfg.optim.total_steps == 7
+
+
+def test_impossible_engine_setups_fail_at_load_on_every_rank():
+    base = ["models.policy=a", "models.reward=b", "data.prompts=[p]"]
+    with pytest.raises(InputFileError, match="rollout.engine='hf'|engine 'hf'"):
+        load_config(None, base + ["rollout.placement=disaggregated"])
+    with pytest.raises(InputFileError, match="cuda_ipc"):
+        load_config(None, base + ["weight_sync.transport=cuda_ipc"])
+    with pytest.raises(InputFileError, match="checksum"):
+        load_config(None, base + ["rollout.engine=sglang", "rollout.sglang_url=http://x", "weight_sync.checksum=true"])

@@ -1,9 +1,9 @@
 """rlmt-train: RLMT (GRPO, PPO or on-policy DPO) from a YAML recipe plus key=value overrides.
 
-    rlmt-train examples/grpo_tiny.yaml run.total_steps=20 optim.lr=1e-5
-    torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train recipe.yaml build.parallel.tp=2
+    rlmt-train examples/demo/grpo.yaml models.policy=SFT_DIR models.reward=RM_DIR "data.prompts=[p.jsonl]"
+    torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/grpo_llama3.1-8b-instruct_think.yaml
 
-Every field, its default and meaning: ``rlmt_megatron/trainer/config.py`` and ``docs/training.md``.
+Every field, its default and meaning: ``rlmt_megatron/trainer/config.py`` and ``docs/rlmt_train.md``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ caller applies the documented rule (``trainer/experience.py``) and counts them.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
 
 from rlmt_megatron.distributed.collectives import dp_gather, dp_shard
 from rlmt_megatron.reward.rm_template import rm_input_ids
@@ -19,8 +20,10 @@ from rlmt_megatron.training.forward_only import sequence_scores
 
 class RewardScorer:
     def __init__(self, engine: TrainEngine, tokenizer, max_tokens_per_microbatch: int = 8192,
-                 max_length: Optional[int] = None):
+                 max_length: Optional[int] = None,
+                 layout: Callable[[], ContextManager] = contextlib.nullcontext):
         self.engine = engine
+        self.layout = layout  # activates the RM's own parallel layout (distributed/layouts.py)
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens_per_microbatch
         self.max_length = max_length
@@ -37,5 +40,6 @@ class RewardScorer:
         if len(conversations) != len(answers):
             raise ValueError(f"{len(conversations)} conversations but {len(answers)} answers")
         sequences = [self.input_ids(c, a) for c, a in zip(conversations, answers)]
-        local = sequence_scores(self.engine, dp_shard(sequences), self.max_tokens)
-        return [float(s) for s in dp_gather(local)]
+        with self.layout():  # sharded over the RM's DP ranks, run on its TP/PP groups
+            local = sequence_scores(self.engine, dp_shard(sequences), self.max_tokens)
+            return [float(s) for s in dp_gather(local)]

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
 
-from rlmt_megatron.config import ModelBuildConfig, StrictModel
+from rlmt_megatron.config import ModelBuildConfig, ParallelConfig, StrictModel
 from rlmt_megatron.errors import InputFileError
 from rlmt_megatron.monitoring.metrics import MonitoringConfig
 from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
@@ -82,7 +82,8 @@ class AlgorithmConfig(StrictModel):
     dpo_beta: PositiveFloat = 0.1
     dpo_mode: Literal["online", "one_round"] = Field(
         "online", description="online: pairs from the current policy every step; one_round: the paper's — "
-        "pairs from the initial model (the engine is never updated), each prompt's pair reused across epochs")
+        "pairs sampled from the initial model (the engine is never updated; a prompt seen again in a later "
+        "epoch is sampled afresh from that same initial model)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -92,6 +93,9 @@ class AlgorithmConfig(StrictModel):
 
 
 class RewardConfig(StrictModel):
+    parallel: Optional[ParallelConfig] = Field(
+        None, description="the reward model's own TP/PP (its own Megatron groups in the same world); "
+        "null = the policy's layout (build.parallel)")
     max_tokens_per_microbatch: PositiveInt = 8192
     max_length: Optional[PositiveInt] = Field(None, description="RM inputs longer than this keep BOS + the tail")
 
@@ -120,6 +124,16 @@ class RLMTConfig(StrictModel):
             raise ValueError("algorithm.name=dpo pairs best vs worst: rollout.samples_per_prompt must be >= 2")
         if self.rollout.engine == "sglang" and not self.rollout.sglang_url:
             raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
+        # Checked here so every rank fails together (the engine itself exists on rank 0 only).
+        from rlmt_megatron.errors import RLMTError
+        from rlmt_megatron.rollout.weight_sync.select import resolve_transport
+
+        try:
+            resolve_transport(self.rollout.engine, self.rollout.placement, self.weight_sync.transport)
+        except RLMTError as e:
+            raise ValueError(str(e)) from None
+        if self.weight_sync.checksum and self.rollout.engine == "sglang":
+            raise ValueError("weight_sync.checksum needs an engine that reports what it holds (hf or vllm), not sglang")
         # Decaying schedules run over the whole run unless the recipe says otherwise.
         for optim in (self.optim, self.critic_optim):
             if "total_steps" not in optim.model_fields_set:

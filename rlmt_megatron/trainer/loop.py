@@ -70,6 +70,8 @@ def train(cfg: RLMTConfig) -> Path:
             with timer.phase("rollout"):
                 prompt_ids, truncated = prompt_token_ids(cfg, roles.tokenizer, conversations)
                 rollouts = generate(engine, prompt_ids, sampling_params(cfg, roles.tokenizer, step))
+            if engine is not None and cfg.rollout.placement == "colocated":
+                engine.sleep()  # colocated SGLang frees its GPU memory for training; the next sync/generate retakes it
             with timer.phase("reward"):
                 parse_and_score(cfg, roles.tokenizer, roles.scorer, rollouts, conversations)
                 check_trainable(rollouts)

@@ -1,7 +1,9 @@
 """Builds what a run trains and queries: the Megatron roles and the rollout engine.
 
 Every role (policy, reference, critic, reward model) is a Megatron-Core model on all trainer
-ranks with the run's layout (``build.parallel``). The reference is a frozen second model (see
+ranks with the run's layout (``build.parallel``), except that the reward model may have its own
+TP/PP (``reward.parallel``: its own Megatron groups in the same world, see
+``distributed/layouts.py``). The reference is a frozen second model (see
 ``training/engine.py`` for why not a weight swap); it is only built when the algorithm needs it.
 The rollout engine lives on global rank 0, which drives generation and receives every weight
 sync; the other ranks learn the rollouts by broadcast.
@@ -9,6 +11,8 @@ sync; the other ranks learn the rollouts by broadcast.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,6 +20,7 @@ from typing import Optional
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import is_megatron_checkpoint, load_model
 from rlmt_megatron.distributed.collectives import is_rank0
+from rlmt_megatron.distributed.layouts import ParallelLayouts
 from rlmt_megatron.errors import InputFileError
 from rlmt_megatron.reward.scorer import RewardScorer
 from rlmt_megatron.rollout.engine import RolloutEngine
@@ -58,8 +63,17 @@ def build_roles(cfg) -> Roles:
     if cfg.algorithm.name == "ppo":
         critic = TrainEngine(load_model(_exists(m.critic or m.policy, "models.critic"), "critic", build), cfg.critic_optim)
     rm_src = _exists(m.reward, "models.reward")
-    reward = TrainEngine(load_model(rm_src, "reward", build), None)
-    scorer = RewardScorer(reward, _tokenizer(rm_src, "reward model"), cfg.reward.max_tokens_per_microbatch, cfg.reward.max_length)
+    layout = contextlib.nullcontext
+    rm_parallel = cfg.reward.parallel
+    if rm_parallel is not None and rm_parallel != build.parallel:
+        layouts = ParallelLayouts()
+        layouts.add("reward", rm_parallel)
+        layout = functools.partial(layouts.active, "reward")
+    with layout():
+        rm_build = build if rm_parallel is None else build.model_copy(update={"parallel": rm_parallel})
+        reward = TrainEngine(load_model(rm_src, "reward", rm_build), None)
+    scorer = RewardScorer(reward, _tokenizer(rm_src, "reward model"), cfg.reward.max_tokens_per_microbatch,
+                          cfg.reward.max_length, layout)
     return Roles(policy, reference, critic, scorer, _tokenizer(policy_src, "policy"))
 
 
@@ -78,10 +92,11 @@ def engine_model_dir(cfg, policy: TrainEngine) -> str:
 
     config = fp8.config_for_sync(cfg.weight_sync.fp8, cfg.rollout.engine)
     fp8_folder = Path(cfg.run.out_dir) / "rollout_init_fp8"
-    if is_rank0():
-        import json
+    import json
 
-        fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, cfg.weight_sync.engine_tp_size)
+    # every rank checks, so an impossible layout stops all of them
+    fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, cfg.weight_sync.engine_tp_size)
+    if is_rank0():
         fp8.write_fp8_hf_folder(folder, fp8_folder, config)
     barrier()
     return str(fp8_folder)

@@ -76,6 +76,8 @@ def _policy_loss(cfg, vocab: int):
                          kl_in_loss=a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                          entropy_coef=a.entropy_coef),
         vocab, a.aggregation, temperature=_temperature(cfg),
+        # Dr.GRPO's constant normaliser: the longest possible response
+        norm_constant=float(cfg.rollout.max_new_tokens) if a.aggregation == "seq_mean_token_sum_norm" else None,
     )
 
 

@@ -2,7 +2,7 @@
 
 Every trainer rank walks the export (TP gathers, each PP stage's sender streaming to rank 0);
 rank 0 hands the bucket stream to the transport chosen for the topology. With
-``rollout.check_checksum`` the trainer checksums the stream as it flows and compares it with what
+``weight_sync.checksum`` the trainer checksums the stream as it flows and compares it with what
 the engine reports holding, so a silent mismatch stops the run.
 """
 
