@@ -7,7 +7,6 @@ outputs are checked with transformers and with the answer-extraction rule writte
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

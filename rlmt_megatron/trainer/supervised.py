@@ -11,7 +11,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -91,7 +91,8 @@ def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) 
     if is_rank0():
         write_resolved_config(out, cfg.model_dump(mode="json"))
         logger = MetricsLogger(out, cfg.monitoring, cfg.model_dump(mode="json"), resume_from_step=None)
-        progress = ProgressReporter(total_steps=total, start_step=0)
+        keys = ("loss/rm", "rm/accuracy", "lr") if kind == "reward_model" else ("loss/sft", "lr")
+        progress = ProgressReporter(total_steps=total, start_step=0, keys=keys)
     rng = random.Random(cfg.seed)
     step = 0
     for epoch in range(cfg.epochs):
