@@ -9,10 +9,10 @@ from rlmt_megatron.trainer.config import RLMTConfig, load_config, parse_override
 from rlmt_megatron.trainer.supervised import SupervisedConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-RECIPES = sorted((EXAMPLES / "rlmt").glob("*.yaml"))
+RECIPES = sorted((EXAMPLES / "rlmt").rglob("*.yaml"))  # rlmt/sft_warmstart.yaml, rlmt/{1node,4nodes}/*.yaml
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipes_validate(path):
     if path.name.startswith("sft"):
         cfg = load_config(path, cls=SupervisedConfig)
@@ -22,7 +22,40 @@ def test_shipped_recipes_validate(path):
     assert isinstance(cfg, RLMTConfig)
     assert cfg.rollout.temperature == 0.7 and cfg.rollout.max_new_tokens == 4096  # the paper's sampling
     assert cfg.data.max_prompt_tokens == 1024
-    assert cfg.optim.total_steps == cfg.run.total_steps
+    assert cfg.optim.total_steps == cfg.run.total_steps * (cfg.algorithm.updates_per_rollout if cfg.algorithm.name != "dpo" else 1)
+
+
+RL_RECIPES = [p for p in RECIPES if not p.name.startswith("sft")]
+
+
+@pytest.mark.parametrize("path", RL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipes_carry_the_papers_hyperparameters(path):
+    """The paper's table (/work/shared/ARCHITECTURE.md) and the authors' released configs, restated."""
+    algo, rest = path.stem.split("_", 1)
+    start = "zero" if rest.endswith("_zero") else ("instruct" if "-instruct_" in rest else "base")
+    think = not rest.endswith("_nothink")
+    cfg = load_config(path)
+    a, r, f = cfg.algorithm, cfg.rollout, cfg.format
+    assert a.name == algo and cfg.models.reward.endswith("Skywork-Reward-Llama-3.1-8B-v0.2")
+    assert f.kind == ("zero" if start == "zero" else "warm_start" if think else "no_think")
+    assert f.strict == (start == "instruct")  # strict answer extraction for instruct runs only
+    assert cfg.optim.weight_decay == (1e-4 if algo == "dpo" else 0.01) and cfg.optim.clip_grad == 1.0
+    if algo == "grpo":
+        headline = start == "instruct" and think
+        assert cfg.optim.lr == (3e-7 if start == "instruct" else 1e-6) and cfg.optim.lr_schedule == "constant"
+        assert cfg.data.prompts_per_step == (128 if headline else 64) and r.samples_per_prompt == 8
+        assert a.updates_per_rollout == (2 if headline else 1)  # authors: mini-batches of 64 prompts
+        assert (a.kl_coef, a.kl_estimator, a.entropy_coef, a.clip_low, a.clip_high, a.dual_clip_c) == (
+            0.001, "k3", 0.001, 0.2, 0.2, 3.0)
+        assert a.advantage == "grpo" and a.aggregation == "token_mean" and cfg.run.total_steps == 120
+    elif algo == "ppo":
+        assert cfg.optim.lr == (3e-7 if start == "instruct" else 1e-6) and r.samples_per_prompt == 1
+        assert (a.gamma, a.lam, a.value_clip, a.kl_coef) == (1.0, 1.0, 0.5, 0.0) and not cfg.needs_reference
+        assert cfg.critic_optim.lr == 1e-5 and cfg.data.prompts_per_step == 64
+    else:
+        assert cfg.optim.lr == 3e-7 and cfg.optim.lr_schedule == "cosine" and cfg.optim.warmup_steps == 12
+        assert (a.dpo_beta, a.dpo_mode, r.samples_per_prompt) == (0.1, "one_round", 8)
+        assert cfg.run.total_steps == 234 and cfg.optim.total_steps == 234  # 2 epochs of 7.5K prompts / 64
 
 
 def test_demo_configs_validate_with_the_demo_overrides():

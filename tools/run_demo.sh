@@ -5,7 +5,8 @@
 #      something: coherent helpful answers beat curt, shuffled, gibberish and [NULL] ones;
 #   3. SFT warm-start in the thinking format <think>…</think> answer (rlmt-sft);
 #   4. GRPO against the reward model on WildChat-IF prompts (../shared/data/wildchat-if; the
-#      bundled synthetic prompts when that folder is absent), policy at TP=2 over two processes;
+#      bundled examples/data/synthetic_prompts.jsonl when that folder is absent), policy at TP=2
+#      over two processes;
 #   5. plot the curves (rlmt-plot).
 # Everything goes to runs/demo/ (or $1): metrics.jsonl, TensorBoard events, W&B offline files,
 # per-step samples, checkpoints, the final HF policy, and plots/*.png.
@@ -23,8 +24,8 @@ python "$repo/tools/make_tiny_models.py" --out "$out/models" | tail -1
 python -m rlmt_megatron.tools.demo_data --out "$out/data"
 prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
 if [ ! -f "$prompts" ]; then
-  echo "   (../shared/data/wildchat-if absent: using the synthetic demo prompts)"
-  prompts="$out/data/prompts.jsonl"
+  echo "   (../shared/data/wildchat-if absent: using the bundled synthetic prompts)"
+  prompts="$repo/examples/data/synthetic_prompts.jsonl"
 fi
 
 echo "== 2/5 reward model on synthetic preferences (Bradley-Terry)"

@@ -1,7 +1,8 @@
 """rlmt-train: RLMT (GRPO, PPO or on-policy DPO) from a YAML recipe plus key=value overrides.
 
     rlmt-train examples/demo/grpo.yaml models.policy=SFT_DIR models.reward=RM_DIR "data.prompts=[p.jsonl]"
-    torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/grpo_llama3.1-8b-instruct_think.yaml
+    torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/1node/grpo_llama3.1-8b-instruct_think.yaml
+    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4   # layout + memory, no GPU
 
 Every field, its default and meaning: ``rlmt_megatron/trainer/config.py`` and ``docs/rlmt_train.md``.
 """
@@ -18,6 +19,19 @@ def main(argv=None) -> None:
     p.add_argument("config", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the parallel layout of every role and a GPU memory estimate "
+                        "per rank, then exit (no GPU needed); exit status 2 if it cannot fit")
+    d = p.add_argument_group("dry run (rlmt_megatron/trainer/dry_run.py)")
+    d.add_argument("--nodes", type=int, default=1, help="nodes of the job, engine nodes included (default 1)")
+    d.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+    d.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    d.add_argument("--assume-shape", action="append", default=[], metavar="[ROLE=]NAME",
+                   help="shape of a model whose folder is not here: llama3.1-8b or qwen2.5-7b; a bare NAME is "
+                        "the policy's (reference and critic follow it), reward=NAME the reward model's; repeatable")
+    d.add_argument("--engine-dp", type=int, default=1, help="SGLang server replicas (its --dp-size; default 1)")
+    d.add_argument("--engine-mem-fraction", type=float, default=None,
+                   help="SGLang's --mem-fraction-static, if fixed (default: the KV cache gets what is left)")
     args = p.parse_args(argv)
 
     from rlmt_megatron.trainer.config import dump_config, load_config
@@ -25,6 +39,13 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
+        return
+    if args.dry_run:
+        from rlmt_megatron.trainer.dry_run import DryRunOptions, run_dry_run
+
+        run_dry_run(cfg, DryRunOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                       gpu_mem_gib=args.gpu_mem_gib, assume_shapes=args.assume_shape,
+                                       engine_dp=args.engine_dp, engine_mem_fraction=args.engine_mem_fraction))
         return
     from rlmt_megatron.distributed.bootstrap import shutdown
     from rlmt_megatron.distributed.collectives import is_rank0

@@ -4,6 +4,11 @@ Backend: NCCL when CUDA is available, gloo otherwise (with the CPU compatibility
 torchrun the rendezvous comes from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
 ``MASTER_PORT``, ``LOCAL_RANK``); a plain ``python`` process becomes a world of one on a free
 local port, so every CLI also works without torchrun.
+
+Timeouts: ``timeout_minutes`` bounds every collective of the world and of Megatron's groups
+(gloo raises; NCCL's own watchdog aborts the communicator, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
+at its default), so a rank that never arrives ends the job instead of hanging it. rlmt-train
+takes it from ``run.collective_timeout_minutes``.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
-        distributed_timeout_minutes=int(timeout_minutes),
+        distributed_timeout_minutes=timeout_minutes,  # a float is fine (timedelta(minutes=...)); int() made 0.5 zero
     )
     # Same seed on every rank; on GPU Megatron offsets it per TP rank for model-parallel regions
     # (its RNG tracker is book-keeping only on CPU, see cpu_compat).

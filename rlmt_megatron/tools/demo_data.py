@@ -82,12 +82,11 @@ def warm_start_text(plan: str, answer: str) -> str:
     return f"<think>\n{plan}\n</think>\n\n{answer}"
 
 
-def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 512,
-                   prompt_rows: int = 64) -> dict[str, Path]:
+def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 512) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    sft, prefs, prompts = [], [], []
+    sft, prefs = [], []
     for i in range(sft_rows):
         ask, topic = prompt(rng)
         answer = helpful_answer(rng, topic) if i % 2 == 0 else curt_answer(rng)
@@ -98,10 +97,8 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref
         chosen = helpful_answer(rng, topic)
         prefs.append({"messages": [{"role": "user", "content": ask}],
                       "chosen": chosen, "rejected": rejected_answer(rng, i % 4, chosen)})
-    for _ in range(prompt_rows):
-        prompts.append({"messages": [{"role": "user", "content": prompt(rng)[0]}]})
-    files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl", "prompts": out / "prompts.jsonl"}
-    for key, rows in (("sft", sft), ("preferences", prefs), ("prompts", prompts)):
+    files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl"}
+    for key, rows in (("sft", sft), ("preferences", prefs)):
         files[key].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return files
 

@@ -34,6 +34,18 @@ class RunConfig(StrictModel):
     resume: str = Field("auto", description="auto: latest complete checkpoint in out_dir if any; never; or a path")
     export_hf: bool = Field(True, description="write the final policy as an HF folder (out_dir/final_hf)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (tests, debugging)")
+    # Fault handling (trainer/stop.py, trainer/watchdog.py, trainer/engine_supervisor.py)
+    collective_timeout_minutes: Optional[PositiveFloat] = Field(
+        None, description="torch.distributed timeout: a collective waiting longer fails instead of hanging; must "
+        "exceed rollout.timeout_s (the other ranks wait for rank 0's engine); null: rollout.timeout_s + 10 min, at least 30")
+    watchdog_timeout_s: NonNegativeFloat = Field(
+        1800.0, description="a rank that stays in one loop phase longer than this dumps the phase and its Python "
+        "stacks to stderr and out_dir/watchdog/rank_N.txt (0 = off)")
+    stop_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(
+        default_factory=lambda: ["SIGTERM"], description="signals that stop the run after a checkpoint (SLURM "
+        "preemption / time limit); see trainer/stop.py for the requeue contract")
+    stop_exit_code: int = Field(75, ge=1, le=255, description="exit status of every rank after a stop checkpoint "
+                                "(EX_TEMPFAIL); out_dir/exit_status.json says the same for launchers")
 
 
 class ModelsConfig(StrictModel):
@@ -61,6 +73,13 @@ class RolloutConfig(StrictModel):
     top_k: int = -1
     max_new_tokens: PositiveInt = 4096
     timeout_s: PositiveFloat = Field(3600.0, description="longest wait for one generate call")
+    engine_process: Optional[Literal["inline", "subprocess"]] = Field(
+        None, description="hf: inline (default) in the trainer's process, or subprocess: in a child process, so a "
+        "crash or a call longer than timeout_s is detected and survived by a restart; vllm always runs in a "
+        "subprocess; sglang is a server (leave unset)")
+    max_restarts: NonNegativeInt = Field(
+        3, description="engine restarts allowed in a row without a successful generation; one more failure ends the "
+        "run with a checkpoint")
 
 
 class AlgorithmConfig(StrictModel):

@@ -5,103 +5,175 @@
       ─► weight sync to the engine ─► metrics, samples, checkpoint ─► next step
 
 Every trainer rank runs this function (SPMD under torchrun); rank 0 also owns the rollout engine
-and writes the run directory.
+and writes the run directory. Faults: a stop signal (SLURM preemption / time limit) ends the run
+after a checkpoint with the requeue contract of ``trainer/stop.py``; a failing rollout engine is
+restarted and the step retried (``trainer/engine_supervisor.py``); collectives time out and a
+watchdog reports stuck ranks (``trainer/watchdog.py``).
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
-from rlmt_megatron.checkpoint.train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_train_state
+from rlmt_megatron.checkpoint.train_state import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_train_state,
+    prune_checkpoints,
+    restore_rng_state,
+    save_train_state,
+)
 from rlmt_megatron.data.prompts import PromptSampler, load_prompt_set
 from rlmt_megatron.distributed.bootstrap import initialize
 from rlmt_megatron.distributed.collectives import barrier, is_rank0
+from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.monitoring import MetricsLogger, PhaseTimer, ProgressReporter, write_resolved_config, write_samples
-from rlmt_megatron.rollout.weight_sync.select import make_transport
 from rlmt_megatron.trainer.config import RLMTConfig
+from rlmt_megatron.trainer.engine_supervisor import EngineGaveUp, EngineSupervisor, collective_timeout_minutes
 from rlmt_megatron.trainer.experience import check_trainable
-from rlmt_megatron.trainer.roles import build_roles, engine_model_dir, make_rollout_engine
-from rlmt_megatron.trainer.rollout_phase import generate, parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
+from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
+from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
 from rlmt_megatron.trainer.steps import UPDATES
-from rlmt_megatron.trainer.sync import PolicySync, fp8_quantizer
+from rlmt_megatron.trainer.stop import RunStopped, StepAbandoned, StopSignals, clear_exit_status, write_exit_status
+from rlmt_megatron.trainer.watchdog import Watchdog, activity
+
+
+class RolloutEngineFailed(RLMTError):
+    """The engine kept failing; the run stopped with a checkpoint (exit status 2)."""
 
 
 def train(cfg: RLMTConfig) -> Path:
     out = Path(cfg.run.out_dir)
-    initialize(cfg.build.parallel, cfg.run.seed)
-    _seed_everything(cfg.run.seed, cfg.run.deterministic)
+    timeout = collective_timeout_minutes(cfg)
+    with StopSignals(cfg.run.stop_signals) as stop:
+        initialize(cfg.build.parallel, cfg.run.seed, timeout_minutes=timeout)
+        _seed_everything(cfg.run.seed, cfg.run.deterministic)
+        with Watchdog(cfg.run.watchdog_timeout_s, out / "watchdog"):
+            return _train(cfg, out, stop)
+
+
+def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
+    if is_rank0():
+        clear_exit_status(out)
     roles = build_roles(cfg)
     prompts = load_prompt_set(cfg.data.prompts, cfg.data.prompt_field)
     if is_rank0() and prompts.report.num_skipped:
         print(prompts.report.summary())
     sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    model_dir = engine_model_dir(cfg, roles.policy)
-    engine = make_rollout_engine(cfg, model_dir)
-    transport = make_transport(cfg.weight_sync, engine, cfg.rollout.placement, base_dir=model_dir,
-                               disk_dir=str(out / "weight_sync")) if engine else None
-    sync = PolicySync(engine, transport, cfg.weight_sync.bucket_mb * 2**20, cfg.weight_sync.checksum,
-                      quantize=fp8_quantizer(cfg.weight_sync.fp8, cfg.rollout.engine))
+    model_dir = engine_model_dir(cfg, roles.policy)  # before resuming: one_round DPO's engine keeps these weights
     ckpt_root = out / "checkpoints"
     engines = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic else {})
-    step, version = 0, 0
+    step, version, restarts = 0, 0, 0
     resume_dir = latest_checkpoint(ckpt_root) if cfg.run.resume == "auto" else (
         None if cfg.run.resume == "never" else Path(cfg.run.resume))
     if resume_dir is not None:
         extra = load_train_state(resume_dir, engines)
         step, version = extra["step"], extra["weight_version"]
+        restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
-    logger = progress = None
-    if is_rank0():
-        write_resolved_config(out, cfg.model_dump(mode="json"))
-        logger = MetricsLogger(out, cfg.monitoring, cfg.model_dump(mode="json"), resume_from_step=step if resume_dir else None)
-        progress = ProgressReporter(total_steps=cfg.run.total_steps, start_step=step)
-    sync.push(roles.policy, version)  # the engine starts from exactly the trainer's weights
-    update = UPDATES[cfg.algorithm.name]
-    for step in range(step + 1, cfg.run.total_steps + 1):
-        timer = PhaseTimer()
-        with timer.phase("step"):
-            batch = sampler.next_batch()
-            conversations = [p.messages for p in batch]
-            with timer.phase("rollout"):
-                prompt_ids, truncated = prompt_token_ids(cfg, roles.tokenizer, conversations)
-                rollouts = generate(engine, prompt_ids, sampling_params(cfg, roles.tokenizer, step))
-            if engine is not None and cfg.rollout.placement == "colocated":
-                engine.sleep()  # colocated SGLang frees its GPU memory for training; the next sync/generate retakes it
-            with timer.phase("reward"):
-                parse_and_score(cfg, roles.tokenizer, roles.scorer, rollouts, conversations)
-                check_trainable(rollouts)
-            with timer.phase("train"):
-                metrics = update(cfg, roles, rollouts) or {"skipped_update": 1.0}
-            if not (cfg.algorithm.name == "dpo" and cfg.algorithm.dpo_mode == "one_round"):
-                with timer.phase("sync"):
-                    version += 1
-                    sync.push(roles.policy, version)
-        metrics.update(rollout_metrics(rollouts, roles.tokenizer, truncated), **timer.metrics())
-        metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
-        if is_rank0():
-            logger.log(step, metrics)
-            write_samples(out, step, _sample_rows(rollouts, conversations, roles.tokenizer, batch),
-                          first_k=cfg.monitoring.samples_per_step)
-            progress.update(step, metrics)
-        if step == cfg.run.total_steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
-            save_train_state(ckpt_root, step, engines,
-                             {"step": step, "weight_version": version, "sampler": sampler.state_dict()})
+    saved = {step: resume_dir} if resume_dir is not None else {}
+    rollout = EngineSupervisor(cfg, model_dir, roles.policy, out, stop, restarts)
+
+    def checkpoint(at: int) -> Optional[Path]:
+        """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
+        if at not in saved and at > 0:
+            with activity("checkpoint"):
+                saved[at] = save_train_state(ckpt_root, at, engines, {
+                    "step": at, "weight_version": version, "sampler": sampler.state_dict(),
+                    "engine_restarts": rollout.restarts})
             if is_rank0():
                 prune_checkpoints(ckpt_root, cfg.run.keep_last)
-    if cfg.run.export_hf:
-        save_hf_folder(roles.policy.built, out / "final_hf", tokenizer_src=cfg.models.policy)
-    barrier()
-    if is_rank0():
-        logger.close()
-        progress.close()
-        if engine is not None:
-            engine.close()
+        return saved.get(at)
+
+    logger = progress = None
+    try:
+        # the engine starts from exactly the trainer's weights (one_round DPO: the initial ones)
+        rollout.start(version, push=rollout.follows_policy or step == 0)
+        if is_rank0():
+            write_resolved_config(out, cfg.model_dump(mode="json"))
+            logger = MetricsLogger(out, cfg.monitoring, cfg.model_dump(mode="json"), resume_from_step=step if resume_dir else None)
+            progress = ProgressReporter(total_steps=cfg.run.total_steps, start_step=step)
+        update = UPDATES[cfg.algorithm.name]
+        for step in range(step + 1, cfg.run.total_steps + 1):
+            at_start = (sampler.state_dict(), capture_rng_state())  # to abandon the step
+            timer = PhaseTimer()
+            try:
+                with activity(f"step {step}"), timer.phase("step"):
+                    batch = sampler.next_batch()
+                    conversations = [p.messages for p in batch]
+                    with activity("rollout"), timer.phase("rollout"):
+                        prompt_ids, truncated = prompt_token_ids(cfg, roles.tokenizer, conversations)
+                        rollouts = rollout.generate(prompt_ids, sampling_params(cfg, roles.tokenizer, step))
+                    rollout.sleep()  # colocated engines free their GPU memory for training
+                    with activity("reward"), timer.phase("reward"):
+                        parse_and_score(cfg, roles.tokenizer, roles.scorer, rollouts, conversations)
+                        check_trainable(rollouts)
+                    with activity("train"), timer.phase("train"):
+                        metrics = update(cfg, roles, rollouts) or {"skipped_update": 1.0}
+                    if rollout.follows_policy:
+                        with timer.phase("sync"):
+                            version += 1
+                            rollout.push(version)
+            except (StepAbandoned, EngineGaveUp) as e:
+                # Nothing of the step was kept: back to its start, and the checkpoint is the previous step's.
+                sampler.load_state_dict(at_start[0])
+                restore_rng_state(at_start[1], Path(f"<start of step {step}>"))
+                if isinstance(e, StepAbandoned):
+                    _stop(cfg, out, stop, step - 1, checkpoint(step - 1), abandoned=step)
+                _engine_failed(out, e, step - 1, checkpoint(step - 1))
+            metrics.update(rollout_metrics(rollouts, roles.tokenizer, truncated), **timer.metrics())
+            metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
+            metrics["rollout/restarts"] = float(rollout.restarts)
+            if is_rank0():
+                logger.log(step, metrics)
+                write_samples(out, step, _sample_rows(rollouts, conversations, roles.tokenizer, batch),
+                              first_k=cfg.monitoring.samples_per_step)
+                progress.update(step, metrics)
+            if step == cfg.run.total_steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
+                checkpoint(step)
+            if step < cfg.run.total_steps and stop.agreed():  # every rank stops after the same step
+                _stop(cfg, out, stop, step, checkpoint(step))
+        if cfg.run.export_hf:
+            save_hf_folder(roles.policy.built, out / "final_hf", tokenizer_src=cfg.models.policy)
+        barrier()
+        if is_rank0():
+            write_exit_status(out, "finished", requeue=False, exit_code=0, step=cfg.run.total_steps,
+                              checkpoint=saved.get(cfg.run.total_steps), message="the run finished")
+    finally:
+        if is_rank0():
+            for closing in (logger, progress, rollout):
+                if closing is not None:
+                    closing.close()
     return out
+
+
+def _engine_failed(out: Path, error: Exception, step: int, path: Optional[Path]) -> None:
+    saved = f"the training state of step {step} is in {path}" if path else "no step was completed"
+    message = f"{error}; {saved}; fix the engine and run the same command again to resume"
+    if is_rank0():
+        write_exit_status(out, "engine_failed", requeue=False, exit_code=2, step=step, checkpoint=path, message=message)
+    raise RolloutEngineFailed(message) from None
+
+
+def _stop(cfg, out: Path, stop: StopSignals, step: int, path: Optional[Path], abandoned: Optional[int] = None) -> None:
+    """After the checkpoint of ``step``: the status file for the launcher, then exit (every rank)."""
+    code = cfg.run.stop_exit_code
+    if is_rank0():
+        how = f"step {abandoned}'s rollout was abandoned" if abandoned else f"after step {step}"
+        message = (f"stopped by {stop.signal_name or 'a stop signal on another rank'} ({how}); "
+                   + (f"checkpoint {path}" if path else "no step completed, nothing to save")
+                   + f"; exit status {code}: requeue, the next start resumes")
+        write_exit_status(out, "stopped", requeue=True, exit_code=code, step=step, checkpoint=path, message=message,
+                          signal_name=stop.signal_name)
+        print(message, file=sys.stderr, flush=True)
+    raise RunStopped(code)
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:

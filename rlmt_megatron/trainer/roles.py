@@ -6,7 +6,8 @@ TP/PP (``reward.parallel``: its own Megatron groups in the same world, see
 ``distributed/layouts.py``). The reference is a frozen second model (see
 ``training/engine.py`` for why not a weight swap); it is only built when the algorithm needs it.
 The rollout engine lives on global rank 0, which drives generation and receives every weight
-sync; the other ranks learn the rollouts by broadcast.
+sync; the other ranks learn the rollouts by broadcast. ``trainer/engine_supervisor.py`` keeps it
+alive (restarts, re-syncs) with every rank agreeing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import is_megatron_checkpoint, load_model
 from rlmt_megatron.distributed.collectives import is_rank0
 from rlmt_megatron.distributed.layouts import ParallelLayouts
-from rlmt_megatron.errors import InputFileError
+from rlmt_megatron.errors import InputFileError, RLMTError
 from rlmt_megatron.reward.scorer import RewardScorer
 from rlmt_megatron.rollout.engine import RolloutEngine
 from rlmt_megatron.training.engine import TrainEngine
@@ -102,22 +103,36 @@ def engine_model_dir(cfg, policy: TrainEngine) -> str:
     return str(fp8_folder)
 
 
+# What the hf engine runs in a child process (tests substitute an engine with injected faults).
+HF_ENGINE = "rlmt_megatron.rollout.hf_engine.HFEngine"
+
+
 def make_rollout_engine(cfg, model_dir: str) -> Optional[RolloutEngine]:
-    """The engine on global rank 0 (None elsewhere)."""
+    """The engine on global rank 0 (None elsewhere). With ``rollout.engine_process: subprocess``
+    (always for vLLM) it runs in a child process behind a pipe, so its death or a call that takes
+    longer than ``rollout.timeout_s`` becomes an ``EngineError`` the loop survives by restarting it."""
     if not is_rank0():
         return None
     r = cfg.rollout
+    if r.engine == "sglang":
+        if r.engine_process is not None:
+            raise RLMTError("rollout.engine_process applies to the hf and vllm engines; an sglang engine is its "
+                            "own server (rollout.sglang_url): leave it unset")
+        from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
+
+        return SGLangHTTPEngine(r.sglang_url, timeout=r.timeout_s)
+    if r.engine == "vllm" and r.engine_process == "inline":
+        raise RLMTError("rollout.engine_process=inline is impossible with the vllm engine: vLLM must not join the "
+                        "trainer's torch.distributed world; leave it unset (subprocess)")
+    from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
+
     if r.engine == "hf":
-        from rlmt_megatron.rollout.hf_engine import HFEngine
+        if r.engine_process != "subprocess":
+            from rlmt_megatron.rollout.hf_engine import HFEngine
 
-        return HFEngine(model_dir)
-    if r.engine == "vllm":
-        from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
-
-        max_len = cfg.data.max_prompt_tokens + r.max_new_tokens
-        return SubprocessEngine("rlmt_megatron.rollout.vllm_engine.VLLMEngine",
-                                {"model_dir": model_dir, "max_model_len": max_len, "seed": cfg.run.seed},
-                                timeout_s=r.timeout_s)
-    from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
-
-    return SGLangHTTPEngine(r.sglang_url, timeout=r.timeout_s)
+            return HFEngine(model_dir)
+        return SubprocessEngine(HF_ENGINE, {"model_dir": model_dir}, timeout_s=r.timeout_s)
+    max_len = cfg.data.max_prompt_tokens + r.max_new_tokens
+    return SubprocessEngine("rlmt_megatron.rollout.vllm_engine.VLLMEngine",
+                            {"model_dir": model_dir, "max_model_len": max_len, "seed": cfg.run.seed},
+                            timeout_s=r.timeout_s)
