@@ -218,12 +218,14 @@ def _write(tmp_path: Path, overrides: list[str]) -> Path:
 
 def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path):
     # The same run with 16K-token micro-batches on 70 GiB GPUs: the activations alone are 75 GiB.
-    path = _write(tmp_path, BASE + ["optim.max_tokens_per_microbatch=16384"])
-    out, err = _fails([str(path), "--dry-run", "--gpu-mem-gib", "70"], capsys)
-    assert "needs" in err and "in phase train" in err and "66.50 GiB usable" in err
+    path = _write(tmp_path, BASE)
+    out, err = _fails([str(path), "--dry-run", "--gpu-mem-gib", "70", "optim.max_tokens_per_microbatch=16384"], capsys)
+    assert "every rank (0-7); ranks 0-1 also host the engine: needs" in err
+    assert "in phase train" in err and "66.50 GiB usable" in err
     activations = 32 * 16384 * 153_672  # layers x tokens x bytes per token and layer (see above)
     assert f"Biggest items: activations {activations / GiB:.2f} GiB, policy grads (fp32)" in err
-    assert "lower optim.max_tokens_per_microbatch" in err and "sequence_parallel" in err
+    assert ("To fit: lower optim.max_tokens_per_microbatch (not below the longest sequence); turn on "
+            "build.parallel.sequence_parallel; raise build.parallel.tp or pp; add nodes") in err
     # the whole table is printed before the error
     assert out.startswith("# resolved config") and "DOES NOT FIT" in out and out.endswith("dry run: FAILED\n")
 

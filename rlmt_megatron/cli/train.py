@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     d.add_argument("--engine-dp", type=int, default=1, help="SGLang server replicas (its --dp-size; default 1)")
     d.add_argument("--engine-mem-fraction", type=float, default=None,
                    help="SGLang's --mem-fraction-static, if fixed (default: the KV cache gets what is left)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the flags: CONFIG --dry-run key=value
 
     from rlmt_megatron.trainer.config import dump_config, load_config
 

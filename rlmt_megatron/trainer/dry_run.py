@@ -771,28 +771,30 @@ def _transport(cfg) -> str:
     return resolve_transport(cfg.rollout.engine, cfg.rollout.placement, cfg.weight_sync.transport)
 
 
-_ADVICE = {
-    "activations": "lower optim.max_tokens_per_microbatch (not below the longest sequence), turn on "
-                   "build.parallel.sequence_parallel, or raise build.parallel.tp / pp",
-    "tokens": "lower optim.max_tokens_per_microbatch",
-    "logits": "lower optim.max_tokens_per_microbatch or raise build.parallel.tp",
-    "optimizer": "add nodes (the distributed optimizer shards over DP) or raise build.parallel.tp / pp",
-    "model": "raise build.parallel.tp / pp",
-    "reference": "raise build.parallel.tp / pp, or set algorithm.kl_coef: 0 (no reference model)",
-    "reward": "give the reward model a larger reward.parallel.tp",
-    "rm_tokens": "lower reward.max_tokens_per_microbatch",
-    "engine": "raise weight_sync.engine_tp_size or use rollout.placement=disaggregated",
-    "kv": "lower --engine-mem-fraction, data.prompts_per_step or rollout.max_new_tokens, or raise weight_sync.engine_tp_size",
-    "hf": "use rollout.engine=sglang (the hf engine keeps a float32 copy and every logit)",
-    "sync": "lower weight_sync.bucket_mb",
+TP_PP = "raise build.parallel.tp or pp"
+_ADVICE: dict[str, tuple[str, ...]] = {  # Line.fix -> what lowers that line
+    "activations": ("lower optim.max_tokens_per_microbatch (not below the longest sequence)",
+                    "turn on build.parallel.sequence_parallel", TP_PP),
+    "tokens": ("lower optim.max_tokens_per_microbatch",),
+    "logits": ("lower optim.max_tokens_per_microbatch", "raise build.parallel.tp"),
+    "optimizer": ("add nodes (the distributed optimizer shards over DP)", TP_PP),
+    "model": (TP_PP,),
+    "reference": (TP_PP, "set algorithm.kl_coef: 0 (no reference model)"),
+    "reward": ("give the reward model a larger reward.parallel.tp",),
+    "rm_tokens": ("lower reward.max_tokens_per_microbatch",),
+    "engine": ("raise weight_sync.engine_tp_size", "use rollout.placement=disaggregated"),
+    "kv": ("lower --engine-mem-fraction, data.prompts_per_step or rollout.max_new_tokens",
+           "raise weight_sync.engine_tp_size"),
+    "hf": ("use rollout.engine=sglang (the hf engine keeps a float32 copy and every logit)",),
+    "sync": ("lower weight_sync.bucket_mb",),
 }
 
 
 def _over_budget(est: StageEstimate, phase: str, peak: float, budget: float) -> str:
     items = sorted(est.persistent + est.phases[phase], key=lambda x: -x.bytes)[:3]
-    advice = list(dict.fromkeys(_ADVICE[x.fix] for x in items if x.fix))
+    advice = list(dict.fromkeys(a for x in items if x.fix for a in _ADVICE[x.fix]))
     biggest = ", ".join(f"{x.name} {_gib(x.bytes)}" for x in items)
-    return (f"{est.title} needs {_gib(peak)} in phase {phase}, more than the {_gib(budget)} usable. "
+    return (f"{est.title}: needs {_gib(peak)} in phase {phase}, more than the {_gib(budget)} usable. "
             f"Biggest items: {biggest}. To fit: " + "; ".join(advice) + ".")
 
 
