@@ -1,0 +1,295 @@
+"""The rollout engine, kept alive: started, re-synced and restarted with every rank agreeing.
+
+The engine lives on global rank 0. Each call here is collective and ends with rank 0 telling
+every rank what happened, so all ranks take the same decision and none waits forever in a
+collective the others left:
+
+* a failed generation or weight sync (``EngineError``: the engine process died, or did not
+  answer within ``rollout.timeout_s``) marks the engine broken on every rank; rank 0 finishes
+  reading the export stream first, so the other ranks' gathers complete;
+* before the next generation the engine is restarted (rank 0 kills what is left of it and
+  builds a new one with ``make_rollout_engine`` and a new transport), the current weights are
+  pushed again, and the generation is retried (same prompts, same seed);
+* after ``rollout.max_restarts`` restarts in a row without a successful generation it gives up
+  with :class:`EngineGaveUp` (the loop then checkpoints and exits).
+
+Bounded detection needs an engine in its own process (``SubprocessEngine``: vLLM, or the hf
+engine with ``rollout.engine_process: subprocess``) or a server (SGLang). The inline hf engine
+shares the trainer's process: its errors are retried the same way, but a hang is only reported
+by the watchdog. An SGLang "restart" connects a new client (and weight-update group) to the same
+``rollout.sglang_url``: whoever runs the server restarts the server itself. ``rollout/restarts``
+counts restarts over the whole run (kept in checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+from rlmt_megatron.distributed.collectives import broadcast_from_rank0, is_rank0
+from rlmt_megatron.errors import RLMTError
+from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
+from rlmt_megatron.rollout.weight_sync.select import make_transport
+from rlmt_megatron.trainer import rollout_phase
+from rlmt_megatron.trainer.roles import make_rollout_engine
+from rlmt_megatron.trainer.stop import StepAbandoned, StopSignals
+from rlmt_megatron.trainer.sync import PolicySync, fp8_quantizer
+from rlmt_megatron.trainer.watchdog import activity
+
+_ABANDON = "abandon"
+
+
+class EngineGaveUp(EngineError):
+    """The engine failed more than ``rollout.max_restarts`` times in a row (every rank)."""
+
+
+class _DrainOnError:
+    """Wraps a transport: if pushing fails part-way, read the rest of the bucket stream anyway.
+    The stream is collective (TP gathers, PP sends to rank 0): the other ranks only get through
+    it if rank 0 consumes every bucket."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def push(self, buckets: Iterable, version: int) -> None:
+        stream = iter(buckets)
+        try:
+            self.transport.push(stream, version)
+        except Exception:
+            for _ in stream:
+                pass
+            raise
+
+
+
+def collective_timeout_minutes(cfg) -> float:
+    """``run.collective_timeout_minutes``, or when unset 10 minutes more than ``rollout.timeout_s``
+    (at least 30): ranks other than 0 wait in a collective while rank 0 waits for the engine, so
+    the engine's own timeout must fire first for a slow engine to be restarted, not the job killed."""
+    engine_wait = cfg.rollout.timeout_s / 60.0
+    minutes = cfg.run.collective_timeout_minutes
+    if minutes is None:
+        return max(30.0, engine_wait + 10.0)
+    if minutes <= engine_wait:
+        raise RLMTError(
+            f"run.collective_timeout_minutes={minutes:g} is not longer than rollout.timeout_s={cfg.rollout.timeout_s:g} s "
+            f"({engine_wait:g} min): ranks other than 0 wait in a collective while rank 0 waits for the engine, so a "
+            "slow engine would end the job instead of being restarted; raise the first or lower the second")
+    return minutes
+
+
+class EngineSupervisor:
+    def __init__(self, cfg, model_dir: str, policy, out_dir, stop: Optional[StopSignals], restarts: int = 0):
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.policy = policy
+        self.out_dir = out_dir
+        self.stop = stop
+        self.restarts = restarts  # over the whole run, checkpointed
+        self.in_a_row = 0  # restarts since the last successful generation
+        # one_round DPO samples from the initial model for the whole run: the engine keeps the
+        # weights it starts from and is never synced (nor re-synced after a restart).
+        a = cfg.algorithm
+        self.follows_policy = not (a.name == "dpo" and a.dpo_mode == "one_round")
+        self.version = 0
+        self.engine: Optional[RolloutEngine] = None  # rank 0 only
+        self._bucket_bytes = cfg.weight_sync.bucket_mb * 2**20
+        self._walk = PolicySync(None, None, self._bucket_bytes)  # takes part in the export without an engine
+        self._sync = self._walk
+        self._transport = None  # rank 0: the engine's transport (process groups, files to release)
+        self._broken: Optional[str] = None  # agreed on every rank: why the engine must be restarted
+        self._local_error: Optional[str] = None  # rank 0: a failure the others learn at the next collective
+
+    # ---------------------------------------------------------------- agreement
+
+    def _agree(self, doing: str, fn: Callable[[], None]) -> Optional[str]:
+        """Run ``fn`` on rank 0; every rank returns rank 0's EngineError message (or None), or
+        raises StepAbandoned when rank 0 saw a stop request. Any other exception is raised on
+        every rank (rank 0 keeps its traceback)."""
+        outcome, fatal = None, None
+        if is_rank0():
+            try:
+                fn()
+            except _Abandon:
+                outcome = (_ABANDON, "")
+            except EngineError as e:
+                outcome = str(e)
+            except Exception as e:  # a bug or setup error: stop every rank, not only this one
+                fatal, outcome = e, ("fatal", f"{type(e).__name__}: {e}")
+        outcome = broadcast_from_rank0(outcome)
+        if fatal is not None:
+            raise fatal
+        if isinstance(outcome, tuple):
+            if outcome[0] == _ABANDON:
+                raise StepAbandoned()
+            raise RLMTError(f"rank 0 failed while {doing}: {outcome[1]}")
+        return outcome
+
+    # ---------------------------------------------------------------- life cycle
+
+    def _build(self) -> None:
+        """Rank 0: a new engine and transport."""
+        engine = make_rollout_engine(self.cfg, self.model_dir)
+        try:
+            transport = make_transport(self.cfg.weight_sync, engine, self.cfg.rollout.placement, base_dir=self.model_dir,
+                                       disk_dir=str(self.out_dir / "weight_sync"))
+            quantize = fp8_quantizer(self.cfg.weight_sync.fp8, self.cfg.rollout.engine)
+            self._sync = PolicySync(engine, _DrainOnError(transport), self._bucket_bytes, self.cfg.weight_sync.checksum,
+                                    quantize=quantize)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                engine.close()
+            raise
+        self.engine, self._transport, self._local_error = engine, transport, None
+
+    def start(self, version: int, push: bool) -> None:
+        """Start the engine (and push ``version`` of the policy). Collective. A first start that
+        fails is a setup problem: raised on every rank, not retried."""
+        with activity("starting the rollout engine"):
+            error = self._agree("starting the rollout engine", self._build)
+        if error is not None:
+            raise EngineError(error)
+        self.version = version
+        if push:
+            self.push(version)
+            if self._broken is not None:
+                raise EngineError(f"the first weight sync failed: {self._broken}")
+
+    def _dispose(self) -> None:
+        """Rank 0: end the engine whatever its state (a process is killed, then closed)."""
+        engine, self.engine = self.engine, None
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
+        if engine is None:
+            return
+        pid = getattr(engine, "pid", None)  # SubprocessEngine: its child process
+        if pid is not None and engine.health():
+            with contextlib.suppress(Exception):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while engine.health() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with contextlib.suppress(Exception):
+            engine.close()
+
+    def _mark_broken(self, reason: str) -> None:
+        self._broken = reason
+        if is_rank0():
+            print(f"rollout engine failed: {reason}", file=sys.stderr, flush=True)
+
+    def _restart(self) -> None:
+        max_restarts = self.cfg.rollout.max_restarts
+        if self.in_a_row >= max_restarts:
+            raise EngineGaveUp(f"the rollout engine failed {self.in_a_row + 1} times in a row "
+                               f"(rollout.max_restarts={max_restarts}); last error: {self._broken}")
+        self.restarts += 1
+        self.in_a_row += 1
+        if is_rank0():
+            print(f"restarting the rollout engine ({self.in_a_row}/{max_restarts} in a row, {self.restarts} in this run)",
+                  file=sys.stderr, flush=True)
+
+        def rebuild():
+            if self.stop is not None and self.stop.requested:
+                raise _Abandon()
+            self._dispose()
+            self._build()
+
+        with activity("restarting the rollout engine"):
+            error = self._agree("restarting the rollout engine", rebuild)
+        if error is not None:
+            self._broken = error
+            return
+        self._broken = None
+        if self.follows_policy:
+            self.push(self.version)
+
+    # ---------------------------------------------------------------- the loop's calls
+
+    def push(self, version: int) -> None:
+        """Sync the policy's weights as ``version``. Collective. A failure marks the engine broken
+        (restarted before the next generation); it does not raise."""
+        with activity(f"weight sync v{version}"):
+            if is_rank0() and self.engine is not None and self._broken is None and self._local_error is None:
+                error = self._agree(f"syncing weights v{version}", lambda: self._sync.push(self.policy, version))
+            else:
+                self._walk.push(self.policy, version)  # every rank takes part in the gathers
+                error = self._agree(f"syncing weights v{version}", self._raise_local_error)
+        if error is not None:
+            self._mark_broken(error)
+        else:
+            self.version = version
+
+    def _raise_local_error(self) -> None:
+        if self._broken is None and (self._local_error is not None or self.engine is None):
+            raise EngineError(self._local_error or "the rollout engine is not running")
+
+    def generate(self, prompt_ids: list[list[int]], params) -> list:
+        """Rollouts for ``prompt_ids`` (same list on every rank), restarting the engine as needed.
+        Raises StepAbandoned (stop request) or EngineGaveUp on every rank alike."""
+        while True:
+            if self._broken is not None:
+                self._restart()
+                continue
+            if is_rank0() and self._local_error is not None:
+                engine = _FailedEngine(self._local_error)
+            else:
+                engine = self.engine
+            try:
+                rollouts = rollout_phase.generate(engine, prompt_ids, params, stop=self.stop)
+            except EngineGaveUp:
+                raise
+            except EngineError as e:  # broadcast by rank 0: the same on every rank
+                self._mark_broken(str(e))
+                continue
+            self.in_a_row = 0
+            return rollouts
+
+    def sleep(self) -> None:
+        """Colocated engines free their memory for training (rank 0; no collective: a failure is
+        agreed on at the next sync or generation)."""
+        if self.engine is None or self.cfg.rollout.placement != "colocated":
+            return
+        try:
+            self.engine.sleep()
+        except EngineError as e:
+            self._local_error = str(e)
+
+    def close(self) -> None:
+        """Rank 0: close the engine (killed if it is broken or was interrupted)."""
+        if self.engine is None:
+            return
+        if self._broken is not None or self._local_error is not None or (self.stop is not None and self.stop.requested):
+            self._dispose()
+            return
+        try:
+            self.engine.close()
+            if self._transport is not None:
+                self._transport.close()
+        except Exception:  # closing must not hide why the run ends
+            self._dispose()
+        self.engine = self._transport = None
+
+
+class _Abandon(Exception):
+    """Rank 0 saw a stop request instead of restarting the engine."""
+
+
+class _FailedEngine(RolloutEngine):
+    """Rank 0's stand-in for an engine that failed outside a collective (e.g. in sleep())."""
+
+    name = "failed"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def generate(self, prompts, params):
+        raise EngineError(self.reason)
+
+    def update_weights(self, buckets, version):
+        raise EngineError(self.reason)
