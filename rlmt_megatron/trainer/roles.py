@@ -67,8 +67,10 @@ def build_roles(cfg) -> Roles:
     layout = contextlib.nullcontext
     rm_parallel = cfg.reward.parallel
     if rm_parallel is not None and rm_parallel != build.parallel:
+        from rlmt_megatron.trainer.engine_supervisor import collective_timeout_minutes  # (imports this module)
+
         layouts = ParallelLayouts()
-        layouts.add("reward", rm_parallel)
+        layouts.add("reward", rm_parallel, timeout_minutes=collective_timeout_minutes(cfg))
         layout = functools.partial(layouts.active, "reward")
     with layout():
         rm_build = build if rm_parallel is None else build.model_copy(update={"parallel": rm_parallel})

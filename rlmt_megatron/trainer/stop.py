@@ -13,9 +13,10 @@ Contract with the launch scripts
   *abandoned* at once (the step's sampler position and RNG states are rewound to the step's
   start and the checkpoint is the previous step's). A signal that arrives after the rollout lets
   the step finish (reward, update, weight sync; an update cannot be half-undone). At the end of
-  every step all ranks all-reduce the flag, so they stop after the same step. Then: a training
-  checkpoint (``save_train_state``, skipped when that step is already saved), the engine is
-  closed and rank 0 writes ``<out_dir>/exit_status.json``.
+  every step all ranks all-reduce the flag, so they stop after the same step (a signal during
+  the last step changes nothing: the run finishes). Then: a training checkpoint
+  (``save_train_state``, skipped when that step is already saved), the engine is closed and
+  rank 0 writes ``<out_dir>/exit_status.json``.
 * **Exit.** Every rank exits with ``run.stop_exit_code`` (default 75, EX_TEMPFAIL). torchrun
   does **not** pass its workers' exit codes on (it exits 1, or dies by the signal), so the
   launch script decides from the status file, never from torchrun's exit code::
