@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
+import tempfile
 import time
 from pathlib import Path
 
@@ -376,7 +376,18 @@ def wait_for(predicate, timeout=30.0):
     return False
 
 
-STOPPED = '{"status": "stopped", "requeue": true, "exit_code": 75}'
+def exit_status(status: str, requeue: bool, code: int) -> str:
+    """exit_status.json as the trainer writes it (its own writer, trainer/stop.py)."""
+    from rlmt_megatron.trainer.stop import write_exit_status
+
+    with tempfile.TemporaryDirectory() as d:
+        # The message quotes the requeue key, which a careless reader of the file would take.
+        return write_exit_status(d, status, requeue=requeue, exit_code=code, step=3, checkpoint=None,
+                                 message='not "requeue": true', signal_name="SIGTERM").read_text()
+
+
+STOPPED = exit_status("stopped", True, 75)
+FINISHED = exit_status("finished", False, 0)
 # The body of every batch script (launch/slurm/common.sh) around a run whose status file is $1;
 # the decision matrix runs through it, without single_node.sbatch's config loading (seconds each).
 BATCH_BODY = """\
@@ -387,7 +398,6 @@ rlmt_start python -m torch.distributed.run
 rlmt_wait "$rlmt_last_pid"
 rlmt_finish "$rlmt_rc"
 """
-FINISHED = '{"status": "finished", "requeue": false, "exit_code": 0}'
 
 
 @pytest.mark.parametrize("case, trainer, restarts, rc, requeued", [
@@ -442,6 +452,15 @@ def test_requeue_without_sigterm_only_when_this_attempt_asks(fake, tmp_path, cas
     assert (log / "scontrol.log").exists() == requeued, proc.stderr
 
 
+def test_batch_interpreter_without_rlmt_falls_back_to_sigterm_rule(fake, recipe):
+    # e.g. the ranks run in a container and the batch shell's interpreter cannot import rlmt
+    env, log = fake
+    proc = run(["bash", SLURM_DIR / "single_node.sbatch", recipe],
+               {**env, "SLURM_JOB_ID": "3", "SLURM_SUBMIT_DIR": str(REPO), "RLMT_BATCH_PYTHON": "false"})
+    assert proc.returncode == 0 and "could not resolve the run directory (exit 1)" in proc.stderr, proc.stderr
+    assert len(records(log, "torchrun")) == 1 and not (log / "scontrol.log").exists()
+
+
 def test_bad_config_fails_the_job_before_anything_starts(fake, tmp_path):
     env, log = fake
     bad = tmp_path / "bad.yaml"
@@ -454,12 +473,13 @@ def test_bad_config_fails_the_job_before_anything_starts(fake, tmp_path):
 def test_multi_node_sbatch_one_torchrun_per_node(fake, recipe):
     env, log = fake
     job = dict(SLURM_JOB_ID="300", SLURM_JOB_NODELIST="n1,n2", SLURM_NNODES="2", SLURM_CPUS_ON_NODE="32",
-               SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(REPO))
+               SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(REPO), RLMT_SRUN_ARGS="--container-image=img --container-mounts=/a:/a")
     proc = run(["bash", SLURM_DIR / "multi_node.sbatch", recipe, "run.seed=7"], {**env, **job})
     assert proc.returncode == 0, proc.stderr
     (srun,) = records(log, "srun")
     assert srun["opts"]["nodes"] == "2" and srun["opts"]["ntasks-per-node"] == "1"
     assert srun["opts"]["cpus-per-task"] == "32" and srun["opts"]["kill-on-bad-exit"] == "1"
+    assert srun["opts"]["container-image"] == "img" and srun["opts"]["container-mounts"] == "/a:/a"
     parsed = sorted((torchrun_args(r) for r in records(log, "torchrun")), key=lambda a: a.node_rank)
     assert [(a.nnodes, a.node_rank, a.master_addr, a.master_port) for a in parsed] == [("2", 0, "n1", 20300),
                                                                                       ("2", 1, "n1", 20300)]

@@ -319,7 +319,7 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm, tiny_models, tmp_path):
         time.sleep(2)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), output()
     log = output(tail=None)
-    assert re.search(r"requeueing job \d+ \(restart 1 .*status stopped requeue True", log), output()
+    assert re.search(r"requeueing job \d+ \(restart 1 .*status stopped, requeue true", log), output()
     assert steps(out) == list(range(1, 13)), output()  # resumed where it stopped: no step lost or repeated
     assert json.loads((out / "exit_status.json").read_text())["status"] == "finished"
 

@@ -28,6 +28,9 @@ cd "$RLMT_REPO" || rlmt_die "cannot enter $RLMT_REPO"
 # launch/env.sh is sourced on the nodes (torchrun.sh, the SGLang step), not here: see its header.
 : "${RLMT_PYTHON:=python}"
 export RLMT_PYTHON
+# The batch shell's own helpers (grid lines, the run directory) run with this one; it differs
+# from RLMT_PYTHON when the ranks run in a container the batch shell is not in.
+: "${RLMT_BATCH_PYTHON:=$RLMT_PYTHON}"
 
 # shellcheck source=launch/proc.sh
 source "$RLMT_REPO/launch/proc.sh"
@@ -90,13 +93,19 @@ rlmt_wait_sglang() {
 }
 
 # Validate the rlmt-train config "$@" (RECIPE [key=value ...]) and note where its exit status
-# will be written. Ends the job (exit 2, rlmt-train's message) on a bad config. Other modules
-# (RLMT_MODULE) write no status file: only SIGTERM decides for them.
+# will be written. Ends the job (exit 2, rlmt-train's message) on a bad config. When the batch
+# shell's interpreter cannot import rlmt at all, the check is skipped and only SIGTERM decides
+# the requeue; the same holds for other modules (RLMT_MODULE), which write no status file.
 rlmt_track_run() {
   [[ "${RLMT_MODULE:-rlmt_megatron.cli.train}" == rlmt_megatron.cli.train ]] || return 0
-  local out_dir
-  out_dir="$(PYTHONPATH="$RLMT_REPO${PYTHONPATH:+:$PYTHONPATH}" "$RLMT_PYTHON" "$RLMT_REPO/launch/run_dir.py" "$@")" ||
+  local out_dir rc=0
+  out_dir="$(PYTHONPATH="$RLMT_REPO${PYTHONPATH:+:$PYTHONPATH}" "$RLMT_BATCH_PYTHON" "$RLMT_REPO/launch/run_dir.py" "$@")" || rc=$?
+  if ((rc == 2)); then
     rlmt_die "the run's config does not load (message above)"
+  elif ((rc != 0)); then
+    rlmt_log "warning: $RLMT_BATCH_PYTHON could not resolve the run directory (exit $rc): requeue decisions rely on SIGTERM alone"
+    return 0
+  fi
   rlmt_status_file="$out_dir/exit_status.json"
   rlmt_log "run directory $out_dir"
 }
@@ -105,10 +114,14 @@ rlmt_track_run() {
 _rlmt_requeue_decision() {
   local f="$rlmt_status_file"
   if [[ -n "$f" && -f "$f" ]] && (($(stat -c %Y "$f") >= rlmt_launch_epoch)); then
-    "$RLMT_PYTHON" -c 'import json, sys
-d = json.load(open(sys.argv[1]))
-print("yes" if d.get("requeue") is True else "no", sys.argv[1] + ": status", d.get("status"), "requeue", d.get("requeue"))' "$f" ||
-      echo "no unreadable $f"
+    # The trainer writes it with json.dumps(indent=2): one key per line (trainer/stop.py).
+    local status
+    status="$(sed -n 's/^[[:space:]]*"status":[[:space:]]*"\([^"]*\)".*/\1/p' "$f")"
+    if grep -Eq '^[[:space:]]*"requeue":[[:space:]]*true' "$f"; then
+      echo "yes $f: status $status, requeue true"
+    else
+      echo "no $f: status ${status:-unknown}, requeue false"
+    fi
   elif ((rlmt_got_term == 1)); then
     echo "yes SIGTERM received and the trainer wrote no exit status (killed before it could)"
   else
