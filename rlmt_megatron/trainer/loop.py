@@ -173,6 +173,7 @@ def _stop(cfg, out: Path, stop: StopSignals, step: int, path: Optional[Path], ab
         write_exit_status(out, "stopped", requeue=True, exit_code=code, step=step, checkpoint=path, message=message,
                           signal_name=stop.signal_name)
         print(message, file=sys.stderr, flush=True)
+    barrier()  # the status file exists before any rank exits (torchrun may then kill rank 0)
     raise RunStopped(code)
 
 
