@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from rlmt_megatron.checkpoint.hf_loader import global_layer_numbers
 from rlmt_megatron.checkpoint.mapping import HF_ARCHITECTURES, ResolvedRule, layer_index, resolve, unfuse
-from rlmt_megatron.checkpoint.safetensors_io import copy_tokenizer_files, write_safetensors_folder
+from rlmt_megatron.checkpoint.safetensors_io import copy_tokenizer_files, pack_buckets, write_safetensors_folder
 from rlmt_megatron.models.builder import BuiltModel
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -97,17 +97,7 @@ def export_dtype(built: BuiltModel) -> torch.dtype:
 def iter_hf_buckets(built: BuiltModel, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                     dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
     """Buckets of (HF name, full tensor) on each stage's sender rank (TP 0, DP 0)."""
-    bucket: Bucket = []
-    size = 0
-    for name, tensor in iter_hf_tensors(built, dtype or export_dtype(built)):
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
+    return pack_buckets(iter_hf_tensors(built, dtype or export_dtype(built)), bucket_bytes)
 
 
 def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCKET_BYTES,

@@ -7,8 +7,9 @@ rank never materialises a tensor it does not own. Every failure names the file.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -62,6 +63,21 @@ class SafetensorsReader:
     def names(self) -> set[str]:
         return set(self._file_of)
 
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, read lazily file by file (files in name order, tensors in file order)."""
+        files: dict[Path, list[str]] = {}
+        for name, path in self._file_of.items():
+            files.setdefault(path, []).append(name)
+        for path in sorted(files):
+            handle = self._handle(path)
+            wanted = set(files[path])
+            for name in handle.keys():
+                if name in wanted:
+                    try:
+                        yield name, handle.get_tensor(name)
+                    except (SafetensorError, OSError) as e:
+                        raise CheckpointError(f"{path}: tensor '{name}' cannot be read ({e})") from None
+
     def _slice(self, name: str):
         path = self._file_of.get(name)
         if path is None:
@@ -88,21 +104,30 @@ class SafetensorsReader:
             raise CheckpointError(f"{path}: tensor '{name}' cannot be read ({e})") from None
 
 
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of named tensors into buckets of at most ``bucket_bytes`` (a larger tensor
+    travels alone), pulling the stream only as far as the current bucket needs."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
 def write_safetensors_folder(
     tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int = 4 * 2**30
 ) -> list[Path]:
     """Write ``tensors`` as one file, or shards plus an index when larger than ``max_shard_bytes``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
+    shards = [{name: t.contiguous() for name, t in shard} for shard in pack_buckets(tensors.items(), max_shard_bytes)]
+    shards = shards or [{}]
     meta = {"format": "pt"}
     if len(shards) == 1:
         path = folder / SINGLE_NAME
@@ -144,3 +169,12 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path, names: Iterable[str] 
             shutil.copy2(path, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlmt_megatron.checkpoint.safetensors_io import fsync_path
 from rlmt_megatron.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -136,14 +137,6 @@ def _all_ranks_ok(ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item()) == 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -420,16 +413,16 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Train
 
     if rank == 0:  # every rank has finished writing: publish
         for sub in [tmp / RNG_DIR, *(tmp / role / d for role in engines for d in (MODEL_DIR, OPTIMIZER_DIR))]:
-            _fsync_dir(sub)
+            fsync_path(sub)
         _write_json(tmp / COMPLETE_NAME, {"step": step, "world_size": world})
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         old = root / (final.name + ".replaced" + TMP_SUFFIX)
         if final.exists():
             # The old copy goes out of the way under a .tmp name (ignored, cleaned next save).
             (final / COMPLETE_NAME).unlink(missing_ok=True)
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

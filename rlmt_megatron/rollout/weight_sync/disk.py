@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rlmt_megatron.checkpoint.hf_export import DEFAULT_BUCKET_BYTES, Bucket
-from rlmt_megatron.checkpoint.safetensors_io import INDEX_NAME, SINGLE_NAME, copy_tokenizer_files
+from rlmt_megatron.checkpoint.safetensors_io import (
+    INDEX_NAME, SINGLE_NAME, SafetensorsReader, copy_tokenizer_files, fsync_path, pack_buckets,
+)
 from rlmt_megatron.errors import CheckpointError
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.rollout.weight_sync.interfaces import WeightTransport
@@ -60,14 +61,6 @@ def list_versions(root: str | Path) -> list[tuple[int, Path]]:
         return []
     found = [(_parse_version(p.name), p) for p in root.iterdir() if p.is_dir()]
     return sorted((v, p) for v, p in found if v is not None)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +89,7 @@ def write_version(buckets: Iterable[Bucket], folder: str | Path, base_dir: Optio
         nonlocal shard, shard_bytes
         path = folder / f"part-{len(parts) + 1:05d}.safetensors"
         save_file(shard, str(path), metadata={"format": "pt"})
-        _fsync_path(path)
+        fsync_path(path)
         parts.append((path, list(shard)))
         shard, shard_bytes = {}, 0
 
@@ -127,49 +120,21 @@ def write_version(buckets: Iterable[Bucket], folder: str | Path, base_dir: Optio
             weight_map.update({n: final for n in names})
         index = folder / INDEX_NAME
         index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        _fsync_path(index)
+        fsync_path(index)
     if base_dir is not None:
         config = Path(base_dir) / "config.json"
         if not config.is_file():
             raise CheckpointError(f"{base_dir}: no config.json to copy into the weight-sync folder")
         shutil.copy2(config, folder / "config.json")
         copy_tokenizer_files(base_dir, folder)
-    _fsync_path(folder)
+    fsync_path(folder)
     return folder
 
 
 def read_buckets(folder: str | Path, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[Bucket]:
     """The folder's tensors, read lazily file by file, in buckets of at most ``bucket_bytes``
     (a larger tensor travels alone)."""
-    folder = Path(folder)
-    index, single = folder / INDEX_NAME, folder / SINGLE_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        paths = [folder / f for f in files]
-    elif single.is_file():
-        paths = [single]
-    else:
-        raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}")
-    bucket: Bucket = []
-    size = 0
-    for path in paths:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    nbytes = t.numel() * t.element_size()
-                    if bucket and size + nbytes > bucket_bytes:
-                        yield bucket
-                        bucket, size = [], 0
-                    bucket.append((name, t))
-                    size += nbytes
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
-    if bucket:
-        yield bucket
+    return pack_buckets(SafetensorsReader(folder).iter_tensors(), bucket_bytes)
 
 
 class DiskTransport(WeightTransport):
@@ -210,7 +175,7 @@ class DiskTransport(WeightTransport):
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
