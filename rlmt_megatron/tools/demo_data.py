@@ -22,6 +22,8 @@ import json
 import random
 from pathlib import Path
 
+from rlmt_megatron.thinking import warm_start_text
+
 TOPICS = ("the garden", "a birthday party", "my homework", "the weekly budget", "a short trip", "the old bicycle",
           "a job interview", "the science fair", "a rainy weekend", "the team meeting", "a new recipe",
           "the school play", "a noisy neighbour", "the morning run", "a lost key", "the city library")
@@ -76,10 +78,6 @@ def rejected_answer(rng: random.Random, kind: int, chosen: str) -> str:
     if kind == 2:
         return gibberish(rng, len(chosen))
     return "[NULL]"  # what strict mode scores when the thinking delimiter is missing
-
-
-def warm_start_text(plan: str, answer: str) -> str:
-    return f"<think>\n{plan}\n</think>\n\n{answer}"
 
 
 def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 512) -> dict[str, Path]:

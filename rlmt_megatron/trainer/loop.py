@@ -97,8 +97,9 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
         # the engine starts from exactly the trainer's weights (one_round DPO: the initial ones)
         rollout.start(version, push=rollout.follows_policy or step == 0)
         if is_rank0():
-            write_resolved_config(out, cfg.model_dump(mode="json"))
-            logger = MetricsLogger(out, cfg.monitoring, cfg.model_dump(mode="json"), resume_from_step=step if resume_dir else None)
+            resolved = cfg.model_dump(mode="json")
+            write_resolved_config(out, resolved)
+            logger = MetricsLogger(out, cfg.monitoring, resolved, resume_from_step=step if resume_dir else None)
             progress = ProgressReporter(total_steps=cfg.run.total_steps, start_step=step)
         update = UPDATES[cfg.algorithm.name]
         for step in range(step + 1, cfg.run.total_steps + 1):

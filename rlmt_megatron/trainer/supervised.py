@@ -89,8 +89,9 @@ def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) 
         raise InputFileError(f"batch_size={cfg.batch_size} is smaller than the {dp} data-parallel ranks")
     logger = progress = None
     if is_rank0():
-        write_resolved_config(out, cfg.model_dump(mode="json"))
-        logger = MetricsLogger(out, cfg.monitoring, cfg.model_dump(mode="json"), resume_from_step=None)
+        resolved = cfg.model_dump(mode="json")
+        write_resolved_config(out, resolved)
+        logger = MetricsLogger(out, cfg.monitoring, resolved, resume_from_step=None)
         keys = ("loss/rm", "rm/accuracy", "lr") if kind == "reward_model" else ("loss/sft", "lr")
         progress = ProgressReporter(total_steps=total, start_step=0, keys=keys)
     rng = random.Random(cfg.seed)
