@@ -56,3 +56,36 @@ def max_abs_diff(a: dict, b: dict) -> float:
     """Largest absolute difference between two state dicts with the same keys (float64)."""
     assert sorted(a) == sorted(b), set(a) ^ set(b)
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+PROMPTS = REPO / "examples" / "data" / "synthetic_prompts.jsonl"
+
+
+def write_train_config(path: Path, tiny: Path, out: Path, **sections) -> Path:
+    """A tiny rlmt-train config (2 GRPO steps, 2 prompts x 3 samples of 8 tokens, checksummed
+    syncs, W&B off) with ``sections`` merged in section by section; written to ``path``."""
+    import yaml
+
+    cfg = {
+        "run": {"out_dir": str(out), "total_steps": 2, "save_every": 0, "seed": 3, "deterministic": True},
+        "models": {"policy": str(tiny / "llama-policy"), "reward": str(tiny / "llama-rm")},
+        "data": {"prompts": [str(PROMPTS)], "max_prompt_tokens": 48, "prompts_per_step": 2},
+        "rollout": {"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0},
+        "algorithm": {"kl_coef": 0.01, "entropy_coef": 0.001},
+        "optim": {"lr": 1e-3, "max_tokens_per_microbatch": 512},
+        "weight_sync": {"checksum": True},
+        "monitoring": {"wandb": {"mode": "disabled"}},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(out: Path, drop: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of ``out/metrics.jsonl``, without the keys starting with any of ``drop``."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
+

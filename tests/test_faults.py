@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from helpers import REPO, free_port, torchrun
+from helpers import REPO, free_port, read_metrics, torchrun, write_train_config
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.trainer.config import RLMTConfig
@@ -31,7 +30,6 @@ from rlmt_megatron.trainer.roles import make_rollout_engine
 from rlmt_megatron.trainer.stop import Interrupted, StopSignals
 from rlmt_megatron.trainer.watchdog import Watchdog, activity
 
-PROMPTS = REPO / "examples" / "data" / "synthetic_prompts.jsonl"
 WORKER = "tests/workers/fault_inject_worker.py"
 
 
@@ -133,25 +131,16 @@ def test_watchdog_reports_a_stuck_phase_once_with_its_stack(tmp_path, capfd):
 
 
 def write_config(path: Path, tiny: Path, out: Path, **sections) -> Path:
-    cfg = {
-        "run": {"out_dir": str(out), "total_steps": 4, "save_every": 0, "seed": 3, "deterministic": True},
-        "models": {"policy": str(tiny / "llama-policy"), "reward": str(tiny / "llama-rm")},
-        "data": {"prompts": [str(PROMPTS)], "max_prompt_tokens": 48, "prompts_per_step": 2},
-        "rollout": {"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0, "engine_process": "subprocess"},
-        "algorithm": {"kl_coef": 0.01, "entropy_coef": 0.001},
-        "optim": {"lr": 1e-3, "max_tokens_per_microbatch": 512},
-        "weight_sync": {"checksum": True},
-        "monitoring": {"wandb": {"mode": "disabled"}},
-    }
+    """The shared tiny config, run for 4 steps with the hf engine in a child process (so the
+    tests can kill it)."""
+    merged = {"run": {"total_steps": 4}, "rollout": {"engine_process": "subprocess"}}
     for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        merged.setdefault(name, {}).update(values)
+    return write_train_config(path, tiny, out, **merged)
 
 
 def metrics(out: Path, drop=("timing/",)) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
+    return read_metrics(out, drop)
 
 
 def exit_status(out: Path) -> dict:

@@ -23,34 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from helpers import REPO, free_port, run_cli, torchrun
-
-PROMPTS = REPO / "examples" / "data" / "synthetic_prompts.jsonl"
-
-
-def write_config(path: Path, tiny: Path, out: Path, **sections) -> Path:
-    cfg = {
-        "run": {"out_dir": str(out), "total_steps": 2, "save_every": 0, "seed": 3, "deterministic": True},
-        "models": {"policy": str(tiny / "llama-policy"), "reward": str(tiny / "llama-rm")},
-        "data": {"prompts": [str(PROMPTS)], "max_prompt_tokens": 48, "prompts_per_step": 2},
-        "rollout": {"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0},
-        "algorithm": {"kl_coef": 0.01, "entropy_coef": 0.001},
-        "optim": {"lr": 1e-3, "max_tokens_per_microbatch": 512},
-        "weight_sync": {"checksum": True},
-        "monitoring": {"wandb": {"mode": "disabled"}},
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
+from helpers import REPO, free_port, read_metrics, run_cli, torchrun
+from helpers import write_train_config as write_config
 
 def rescore_with_transformers(tiny: Path, out: Path, step: int) -> tuple[list[float], list[float]]:
     """(logged rewards, transformers' scores) for the samples dumped at ``step``."""
@@ -123,10 +99,6 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
         assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def _strip_timing(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
-
-
 def test_resume_after_kill_matches_uninterrupted_run(tiny_models, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = dict(run={"total_steps": 4, "save_every": 2}, build={"parallel": {"tp": 2}})
@@ -149,7 +121,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, tmp_path):
     assert not (resumed / "checkpoints" / "step_00000004").exists()
     torchrun(2, ["-m", "rlmt_megatron.cli.train", str(cfg_b)], timeout=600)  # resume=auto
 
-    assert _strip_timing(read_metrics(resumed)) == _strip_timing(read_metrics(straight))
+    assert read_metrics(resumed, ("timing/",)) == read_metrics(straight, ("timing/",))
     a = load_file(str(straight / "final_hf" / "model.safetensors"))
     b = load_file(str(resumed / "final_hf" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
