@@ -27,18 +27,10 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux clear_refs 5); return it."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_bytes("VmRSS")
+from benchmarks.common import peak_memory, reset_peak_memory
 
 
 def measure(method: str, tokens: int, vocab: int, dtype: str, device: str) -> dict:
@@ -52,12 +44,7 @@ def measure(method: str, tokens: int, vocab: int, dtype: str, device: str) -> di
     logits.requires_grad_(True)
     targets = torch.randint(0, vocab, (tokens,), device=device)
     logits.grad = torch.empty_like(logits).fill_(0)  # the gradient buffer exists in both methods
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _reset_peak_rss()
+    base = reset_peak_memory(device)
     start = time.perf_counter()
     if method == "naive":
         logp_all = torch.log_softmax(logits.float(), dim=-1)
@@ -66,11 +53,7 @@ def measure(method: str, tokens: int, vocab: int, dtype: str, device: str) -> di
     else:
         logp, entropy = vocab_parallel_logprobs_and_entropy(logits, targets, vocab)
     (logp.sum() + 0.01 * entropy.sum()).backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_bytes("VmHWM") - base
+    peak = peak_memory(device) - base
     return {"method": method, "tokens": tokens, "vocab": vocab, "dtype": dtype, "device": device,
             "seconds": time.perf_counter() - start, "extra_peak_gib": peak / 2**30,
             "logits_gib": logits.numel() * logits.element_size() / 2**30}

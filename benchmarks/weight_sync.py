@@ -27,27 +27,22 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
+from benchmarks.common import LLAMA31_8B, REPO, machine, write_random_model
+
 WORKER = Path(__file__).resolve().parent / "weight_sync_worker.py"
 
-# Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json) minus the layer count and vocabulary.
-LLAMA31_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
-    mlp_bias=False, hidden_act="silu",
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-)
 DEFAULTS = {"cpu": dict(layers=2, vocab=32768, layouts="1x1,2x1,1x2", params_dtype="float32"),
             "cuda": dict(layers=32, vocab=128256, layouts="1x1", params_dtype="bfloat16")}
 
@@ -117,39 +112,6 @@ def parse_args(argv=None, cuda: bool | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- model folder
 
-def llama_config(layers: int, vocab: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(num_hidden_layers=layers, vocab_size=vocab, dtype="bfloat16", **LLAMA31_8B)
-
-
-def parameter_shapes(layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """HF parameter names and shapes of LlamaForCausalLM for this config (built on the meta device)."""
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(layers, vocab))
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def write_random_model(folder: Path, layers: int, vocab: int, device: str, seed: int = 0) -> int:
-    """HF folder with random bf16 weights (norms at one) and a small tokenizer; returns the weight bytes."""
-    from rlmt_megatron.checkpoint.safetensors_io import write_safetensors_folder
-    from rlmt_megatron.tools.tiny_models import train_tokenizer
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, shape in parameter_shapes(layers, vocab).items():
-        if name.endswith("norm.weight"):
-            state[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:  # generated where it is fast, stored on the host for writing
-            state[name] = torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=gen).cpu()
-    write_safetensors_folder(state, folder)
-    llama_config(layers, vocab).save_pretrained(folder)
-    train_tokenizer(1024).save_pretrained(folder)  # the engine needs one; its ids never meet these weights
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 # --------------------------------------------------------------------------- runs
 
 def run_layout(model_dir: Path, tp: int, pp: int, a: argparse.Namespace, out: Path) -> list[dict]:
@@ -201,37 +163,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        model = names[0] if names else model
-    mem = ""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
-        mem = f", {kib / 2**20:.0f} GiB RAM"
-    return f"CPU {model}, {os.cpu_count()} cores{mem}"
-
-
 def measured_command(argv: list[str]) -> str:
-    """The command line without --write (where the results go does not change them)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--write":
-            skip = True
-        elif not arg.startswith("--write="):
-            kept.append(arg)
-    return " ".join(["python benchmarks/weight_sync.py", *kept])
+    return common.measured_command("benchmarks/weight_sync.py", argv)
 
 
 def section(a: argparse.Namespace, rows: list[dict], weight_bytes: int, load: tuple[float, float, float], argv) -> str:
-    versions = ", ".join(f"{pkg} {metadata.version(pkg)}" for pkg in ("torch", "megatron-core", "transformers"))
+    versions = common.versions(("torch", "megatron-core", "transformers"))
     where = "colocated on one GPU" if a.device == "cuda" else "CPU, gloo"
     return (
         f"\n## Weight export + sync, {where} ({datetime.date.today()})\n\n"

@@ -7,6 +7,7 @@ import math
 import pytest
 from safetensors import safe_open
 
+from benchmarks import common
 from benchmarks import weight_sync as ws
 from helpers import torchrun
 
@@ -37,7 +38,7 @@ def test_rejected_arguments(argv, cuda, message, capsys):
 
 def test_full_shape_is_llama_3_1_8b():
     # Meta's published parameter count of Llama-3.1-8B (model card / safetensors index: 8,030,261,248).
-    shapes = ws.parameter_shapes(32, 128256)
+    shapes = common.parameter_shapes(32, 128256)
     total = sum(math.prod(s) for s in shapes.values())
     assert total == 8_030_261_248
     assert shapes["model.layers.31.self_attn.k_proj.weight"] == (8 * 128, 4096)
