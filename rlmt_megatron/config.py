@@ -49,6 +49,26 @@ class PrecisionConfig(StrictModel):
     fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
 
 
+class PerformanceConfig(StrictModel):
+    """Speed/memory trade-offs that do not change the numbers a model computes (up to rounding).
+
+    ``fusions``: ``auto`` turns on, on CUDA only, Megatron's fused SwiGLU (torch-compiled, no
+    extra dependency) and, with the Transformer Engine spec, fused RoPE and the weight-gradient
+    accumulation fused into the GEMM (TE accumulates straight into Megatron DDP's fp32 main_grad).
+    Off on CPU, where the unfused path is the one the tests compare with transformers. ``on``
+    forces the SwiGLU fusion on CPU too (tests); ``off`` disables all.
+
+    ``recompute``: ``selective`` recomputes core attention in backward (cheap with SDPA/flash,
+    whose activations are small anyway); ``full`` recomputes whole layers in chunks of
+    ``recompute_layers`` (uniform), trading ~33% more compute for activation memory at long
+    sequences.
+    """
+
+    fusions: Literal["auto", "on", "off"] = "auto"
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_layers: PositiveInt = Field(1, description="layers per recomputed chunk when recompute='full'")
+
+
 class ModelBuildConfig(StrictModel):
     """How to build a Megatron model from an HF folder."""
 
@@ -62,3 +82,4 @@ class ModelBuildConfig(StrictModel):
     )
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)

@@ -164,6 +164,16 @@ def test_pipeline_stages_hold_the_1f1b_in_flight_micro_batches():
     assert "logits" in _lines(last, "train") and "logits" not in _lines(first, "train")
 
 
+def test_full_recompute_activation_lines():
+    # Same run as above at PP 4 with full recompute in chunks of 2 layers: stage 0 holds 4 micro-
+    # batches x 4 chunk inputs (2 h = 8192 B per token) and recomputes one 2-layer chunk at a time.
+    cfg = load_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2",
+                                    "build.performance.recompute=full", "build.performance.recompute_layers=2"])
+    first = dr.estimate(cfg, dr.DryRunOptions()).stages[0]
+    assert _lines(first, "train")["activations"] == 4 * 4 * 4096 * 8192
+    assert _lines(first, "train")["recomputed chunk"] == 2 * 4096 * 153_672
+
+
 def test_rank_groups_follow_megatrons_default_order():
     from megatron.core.parallel_state import RankGenerator
 
@@ -225,7 +235,8 @@ def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path
     activations = 32 * 16384 * 153_672  # layers x tokens x bytes per token and layer (see above)
     assert f"Biggest items: activations {activations / GiB:.2f} GiB, policy grads (fp32)" in err
     assert ("To fit: lower optim.max_tokens_per_microbatch (not below the longest sequence); turn on "
-            "build.parallel.sequence_parallel; raise build.parallel.tp or pp; add nodes") in err
+            "build.parallel.sequence_parallel; set build.performance.recompute=full (~1/3 more compute); "
+            "raise build.parallel.tp or pp; add nodes") in err
     # the whole table is printed before the error
     assert out.startswith("# resolved config") and "DOES NOT FIT" in out and out.endswith("dry run: FAILED\n")
 
@@ -335,3 +346,37 @@ def test_local_spec_activation_formula_equals_autograd_saved_tensors(world_of_on
     for i in range(2):
         assert sum(saved[f"layer{i}"].values()) == T * per_token
     assert sum(saved["final_norm"].values()) == T * dr.final_norm_bytes_per_token(spec, ParallelConfig(), te=False)
+
+
+def test_full_recompute_keeps_only_chunk_inputs(world_of_one):
+    """With build.performance.recompute=full (chunks of one layer), autograd's saved tensors of
+    the whole decoder are each chunk's input plus one RoPE table: the dry run's formula."""
+    import torch
+
+    from rlmt_megatron.config import ModelBuildConfig, PerformanceConfig, PrecisionConfig
+    from rlmt_megatron.models.builder import build_model
+
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=256,
+               intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-5, max_position_embeddings=4096)
+    spec = parse_hf_config(cfg, "measured")
+    build = ModelBuildConfig(attention_backend="sdpa", precision=PrecisionConfig(params_dtype="bfloat16"),
+                             performance=PerformanceConfig(recompute="full", recompute_layers=1))
+    model = build_model(spec, "policy", build).chunks[0].train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+    inside = [False]
+
+    def pack(t):
+        s = t.untyped_storage()
+        if inside[0] and s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    model.decoder.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
+    model.decoder.final_layernorm.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, False))
+    T = 256
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randint(0, 512, (1, T)), torch.arange(T)[None], None)
+    rope_table = 4 * spec.head_dim * T  # float32 [T, 1, 1, d], one storage shared by every chunk
+    assert sum(saved.values()) == 4 * T * dr.recompute_input_bytes_per_token(spec, ParallelConfig()) + rope_table

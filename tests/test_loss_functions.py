@@ -99,6 +99,17 @@ def test_bad_batches_are_refused(engine):
 
     with pytest.raises(ValueError, match=r"pairs must stay together"):
         engine.train_step(global_batch()[:4], dpo_loss_fn(1024))  # unit_size=2 forgotten
+    # A loss that turns NaN inside the step (not from a NaN input): refused before the optimizer
+    # step, either by the engine's loss check or by Megatron DDP's NaN-gradient check.
+    before = {n: p.detach().clone() for n, p in engine.model[0].named_parameters()}
+
+    def nan_loss(output, mb, counts):
+        loss, metrics = policy_loss()(output, mb, counts)
+        return loss * float("nan"), metrics
+
+    with pytest.raises((ValueError, RuntimeError), match=r"(?i)nan"):
+        engine.train_step(batch, nan_loss)
+    assert all(torch.equal(p, before[n]) for n, p in engine.model[0].named_parameters())
     assert engine.step_count == 0  # nothing was applied
 
 

@@ -7,7 +7,9 @@ layers, pipeline schedules, DDP and distributed optimizer run on CPU for tests a
 1. ``torch.cuda.current_device()`` is used as an allocation device -> return the CPU device
    (and ``torch.cuda.set_device`` becomes a no-op).
 2. The RNG tracker's ``add``/``fork`` read and write CUDA RNG state -> book-keeping only and a
-   no-op context (CPU ops draw from the CPU generator, which the caller seeds).
+   no-op context (CPU ops draw from the CPU generator, which the caller seeds); activation
+   recomputation saves and restores the CUDA RNG state around the recomputed forward -> nothing
+   to save on CPU (its CPU RNG state is still saved and restored).
 3. Pipeline schedules allocate with a literal ``device="cuda"`` and call ``Tensor.cuda()`` /
    ``torch.cuda.synchronize()`` -> a ``TorchFunctionMode`` rewrites ``device="cuda"`` to CPU and
    makes ``Tensor.cuda`` the identity; ``synchronize`` becomes a no-op.
@@ -73,6 +75,8 @@ def _patch_rng_tracker() -> None:
 
     mrandom.CudaRNGStatesTracker.add = add
     mrandom.CudaRNGStatesTracker.fork = fork
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
 
 def is_active() -> bool:

@@ -55,6 +55,28 @@ def padded_vocab_size(vocab_size: int, build: ModelBuildConfig) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _performance_options(build: ModelBuildConfig, on_cpu: bool) -> dict:
+    """TransformerConfig fields from ``build.performance`` (see PerformanceConfig for why each)."""
+    from rlmt_megatron.models.layer_specs import uses_te_spec
+
+    perf = build.performance
+    fuse = perf.fusions == "on" or (perf.fusions == "auto" and not on_cpu)
+    te = uses_te_spec(build)
+    options = dict(
+        bias_activation_fusion=fuse,
+        # TE's fused RoPE kernel and its wgrad-into-main_grad GEMM; the local spec has neither
+        # without Apex, which is not a dependency.
+        apply_rope_fusion=fuse and te and not on_cpu,
+        gradient_accumulation_fusion=fuse and te and not on_cpu,
+    )
+    if perf.recompute == "selective":
+        options.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif perf.recompute == "full":
+        options.update(recompute_granularity="full", recompute_method="uniform",
+                       recompute_num_layers=perf.recompute_layers)
+    return options
+
+
 def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -65,6 +87,7 @@ def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
     if build.precision.fp8:
         fp8 = dict(fp8=build.precision.fp8_format, fp8_recipe=build.precision.fp8)
     config = TransformerConfig(
+        **_performance_options(build, on_cpu),
         num_layers=spec.num_hidden_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.intermediate_size,
@@ -79,12 +102,9 @@ def transformer_config(spec: HFModelSpec, build: ModelBuildConfig):
         add_qkv_bias=spec.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,

@@ -107,6 +107,11 @@ Per-layer activations kept for backward, without recomputation, bytes per token:
   ``attention_backend: auto`` uses this when ``transformer_engine`` imports here, else the local
   numbers (the run makes the same choice on its machine: run the dry run there to be exact).
 
+With ``build.performance.recompute: full`` a stage instead keeps, per recomputed chunk of
+``recompute_layers`` layers, only the chunk's input (``2h / s`` per token), plus one chunk's
+full activations while backward recomputes it (``recompute_layers * A(T)``); Megatron's RoPE
+table (``4d`` per token, float32, one storage for every chunk) is left out as for the others.
+
 Not counted: the allocator's fragmentation (:data:`FRAGMENTATION` of the GPU is kept free),
 transient gradients inside one layer's backward, and the padding of micro-batches to one shape
 under virtual PP (``training/engine.py``), which can make ``T`` larger than assumed.
@@ -341,6 +346,13 @@ def layer_activation_bytes_per_token(spec: HFModelSpec, parallel: ParallelConfig
     s = t if parallel.sequence_parallel else 1
     norms = (8 * h + 8) if te else (16 * h + 8)
     return 8 * d + norms / s + (6 * q + 6 * g + 10 * f + 4 * n) / t
+
+
+def recompute_input_bytes_per_token(spec: HFModelSpec, parallel: ParallelConfig) -> float:
+    """Full recomputation keeps each recomputed chunk's input hidden states (bf16, sequence-
+    sharded under sequence parallelism) and nothing else of the chunk until backward."""
+    s = parallel.tp if parallel.sequence_parallel else 1
+    return 2 * spec.hidden_size / s
 
 
 def final_norm_bytes_per_token(spec: HFModelSpec, parallel: ParallelConfig, te: bool) -> float:
@@ -672,9 +684,22 @@ def _stage(plan: _Plan, eng: _EngineLines, stage: int) -> StageEstimate:
     def train(spec: HFModelSpec, tokens: int, lm_head: bool) -> list[Line]:
         per_layer = layer_activation_bytes_per_token(spec, par, plan.te)
         layers = spec.num_hidden_layers // div
-        out = [Line("activations", n_chunks * layers * tokens * per_layer,
-                    f"{n_chunks} x {layers} layers x T {tokens} x {per_layer:.0f} B ({plan.spec_name}, no recompute)",
-                    "activations")]
+        perf = cfg.build.performance
+        if perf.recompute == "full":
+            chunk = min(perf.recompute_layers, layers)
+            kept = recompute_input_bytes_per_token(spec, par)
+            out = [Line("activations", n_chunks * -(-layers // chunk) * tokens * kept,
+                        f"{n_chunks} x {-(-layers // chunk)} recompute chunks x T {tokens} x {kept:.0f} B (chunk inputs)",
+                        "recomputed"),
+                   Line("recomputed chunk", chunk * tokens * per_layer,
+                        f"{chunk} layers x T {tokens} x {per_layer:.0f} B ({plan.spec_name}, during backward)",
+                        "recomputed chunk")]
+        else:
+            # selective (core attention) recomputes only what SDPA/flash already keeps small
+            # (the log-sum-exp): counted as no recompute.
+            out = [Line("activations", n_chunks * layers * tokens * per_layer,
+                        f"{n_chunks} x {layers} layers x T {tokens} x {per_layer:.0f} B ({plan.spec_name}, "
+                        f"recompute {perf.recompute})", "activations")]
         if last:
             fn = final_norm_bytes_per_token(spec, par, plan.te)
             out.append(Line("final norm", tokens * fn, f"T x {fn:.0f} B", "activations"))
@@ -774,7 +799,11 @@ def _transport(cfg) -> str:
 TP_PP = "raise build.parallel.tp or pp"
 _ADVICE: dict[str, tuple[str, ...]] = {  # Line.fix -> what lowers that line
     "activations": ("lower optim.max_tokens_per_microbatch (not below the longest sequence)",
-                    "turn on build.parallel.sequence_parallel", TP_PP),
+                    "turn on build.parallel.sequence_parallel",
+                    "set build.performance.recompute=full (~1/3 more compute)", TP_PP),
+    "recomputed": ("lower optim.max_tokens_per_microbatch (not below the longest sequence)",
+                   "turn on build.parallel.sequence_parallel", TP_PP),
+    "recomputed chunk": ("lower build.performance.recompute_layers", "lower optim.max_tokens_per_microbatch"),
     "tokens": ("lower optim.max_tokens_per_microbatch",),
     "logits": ("lower optim.max_tokens_per_microbatch", "raise build.parallel.tp"),
     "optimizer": ("add nodes (the distributed optimizer shards over DP)", TP_PP),

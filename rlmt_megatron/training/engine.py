@@ -271,15 +271,22 @@ class TrainEngine:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+        # Finiteness of each micro-batch loss is checked once after backward (one host sync per
+        # step, not one per micro-batch); a NaN loss usually makes NaN gradients, which Megatron
+        # DDP's check_for_nan_in_grad refuses first, also before the optimizer step.
+        losses: list[tuple[torch.Tensor, list[int]]] = []
+
         def collect(output, mb):
             loss, metrics = loss_fn(output, mb, counts)
-            if not torch.isfinite(loss.detach()):
-                raise ValueError(f"loss is {loss.item()} on micro-batch of samples {mb.indices}: refusing to update")
+            losses.append((loss.detach(), mb.indices))
             metrics = {k: v.detach().float() for k, v in metrics.items()}
             metrics["loss"] = loss.detach().float()
             return loss, torch.tensor(1, dtype=torch.int), metrics
 
         results = self._run(micro_batches, collect, forward_only=False)
+        if losses and not bool(torch.stack([torch.isfinite(l) for l, _ in losses]).all()):
+            bad = [(float(l), idx) for l, idx in losses if not torch.isfinite(l)]
+            raise ValueError(f"loss is {bad[0][0]} on micro-batch of samples {bad[0][1]}: refusing to update")
         metrics = self._reduce_metrics(results)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
         ok, grad_norm, _ = self.optimizer.step()
