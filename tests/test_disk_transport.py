@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import REPO
 from test_sglang_protocol import FIELDS_BY_CLASS
-from workers import sglang_emulator
+from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.rollout.weight_sync.disk import DiskTransport, list_versions, read_buckets
 

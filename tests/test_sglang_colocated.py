@@ -1,7 +1,7 @@
 """Colocated SGLang: flattened buckets through ``/update_weights_from_tensor``, memory release/resume,
 and the client's session and group bookkeeping, tested without SGLang.
 
-The receiver is ``tests/workers/sglang_emulator.py`` in a spawned process: it base64-decodes each
+The receiver is ``rlmt_megatron/testing/sglang_emulator.py`` in a spawned process: it base64-decodes each
 TP rank's own payload, unpickles it with an allow-list unpickler that admits a subset of SGLang
 0.5.23's ``SafeUnpickler.ALLOWED_GLOBALS``, and rebuilds the tensors as ``FlattenedTensorBucket``
 does. What is emulated: the tensors here are CPU tensors, which the same serializer sends as
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from test_sglang_protocol import FIELDS_BY_CLASS
-from workers import sglang_emulator
+from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.rollout.types import SamplingParams

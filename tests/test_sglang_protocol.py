@@ -6,7 +6,7 @@ the wheel records no git commit: ``sglang/_version.py`` has ``__commit_id__ = No
 classes deriving from ``BaseReq`` also accept its ``rid`` and ``http_worker_ipc``. The sampling
 parameter names come from ``sglang/api/v1/api_types.py::_FIELDS_SamplingParams`` of the same wheel.
 
-Emulated: the SGLang server's weight-sync side. ``tests/workers/sglang_emulator.py`` is a small
+Emulated: the SGLang server's weight-sync side. ``rlmt_megatron/testing/sglang_emulator.py`` is a small
 HTTP server that answers the client's routes, refuses weight updates outside a
 begin/end_weight_update session as 0.5.23 does, joins the weight-update group as SGLang's model
 runner does (``init_custom_process_group``: tcp rendezvous, rank = rank_offset + tp_rank) and
@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from helpers import REPO, free_port, torchrun
-from workers import sglang_emulator
+from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.rollout.types import SamplingParams
@@ -243,7 +243,7 @@ def test_broadcast_tp2_pp2_to_emulated_server(tiny_models, tmp_path):
     out = tmp_path / "received.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(
-        [sys.executable, "tests/workers/sglang_emulator.py", "--out", str(out), "--timeout", "240"],
+        [sys.executable, "-m", "rlmt_megatron.testing.sglang_emulator", "--out", str(out), "--timeout", "240"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = sglang_emulator.wait_ready(str(out), lambda: server.poll() is None)

@@ -1,6 +1,6 @@
 """Real CUDA IPC: flattened buckets of CUDA tensors reach a spawned receiver bit for bit.
 
-The receiver is the SGLang emulator (``tests/workers/sglang_emulator.py``), which deserializes each
+The receiver is the SGLang emulator (``rlmt_megatron/testing/sglang_emulator.py``), which deserializes each
 TP rank's payload as SGLang 0.5.23 does, including its patched ``rebuild_cuda_tensor`` that maps
 the GPU UUID our serializer writes back to a device index. Skipped without a GPU.
 """
@@ -10,7 +10,7 @@ import base64
 import pytest
 import torch
 
-from workers import sglang_emulator
+from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
 from rlmt_megatron.rollout.weight_sync.cuda_ipc import CudaIPCTransport, device_uuid, serialize
 

@@ -1,5 +1,5 @@
 """The trainer side of the SGLang broadcast-protocol test (the emulated server is
-``sglang_emulator.py``).
+``rlmt_megatron/testing/sglang_emulator.py``).
 
 ``--role trainer`` (under torchrun, TP2 x PP2): load the tiny model, deliver every stage's buckets
 to global rank 0 with ``buckets_at``, and push them from rank 0 with the real ``SGLangHTTPEngine``

@@ -1,4 +1,12 @@
-"""An emulation of an SGLang 0.5.23 server's weight-sync side, for protocol tests (SGLang needs a GPU).
+"""An emulation of an SGLang 0.5.23 server's weight-sync side (SGLang needs a GPU and its own torch).
+
+Why it lives in the package (``rlmt_megatron.testing``) and not under ``tests/``: two kinds of
+callers need it, the protocol tests and the weight-sync benchmark (``benchmarks/weight_sync.py``),
+which measures the colocated CUDA IPC path on a machine where SGLang cannot be installed (it pins
+another torch). An importable module works for both from any working directory, for the spawned
+server process too (``benchmarks`` and ``tests/workers`` are importable only with the checkout's
+root or ``tests/`` on ``sys.path``, which a plain ``pytest`` run does not give). ``testing`` says
+what it is: no config or engine factory can select it.
 
 It answers the routes ``SGLangHTTPEngine`` uses and does with each request what the 0.5.23 wheel
 does (file references are to ``python/sglang/srt``):
@@ -23,15 +31,28 @@ does (file references are to ``python/sglang/srt``):
   set; no tags = all of kv_cache, weights, cuda_graph; resuming a tag that is not released is an
   error (the server does ``offload_tags.remove(tag)``).
 
+What it does with received tensors, two modes:
+
+* recording (the default, for protocol tests): each rank keeps a CPU clone of every tensor it
+  received, so a test can compare them bit for bit;
+* weights (``weights=<HF folder>``, for the benchmark): like a server that has loaded the model,
+  each rank holds that folder's tensors preallocated on ``device`` (in ``dtype``, or as stored) and
+  copies every received tensor into its weight with ``copy_``, as a model's default weight loader
+  does (``model_loader/weight_utils.py::default_weight_loader``); an unknown name or another shape
+  is an error. On CUDA the server synchronises before it answers, so a reply means the copy is
+  done: a client timing its push stops when the last bucket is in the weights.
+
 What it cannot show: that a real model's ``load_weights`` accepts the HF names (the HF and vLLM
-engine tests cover the names), and real CUDA IPC handles (``tests/gpu/test_gpu_cuda_ipc.py``).
+engine tests cover the names), and real CUDA IPC handles without a GPU (``tests/gpu/test_gpu_cuda_ipc.py``).
 
-Test-only routes: ``/_emulator/dump`` saves the received tensors (per emulated TP rank), the
-request log and the released tags to ``out``; ``/_emulator/stop`` stops the server.
+Emulator-only routes: ``/_emulator/dump`` saves the received tensors or the weights (per emulated
+TP rank, on the CPU), the request log and the released tags to ``out``; ``/_emulator/stats`` answers
+how many bytes, tensors and distinct names each rank has taken in;
+``/_emulator/stop`` stops the server.
 
-Run it with :func:`running` (a process spawned by the test, so it can open CPU shared-memory
-handles, which need the test process's multiprocessing authkey) or as a script:
-``python tests/workers/sglang_emulator.py --out FILE [--port P] [--tp-size N]``.
+Run it with :func:`running` (a process spawned by the caller, so it can open CPU shared-memory
+handles, which need the caller's multiprocessing authkey) or as a script:
+``python -m rlmt_megatron.testing.sglang_emulator --out FILE [--port P] [--tp-size N] [--weights DIR --device D]``.
 """
 
 from __future__ import annotations
@@ -120,9 +141,8 @@ def reconstruct_flattened_bucket(payload) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _read_disk_folder(model_path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _weight_files(model_path: str) -> list[Path]:
+    """The folder's ``*.safetensors`` files (only those the index names, when there is one)."""
     folder = Path(model_path)
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
@@ -131,23 +151,108 @@ def _read_disk_folder(model_path: str) -> dict[str, torch.Tensor]:
         files = [f for f in files if f.name in wanted]
     if not files:
         raise FileNotFoundError(f"no safetensors files in {model_path}")
+    return files
+
+
+def _read_disk_folder(model_path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     state = {}
-    for f in files:
+    for f in _weight_files(model_path):
         state.update(load_file(str(f)))
     return state
 
 
-def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0) -> None:
+# safetensors header dtype names (the format's spec) -> torch
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _allocate_weights(model_path: str, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of the folder's names and shapes (headers only: nothing is read), in
+    ``dtype`` for floating tensors (what ``--dtype`` does to a server's model) or as stored."""
+    from safetensors import safe_open
+
+    weights = {}
+    for f in _weight_files(model_path):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                stored = _SAFETENSORS_DTYPES[sl.get_dtype()]
+                as_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+                weights[name] = torch.empty(sl.get_shape(), dtype=as_dtype, device=device)
+    return weights
+
+
+class _Ranks:
+    """What each emulated TP rank does with the tensors it receives (see "two modes" above), and
+    how many bytes and tensors it has taken in."""
+
+    def __init__(self, tp_size: int, weights: str | None = None, device: str = "cpu", dtype: str | None = None):
+        self.device = torch.device(device)
+        self.fixed = weights is not None
+        if self.fixed:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            as_dtype = getattr(torch, dtype) if dtype else None
+            self.state = [_allocate_weights(weights, self.device, as_dtype) for _ in range(tp_size)]
+        else:
+            self.state = [{} for _ in range(tp_size)]
+        self.bytes = [0] * tp_size
+        self.tensors = [0] * tp_size
+        self.written: list[set[str]] = [set() for _ in range(tp_size)]
+
+    def take(self, rank: int, name: str, tensor: torch.Tensor) -> None:
+        if self.fixed:
+            weight = self.state[rank].get(name)
+            if weight is None:
+                raise KeyError(f"TP rank {rank}: the loaded model has no weight named {name!r}")
+            if weight.shape != tensor.shape:  # copy_ would broadcast; default_weight_loader asserts
+                raise ValueError(f"TP rank {rank}: attempted to load weight {name} ({tuple(tensor.shape)}) "
+                                 f"into parameter ({tuple(weight.shape)})")
+            weight.copy_(tensor)
+        else:
+            self.state[rank][name] = tensor.detach().cpu().clone()
+        self.bytes[rank] += tensor.numel() * tensor.element_size()
+        self.tensors[rank] += 1
+        self.written[rank].add(name)
+
+    def replace_all(self, rank: int, state: dict[str, torch.Tensor]) -> None:
+        """A full load from disk: the recorded state becomes exactly ``state``."""
+        if not self.fixed:
+            self.state[rank].clear()
+        for name, t in state.items():
+            self.take(rank, name, t)
+
+    def finish(self) -> None:
+        """Before answering: on CUDA the copies are queued, not done."""
+        if self.fixed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def cpu_state(self) -> list[dict[str, torch.Tensor]]:
+        return [{n: t.cpu() for n, t in rank.items()} for rank in self.state]
+
+    def stats(self) -> dict:
+        return {"bytes": self.bytes, "tensors": self.tensors, "written": [len(w) for w in self.written],
+                "weights": [len(s) for s in self.state],
+                "weight_bytes": [sum(t.numel() * t.element_size() for t in s.values()) for s in self.state]}
+
+
+def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, weights: str | None = None,
+          device: str = "cpu", dtype: str | None = None) -> None:
+    """Answer until ``/_emulator/stop`` or ``timeout`` seconds (then exit code 3). ``weights``,
+    ``device``, ``dtype``: the weights mode (module docstring); ``dtype`` a torch dtype name."""
     from rlmt_megatron.rollout.weight_sync.nccl_broadcast import join_as_receiver, receive_bucket
 
     _patch_torch_reductions()
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
+    ranks = _Ranks(tp_size, weights, device, dtype)
     log: list = []
     shared = {"session": None, "offload_tags": set(), "group": None, "paused": False}
     stop = threading.Event()
 
     def dump():
-        torch.save({"ranks": ranks, "log": log, "offload_tags": sorted(shared["offload_tags"])}, out)
+        torch.save({"ranks": ranks.cpu_state(), "log": log, "offload_tags": sorted(shared["offload_tags"])}, out)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -201,19 +306,21 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0) -> 
                     data = deserialize(payloads[r])
                     named = reconstruct_flattened_bucket(data) if body.get("load_format") == "flattened_bucket" else data
                     for name, t in named:
-                        ranks[r][name] = t.detach().cpu().clone()
-                    del data, named
+                        ranks.take(r, name, t)
+                    del data, named  # drops this rank's mapping of the sender's memory
+                ranks.finish()
                 return self._result(True, "Success")
             if route == "/update_weights_from_distributed":
                 for name, t in receive_bucket(shared["group"], body["names"], body["dtypes"], body["shapes"]):
                     for r in range(tp_size):
-                        ranks[r][name] = t
+                        ranks.take(r, name, t)
+                ranks.finish()
                 return self._result(True, "Succeeded to update parameter online.")
             if route == "/update_weights_from_disk":
                 state = _read_disk_folder(body["model_path"])
                 for r in range(tp_size):
-                    ranks[r].clear()
-                    ranks[r].update(state)
+                    ranks.replace_all(r, state)
+                ranks.finish()
                 return self._reply({"success": True, "message": "Succeeded to update model weights.",
                                     "num_paused_requests": 0})
             if route == "/init_weights_update_group":
@@ -241,6 +348,8 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0) -> 
             if route == "/_emulator/dump":
                 dump()
                 return self._reply({"ok": True})
+            if route == "/_emulator/stats":
+                return self._reply(ranks.stats())
             if route == "/_emulator/stop":
                 stop.set()
                 return self._reply({"ok": True})
@@ -256,12 +365,12 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0) -> 
     os._exit(0 if stopped else 3)
 
 
-def _post(url: str, route: str) -> None:
+def _post(url: str, route: str):
     import urllib.request
 
     req = urllib.request.Request(url + route, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
-        resp.read()
+        return json.loads(resp.read() or b"null")
 
 
 def wait_ready(out: str, alive, timeout: float = 60.0) -> str:
@@ -282,11 +391,20 @@ def dump_state(url: str, out: str) -> dict:
     return torch.load(out)
 
 
+def stats(url: str) -> dict:
+    """Per emulated TP rank: ``bytes`` and ``tensors`` taken in so far, ``written`` (distinct names),
+    ``weights`` and ``weight_bytes`` held."""
+    return _post(url, "/_emulator/stats")
+
+
 @contextlib.contextmanager
-def running(out: str, tp_size: int = 1, timeout: float = 120.0):
-    """Start the emulator in a spawned process; yields its URL; stops it afterwards."""
+def running(out: str, tp_size: int = 1, timeout: float = 120.0, weights: str | None = None, device: str = "cpu",
+            dtype: str | None = None):
+    """Start the emulator in a spawned process; yields its URL; stops it afterwards. ``timeout``
+    bounds its whole life; ``weights``/``device``/``dtype`` as in :func:`serve`."""
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=serve, args=(str(out), 0, tp_size, timeout), daemon=True, name="sglang-emulator")
+    proc = ctx.Process(target=serve, args=(str(out), 0, tp_size, timeout, weights, device, dtype), daemon=True,
+                       name="sglang-emulator")
     proc.start()
     url = None
     try:
@@ -308,8 +426,11 @@ def main():
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--timeout", type=float, default=240)
+    p.add_argument("--weights", default=None, help="HF folder: hold its weights and copy received tensors into them")
+    p.add_argument("--device", default="cpu", help="where the weights live (weights mode)")
+    p.add_argument("--dtype", default=None, help="torch dtype name of the floating weights (default: as stored)")
     a = p.parse_args()
-    serve(a.out, a.port, a.tp_size, a.timeout)
+    serve(a.out, a.port, a.tp_size, a.timeout, a.weights, a.device, a.dtype)
 
 
 if __name__ == "__main__":

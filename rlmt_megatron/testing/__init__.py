@@ -1,0 +1,1 @@
+"""Test doubles that tests and benchmarks share (never selected by a training config)."""
