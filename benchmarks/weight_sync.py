@@ -10,15 +10,35 @@ small tokenizer) to a temporary directory; the Megatron model is loaded from it 
 - export: drain ``buckets_at`` (HF names, bf16, buckets of ``--bucket-mib``) onto global rank 0,
   at every TP x PP layout asked for (torchrun, one process per model-parallel rank);
 - at 1x1 also: the export without the dtype cast, the export streamed into the embedded HF
-  engine (``InProcessTransport`` -> ``HFEngine.update_weights``), and the engine's copy alone;
+  engine (``InProcessTransport`` -> ``HFEngine.update_weights``), the engine's copy alone, and
+  the production colocated path: the export streamed through ``CudaIPCTransport`` (flattened
+  buckets, IPC handles, ``/update_weights_from_tensor`` inside a weight-update session) into the
+  SGLang emulator (``rlmt_megatron/testing/sglang_emulator.py``; SGLang itself pins another
+  torch) spawned on the same device with the model's weights there, timed until the server has
+  copied the last bucket (see ``weight_sync_worker.py``); on CPU the same transport sends
+  shared-memory handles;
 - the floor, in the same process: copying the same number of bytes with ``copy_`` into
   preallocated memory, and with ``clone`` into fresh memory.
-GB/s is the bytes of the exported tensors over the time; "of floor" divides by the copy_ GB/s.
+GB/s is the bytes of the exported tensors over the time; "of copy floor" divides by the copy_ GB/s.
+
+Device bandwidth and the goal (issue 7: export + sync at >= 50% of device bandwidth): the copy_
+floor reads and writes every byte, so the device's measured copy bandwidth is 2 x bytes / seconds
+(bytes read + written, comparable with the memory bandwidth on a data sheet). A sync moves each
+weight byte at least once from the trainer's memory into the engine's, reading and writing it,
+so its share of the device bandwidth is 2 x bytes / seconds over that (the same number as "of copy
+floor"); the goal is met at >= 50%, a sync no slower than two plain copies. Below the table, one
+line per export + sync row says "met" or by how much it missed.
 
 On CPU (gloo) the defaults are 2 layers and vocab 32768 (~0.7 B parameters, 1.4 GB in bf16) so
 every layout fits a 24 GB machine. With CUDA the same script measures the colocated path on
-one GPU (Megatron model and HF engine on the GPU, bf16, 1x1 only) with the full 8B shape
-(32 layers, vocab 128256) by default, against a device-to-device copy.
+one GPU (Megatron model, HF engine and emulated SGLang server on the GPU, bf16, 1x1 only) with
+the full 8B shape (32 layers, vocab 128256) by default, against a device-to-device copy.
+
+How to run on one H100: ``python benchmarks/weight_sync.py`` (add ``--write docs/benchmarks.md``
+to record it). GPU memory: the Megatron model (16 GB) with the HF engine (16 GB, freed after its
+rows), then with the emulated server's weights (16 GB, another process on the same GPU), plus a
+bucket or two of 512 MiB; writing the random 8B folder needs ~16 GB of disk in the temp dir
+(``--workdir`` to put it elsewhere).
 """
 
 from __future__ import annotations
@@ -82,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive, default=3, help="timed passes per measurement (best and median reported)")
     p.add_argument("--params-dtype", choices=["float32", "bfloat16"], default=None,
                    help="Megatron parameter dtype (default float32 on CPU, the dtype tested there; bfloat16 on GPU)")
-    p.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="bfloat16", help="HF engine dtype")
+    p.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="dtype of the rollout engines' weights (HF engine, emulated SGLang server)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads per process (default: cores / processes)")
     p.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir, removed)")
@@ -149,8 +170,37 @@ def add_rates(rows: list[dict]) -> list[dict]:
     return rows
 
 
+GOAL = 0.5  # issue 7: export + sync at >= 50% of the device's memory bandwidth
+
+
+def device_bandwidth(rows: list[dict]) -> dict | None:
+    """The 1x1 copy_ floor as the device's copy bandwidth: bytes read + written per second."""
+    for r in rows:
+        if (r["tp"], r["pp"]) == (1, 1) and r["what"].startswith("floor: copy_") and "error" not in r:
+            return {"bytes": r["bytes"], "seconds": r["best_s"], "gbps": 2 * r["bytes"] / r["best_s"] / 1e9}
+    return None
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The device bandwidth, then per export + sync row: the goal met, or missed by how much."""
+    bw = device_bandwidth(rows)
+    if bw is None:
+        return ["Device copy bandwidth: not measured (the 1x1 run failed), so the goal cannot be judged."]
+    lines = [f"Device copy bandwidth: {bw['gbps']:.1f} GB/s (copy_ of {bw['bytes'] / 1e9:.2f} GB into preallocated "
+             f"memory in {bw['seconds']:.3f} s, bytes read + written)."]
+    for r in rows:
+        if "error" in r or not r["what"].startswith("export + sync"):
+            continue
+        share = 2 * r["bytes"] / r["best_s"] / 1e9 / bw["gbps"]  # its read + write traffic over the device's
+        verdict = "met" if share >= GOAL else (
+            f"missed by {100 * (GOAL - share):.0f} points (needs <= {2 * r['bytes'] / (GOAL * bw['gbps'] * 1e9):.3f} s)")
+        lines.append(f"- {r['what']}: {100 * share:.0f}% of device bandwidth ({r['best_s']:.3f} s); "
+                     f">= {100 * GOAL:.0f}% of device bandwidth: {verdict}")
+    return lines
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| TP×PP | procs × threads | measured | GB | buckets | best s | median s | GB/s (best) | of floor |",
+    lines = ["| TP×PP | procs × threads | measured | GB | buckets | best s | median s | GB/s (best) | of copy floor |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         who = f"{r['procs']} × {r['threads']}" if r.get("threads") else f"{r['procs']} GPU"
@@ -176,9 +226,9 @@ def section(a: argparse.Namespace, rows: list[dict], weight_bytes: int, load: tu
         f"(1/5/15 min).\n"
         f"Model: Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32 heads / 8 KV heads of 128, llama3 "
         f"RoPE), {a.layers} layers, vocab {a.vocab}, random weights: {weight_bytes / 1e9:.2f} GB in bf16. "
-        f"Megatron params {a.params_dtype}, export bf16, HF engine {a.engine_dtype}, buckets {a.bucket_mib} MiB; "
+        f"Megatron params {a.params_dtype}, export bf16, engines {a.engine_dtype}, buckets {a.bucket_mib} MiB; "
         f"best of {a.repeats} passes (median beside).\n"
-        f"Command: `{measured_command(argv)}`\n\n" + table(rows) + "\n"
+        f"Command: `{measured_command(argv)}`\n\n" + table(rows) + "\n\n" + "\n".join(goal_lines(rows)) + "\n"
     )
 
 
@@ -200,6 +250,7 @@ def main(argv=None) -> None:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(table(rows))
+    print("\n".join(goal_lines(rows)))
     if a.write:
         with a.write.open("a") as f:
             f.write(section(a, rows, weight_bytes, load, argv))

@@ -1,9 +1,21 @@
-"""Under torchrun: time the weight export (and, at 1x1, the sync into the HF engine) at one layout.
+"""Under torchrun: time the weight export (and, at 1x1, the syncs into rollout engines) at one layout.
 
 Started by ``benchmarks/weight_sync.py``; rank 0 writes its measurements as JSON to ``--out``.
 Every timed pass starts from a barrier and ends when global rank 0 has consumed the last
 bucket (on GPU after a device synchronise), so it is the time the rollout side waits for a
 complete set of weights. Each measurement is repeated; the script reports the best and median.
+
+At 1x1 (``--sync``) two engines take the export:
+
+* the embedded HF engine (``InProcessTransport`` -> ``HFEngine.update_weights``), in this process;
+* the SGLang protocol over CUDA IPC (``CudaIPCTransport`` -> ``SGLangHTTPEngine`` ->
+  ``/update_weights_from_tensor``), into the SGLang emulator (``rlmt_megatron.testing.sglang_emulator``)
+  spawned on the same device and holding the model's weights there: each bucket is flattened,
+  its handle serialised and POSTed, the server maps it and copies every tensor into its weight
+  and synchronises before answering, so a pass ends when the last bucket is in the server's
+  weights (plus the session's end/flush/continue requests, part of every real sync). On CPU the
+  same serializer sends shared-memory handles, which the spawned server can open. The server's
+  own count of bytes taken in is checked against what was sent.
 """
 
 from __future__ import annotations
@@ -51,6 +63,13 @@ def _drain(buckets) -> tuple[int, int]:
     return nbytes, count
 
 
+def _counting(buckets, counted: list[int]):
+    """Pass the buckets on, appending each one's bytes to ``counted`` (none is held on to)."""
+    for bucket in buckets:
+        counted.append(sum(t.numel() * t.element_size() for _, t in bucket))
+        yield bucket
+
+
 def _floors(nbytes: int, chunk_bytes: int, repeats: int, device: torch.device) -> list[dict]:
     """Plain copies of ``nbytes`` bf16 bytes in chunks of ``chunk_bytes``: into preallocated memory
     (``copy_``, the bandwidth floor) and into fresh allocations (``clone``, what an export that
@@ -73,6 +92,39 @@ def _floors(nbytes: int, chunk_bytes: int, repeats: int, device: torch.device) -
                  bytes=nbytes, buckets=len(pieces)),
             dict(_timed(clone, repeats, device, barrier=False), what="floor: clone (fresh memory)",
                  bytes=nbytes, buckets=len(pieces))]
+
+
+def _cuda_ipc_row(built, bucket_bytes: int, a: argparse.Namespace, device: torch.device) -> dict:
+    """Export + sync through CudaIPCTransport into the emulated SGLang server on ``device``."""
+    from rlmt_megatron.checkpoint.hf_export import buckets_at
+    from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
+    from rlmt_megatron.rollout.weight_sync.cuda_ipc import CudaIPCTransport
+    from rlmt_megatron.testing import sglang_emulator
+
+    state = a.out + ".emulator"
+    # Its life is bounded; the bound must cover every pass (CPU passes of the defaults take minutes).
+    with sglang_emulator.running(state, timeout=3600.0, weights=a.model, device=str(device),
+                                 dtype=a.engine_dtype) as url:
+        engine = SGLangHTTPEngine(url, control_timeout=120, weight_sync_timeout=600)
+        transport = CudaIPCTransport(engine, device=device)
+        version = iter(range(1, 10**6))
+
+        def sync():
+            counted: list[int] = []
+            transport.push(_counting(buckets_at(built, dst=0, bucket_bytes=bucket_bytes), counted), next(version))
+            return sum(counted), len(counted)
+
+        row = _timed(sync, a.repeats, device)
+        got = sglang_emulator.stats(url)
+    # What the server took in: every pass delivered every byte and every weight.
+    if got["bytes"][0] != a.repeats * row["bytes"] or got["written"][0] != got["weights"][0]:
+        raise RuntimeError(f"the emulated SGLang server took in {got['bytes'][0]} bytes and wrote "
+                           f"{got['written'][0]} of its {got['weights'][0]} weights; {a.repeats} passes sent "
+                           f"{row['bytes']} bytes each")
+    what = "export + sync via CUDA IPC (SGLang protocol, emulated server)"
+    if device.type == "cpu":
+        what = what[:-1] + "; CPU shared-memory handles)"
+    return dict(row, what=what)
 
 
 def main(argv=None) -> None:
@@ -122,14 +174,8 @@ def main(argv=None) -> None:
         version = iter(range(1, 10**6))
 
         def sync():
-            counted = []
-
-            def counting():  # count what passes through without holding on to it
-                for bucket in buckets_at(built, dst=0, bucket_bytes=bucket_bytes):
-                    counted.append(sum(t.numel() * t.element_size() for _, t in bucket))
-                    yield bucket
-
-            transport.push(counting(), next(version))
+            counted: list[int] = []
+            transport.push(_counting(buckets_at(built, dst=0, bucket_bytes=bucket_bytes), counted), next(version))
             return sum(counted), len(counted)
 
         rows.append(dict(_timed(sync, a.repeats, device), what="export + sync into HF engine"))
@@ -142,6 +188,10 @@ def main(argv=None) -> None:
         rows.append(dict(_timed(engine_only, a.repeats, device), what="engine update_weights only"))
         del held
         engine.close()
+        del engine, transport
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the emulated server allocates its weights on the same GPU
+        rows.append(_cuda_ipc_row(built, bucket_bytes, a, device))
     if rank == 0:
         rows += _floors(nbytes, bucket_bytes, a.repeats, device)
         threads = torch.get_num_threads() if device.type == "cpu" else None
