@@ -77,7 +77,9 @@ def flatten_bucket(bucket: Bucket, device: Optional[torch.device | str] = None) 
         metadata.append(SimpleNamespace(name=name, shape=torch.Size(tensor.shape), dtype=tensor.dtype,
                                         start_idx=start, end_idx=start + nbytes, numel=nbytes))
         end = start + nbytes
-    flat = torch.zeros(end, dtype=torch.uint8, device=device if device is not None else bucket[0][1].device)
+    # empty, not zeros: every byte a receiver reads is written below (alignment gaps are never
+    # read), and zero-filling a 512 MiB bucket would add a full extra write per sync.
+    flat = torch.empty(end, dtype=torch.uint8, device=device if device is not None else bucket[0][1].device)
     for (name, tensor), meta in zip(bucket, metadata):
         if meta.numel:
             flat[meta.start_idx:meta.end_idx].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
