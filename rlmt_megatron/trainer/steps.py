@@ -3,7 +3,9 @@
 Every function runs on all trainer ranks with the same ``rollouts`` list; each data-parallel
 rank computes logprobs/values for and trains on its contiguous share (``dp_shard``), so the
 global batch is exactly the step's rollouts. Returns the metrics of the step (identical on all
-ranks).
+ranks), with the finer phases inside the loop's ``timing/train``: ``timing/old_logprobs``,
+``timing/ref_logprobs``, ``timing/values`` (PPO), ``timing/critic_update`` (PPO),
+``timing/update``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from rlmt_megatron.algorithms import gae
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
 from rlmt_megatron.distributed.collectives import dp_rank_and_size, dp_shard, shard_bounds
+from rlmt_megatron.monitoring.progress import PhaseTimer
 from rlmt_megatron.trainer.experience import (
     Rollout,
     dpo_pairs,
@@ -86,10 +89,14 @@ def _temperature(cfg) -> float:
     return cfg.rollout.temperature or 1.0
 
 
-def _old_and_ref_logp(cfg, roles, sequences):
+def _old_and_ref_logp(cfg, roles, sequences, timer: PhaseTimer):
     mt = cfg.optim.max_tokens_per_microbatch
-    old = sequence_logprobs(roles.policy, sequences, mt, _temperature(cfg))
-    ref = sequence_logprobs(roles.reference, sequences, mt, _temperature(cfg)) if roles.reference is not None else None
+    with timer.phase("old_logprobs"):
+        old = sequence_logprobs(roles.policy, sequences, mt, _temperature(cfg))
+    if roles.reference is None:
+        return old, None
+    with timer.phase("ref_logprobs"):
+        ref = sequence_logprobs(roles.reference, sequences, mt, _temperature(cfg))
     return old, ref
 
 
@@ -98,11 +105,14 @@ def grpo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
     rank, size = dp_rank_and_size()
     lo, hi = shard_bounds(len(rollouts), rank, size)
     local = rollouts[lo:hi]
-    old, ref = _old_and_ref_logp(cfg, roles, [sequence_of(r) for r in local])
+    timer = PhaseTimer()
+    old, ref = _old_and_ref_logp(cfg, roles, [sequence_of(r) for r in local], timer)
     samples = [policy_sample(r, float(advantages[lo + i]), old[i], None if ref is None else ref[i]) for i, r in enumerate(local)]
     metrics = _logprob_diff(local, old)
     vocab = roles.policy.built.spec.vocab_size
-    metrics.update(_train(roles.policy, samples, _policy_loss(cfg, vocab), cfg.algorithm.updates_per_rollout))
+    with timer.phase("update"):
+        metrics.update(_train(roles.policy, samples, _policy_loss(cfg, vocab), cfg.algorithm.updates_per_rollout))
+    metrics.update(timer.metrics())
     trained = advantages[[i for i, r in enumerate(rollouts) if r.trainable]]
     metrics["advantages/mean"] = float(trained.mean()) if trained.numel() else 0.0
     metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
@@ -127,8 +137,10 @@ def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
     a = cfg.algorithm
     local = dp_shard(rollouts)
     seqs = [sequence_of(r) for r in local]
-    old, ref = _old_and_ref_logp(cfg, roles, seqs)
-    values = token_values(roles.critic, seqs, cfg.critic_optim.max_tokens_per_microbatch)
+    timer = PhaseTimer()
+    old, ref = _old_and_ref_logp(cfg, roles, seqs, timer)
+    with timer.phase("values"):
+        values = token_values(roles.critic, seqs, cfg.critic_optim.max_tokens_per_microbatch)
     advs, returns, masks, old_values = [], [], [], []
     for r, v in zip(local, values):
         n = len(r.prompt_ids) + len(r.response_ids) - 1
@@ -151,9 +163,12 @@ def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
                                            "old_values": old_values[i].float()}))
     metrics = _logprob_diff(local, old)
     k = a.updates_per_rollout
-    metrics.update(_train(roles.critic, critic_samples, value_loss_fn(a.value_clip, a.aggregation), k))
+    with timer.phase("critic_update"):
+        metrics.update(_train(roles.critic, critic_samples, value_loss_fn(a.value_clip, a.aggregation), k))
     metrics = {("critic/" + key if key in ("grad_norm", "lr") else key): v for key, v in metrics.items()}
-    metrics.update(_train(roles.policy, policy_samples, _policy_loss(cfg, roles.policy.built.spec.vocab_size), k))
+    with timer.phase("update"):
+        metrics.update(_train(roles.policy, policy_samples, _policy_loss(cfg, roles.policy.built.spec.vocab_size), k))
+    metrics.update(timer.metrics())
     return metrics
 
 
@@ -167,14 +182,20 @@ def dpo_update(cfg, roles, rollouts: list[Rollout]) -> Optional[dict[str, float]
     local = [r for pair in dp_shard(pairs) for r in pair]
     seqs = [sequence_of(r) for r in local]
     mt = cfg.optim.max_tokens_per_microbatch
-    ref = sequence_logprobs(roles.reference, seqs, mt)
+    timer = PhaseTimer()
+    with timer.phase("ref_logprobs"):
+        ref = sequence_logprobs(roles.reference, seqs, mt)
     samples = [dpo_sample(r, ref[i]) for i, r in enumerate(local)]
     # Engine vs trainer on the paired responses (in one_round mode this is the drift from the
     # frozen sampler, by design).
-    metrics = _logprob_diff(local, sequence_logprobs(roles.policy, seqs, mt, _temperature(cfg)))
+    with timer.phase("old_logprobs"):
+        old = sequence_logprobs(roles.policy, seqs, mt, _temperature(cfg))
+    metrics = _logprob_diff(local, old)
     loss = dpo_loss_fn(roles.policy.built.spec.vocab_size, beta=cfg.algorithm.dpo_beta)
-    metrics.update(_train(roles.policy, samples, loss, 1, unit_size=2))
+    with timer.phase("update"):
+        metrics.update(_train(roles.policy, samples, loss, 1, unit_size=2))
     metrics["dpo/pairs"] = float(len(pairs))
+    metrics.update(timer.metrics())
     return metrics
 
 
