@@ -16,7 +16,7 @@ Each (variant, batch) runs in a fresh process that loads the same random HF fold
 Megatron policy and calls the trainer's forward-only engine (``TrainEngine.forward``, the whole
 batch as one micro-batch):
 
-- fused: ``forward_only.sequence_logprobs``: GPTModel's [b, s, V/tp] logits, then the chunked
+- fused: ``forward_only.sequence_logprobs_from_logits``: GPTModel's [b, s, V/tp] logits, then the chunked
   vocab-parallel logprobs (training/logprobs.py);
 - full-logits: the same forward, then ``logits.float().log_softmax(-1)`` and a gather (what a
   trainer without fusion does);
@@ -158,7 +158,7 @@ def measure(spec: dict) -> dict:
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.training.chunked_logprobs import sequence_logprobs_chunked
     from rlmt_megatron.training.engine import TrainEngine
-    from rlmt_megatron.training.forward_only import _samples, sequence_logprobs
+    from rlmt_megatron.training.forward_only import _samples, sequence_logprobs_from_logits
 
     device = spec["device"]
     build = ModelBuildConfig(attention_backend=spec["attention_backend"],
@@ -177,7 +177,7 @@ def measure(spec: dict) -> dict:
         return [lp[row, : int(n) - 1].cpu() for row, n in enumerate(mb.lengths[: len(mb.indices)])]
 
     passes = {
-        "fused": lambda: sequence_logprobs(engine, seqs, max_tokens=budget),
+        "fused": lambda: sequence_logprobs_from_logits(engine, seqs, max_tokens=budget),
         "full-logits": lambda: engine.forward(_samples(seqs), full_logits_reduce, budget),
         "fused-chunked-head": lambda: sequence_logprobs_chunked(engine, seqs, max_tokens=budget,
                                                                 chunk_tokens=spec["chunk_tokens"]),

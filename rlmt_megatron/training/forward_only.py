@@ -51,7 +51,22 @@ def _samples(sequences: Sequence[Sequence[int]]):
 def sequence_logprobs(
     model: "BuiltModel | Any", sequences: Sequence[Sequence[int]], max_tokens: int = 8192, temperature: float = 1.0
 ) -> list[torch.Tensor]:
-    """Per sequence, log p(token_t | tokens_<t) for t = 1..len-1 (float32 CPU), on every rank."""
+    """Per sequence, log p(token_t | tokens_<t) for t = 1..len-1 (float32 CPU), on every rank.
+
+    The output layer is applied a chunk of tokens at a time (``chunked_logprobs``), so the
+    [tokens, V/tp] logits never exist at once: with a 128K vocabulary they, not the decoder,
+    dominated the old/reference pass's memory (benchmarks/logprob_pass.py).
+    """
+    from rlmt_megatron.training.chunked_logprobs import sequence_logprobs_chunked
+
+    return sequence_logprobs_chunked(model, sequences, max_tokens, temperature)
+
+
+def sequence_logprobs_from_logits(
+    model: "BuiltModel | Any", sequences: Sequence[Sequence[int]], max_tokens: int = 8192, temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """``sequence_logprobs`` from GPTModel's full logits (fused vocab-parallel logprobs on them):
+    the previous path, kept as the benchmark's comparison and a second implementation in tests."""
     from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
 
     engine = _engine(model)
