@@ -63,3 +63,13 @@ def test_sync_errors_and_stops(tiny_models):
     ref = torch.log_softmax(logits, -1).max(-1)
     assert ref.indices.tolist() == greedy.token_ids
     assert (torch.tensor(greedy.logprobs) - ref.values).abs().max() <= 1e-5
+
+
+def test_engine_dtype_by_name(tiny_models):
+    from rlmt_megatron.rollout.engine import EngineError
+    from rlmt_megatron.rollout.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_models / "llama-policy", device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(EngineError, match="unknown dtype 'bf17'"):
+        HFEngine(tiny_models / "llama-policy", device="cpu", dtype="bf17")

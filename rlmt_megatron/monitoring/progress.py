@@ -57,6 +57,22 @@ class PhaseTimer:
         return {f"timing/{name}": seconds for name, seconds in self._seconds.items()}
 
 
+def peak_memory_metrics() -> dict[str, float]:
+    """``memory/peak_gib``: the largest CUDA allocation peak of any rank since the last call (the
+    rank that runs out first is the one that matters), then the peak counters restart. Collective
+    over the default group when it exists. Empty without CUDA (CPU runs have no device peak)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], dtype=torch.float64, device="cuda")
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    torch.cuda.reset_peak_memory_stats()
+    return {"memory/peak_gib": float(peak)}
+
+
 def format_metrics(metrics: Mapping[str, Any], keys: Sequence[str]) -> str:
     """``key=value`` for the ``keys`` present in ``metrics``, 4 significant digits."""
     parts = []

@@ -21,9 +21,15 @@ from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 class HFEngine(RolloutEngine):
     name = "hf"
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | str = torch.float32):
+        """``dtype``: the engine's weights (a torch dtype or its name). The trainer passes its own
+        ``build.precision.params_dtype`` on GPU (bf16 there, as SGLang serves) and float32 on CPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise EngineError(f"hf engine: unknown dtype '{dtype}'")
+            dtype = getattr(torch, dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -95,11 +101,16 @@ class HFEngine(RolloutEngine):
             )
         except RuntimeError as e:
             raise EngineError(f"hf engine: generation failed ({e})") from None
-        new = out.sequences[:, width:].cpu()
+        new_on_device = out.sequences[:, width:]
+        new = new_on_device.cpu()
         # Raw logits (before temperature/top-p/top-k processors): the trainer's distribution.
-        logits = torch.stack(out.logits, dim=1).float().cpu()
+        # One generated position at a time on the device: stacking them all in float32 would
+        # hold [samples, steps, vocab] twice and copy it to the host.
         temperature = params.temperature or 1.0
-        logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new[..., None])[..., 0]
+        logprobs = torch.stack([
+            torch.log_softmax(step_logits.float() / temperature, dim=-1).gather(-1, new_on_device[:, t, None])[:, 0]
+            for t, step_logits in enumerate(out.logits)
+        ], dim=1).cpu()
         results: list[list[Generation]] = [[] for _ in prompts]
         for row in range(new.shape[0]):
             tokens, finish = self._cut(new[row].tolist(), stop_ids, params)

@@ -35,6 +35,7 @@ from rlmt_megatron.distributed.bootstrap import initialize
 from rlmt_megatron.distributed.collectives import barrier, is_rank0
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.monitoring import MetricsLogger, PhaseTimer, ProgressReporter, write_resolved_config, write_samples
+from rlmt_megatron.monitoring.progress import peak_memory_metrics
 from rlmt_megatron.trainer.config import RLMTConfig
 from rlmt_megatron.trainer.engine_supervisor import EngineGaveUp, EngineSupervisor, collective_timeout_minutes
 from rlmt_megatron.trainer.experience import check_trainable
@@ -132,6 +133,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             metrics.update(rollout_metrics(rollouts, roles.tokenizer, truncated), **timer.metrics())
             metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
             metrics["rollout/restarts"] = float(rollout.restarts)
+            metrics.update(peak_memory_metrics())
             if is_rank0():
                 logger.log(step, metrics)
                 write_samples(out, step, _sample_rows(rollouts, conversations, roles.tokenizer, batch),
