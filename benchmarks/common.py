@@ -7,7 +7,9 @@ says when, on what, with which software and with which command it was measured.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -165,6 +167,51 @@ def peak_memory(device: str | torch.device) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     return _status_bytes("VmHWM")
+
+
+# --------------------------------------------------------------------------- arguments
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def name_list(allowed) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated, non-empty subset of ``allowed`` (order kept)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or [text]}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def device_defaults(a: argparse.Namespace, defaults: dict[str, dict], cuda: bool | None) -> argparse.Namespace:
+    """Set ``a.device`` (cuda when available, or as ``cuda`` forces it: tests) and fill every
+    argument left at None from ``defaults[a.device]``."""
+    a.device = "cuda" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
+    for key, value in defaults[a.device].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    return a
 
 
 # --------------------------------------------------------------------------- reporting

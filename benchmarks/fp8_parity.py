@@ -173,24 +173,6 @@ def summarize(results: list[dict], reference: str, window: int, final_window: in
 
 # --------------------------------------------------------------------------- arguments
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,20 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
                        ("heads", "attention heads"), ("kv-heads", "KV heads (GQA)"), ("vocab", "vocabulary size"),
                        ("seq", "tokens per sequence"), ("batch", "sequences per step")]:
         key = name.replace("-", "_")
-        shape.add_argument(f"--{name}", type=_positive, default=None,
+        shape.add_argument(f"--{name}", type=common.positive_int, default=None,
                            help=f"{what} (default {DEFAULTS['cuda'][key]} / {DEFAULTS['cpu'][key]})")
-    shape.add_argument("--branching", type=_positive, default=4, help="successors per token in the Markov source")
+    shape.add_argument("--branching", type=common.positive_int, default=4, help="successors per token in the Markov source")
     shape.add_argument("--seed", type=int, default=0, help="seed of the weights and of the data stream")
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=_positive, default=None, help="optimizer steps (default 300 / 30)")
-    train.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 1e-3 / 3e-3)")
+    train.add_argument("--steps", type=common.positive_int, default=None, help="optimizer steps (default 300 / 30)")
+    train.add_argument("--lr", type=common.positive_float, default=None, help="peak learning rate (default 1e-3 / 3e-3)")
     train.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default steps // 10)")
     train.add_argument("--recipes", default=None,
                        help=f"comma-separated, of {', '.join(RECIPES)} (default bf16,fp8-tensorwise,fp8-delayed / fp32)")
     train.add_argument("--reference", default=None, help="recipe the others are compared with (default bf16 / fp32)")
     stats = p.add_argument_group("statistics and output")
-    stats.add_argument("--final-window", type=_positive, default=20, help="final loss = mean of this many last steps")
-    stats.add_argument("--window", type=_positive, default=None,
+    stats.add_argument("--final-window", type=common.positive_int, default=20, help="final loss = mean of this many last steps")
+    stats.add_argument("--window", type=common.positive_int, default=None,
                        help="trailing steps over which the largest relative gap is taken (default 100 / 10)")
     stats.add_argument("--out-dir", type=Path, default=REPO / "runs" / "benchmarks" / "fp8_parity",
                        help="where fp8_parity_curves.csv (and .png) go")
@@ -226,10 +208,7 @@ def parse_args(argv=None, cuda: bool | None = None) -> argparse.Namespace:
     """Parse, fill the device's defaults and reject what cannot run or be compared."""
     p = build_parser()
     a = p.parse_args(argv)
-    a.device = "cuda" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
-    for key, value in DEFAULTS[a.device].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    common.device_defaults(a, DEFAULTS, cuda)
     a.recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
     unknown = [r for r in a.recipes if r not in RECIPES]
     if unknown or not a.recipes:

@@ -73,15 +73,6 @@ DEFAULTS = {
 
 # --------------------------------------------------------------------------- arguments
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
 
 def _override(text: str) -> str:
     key, sep, _ = text.partition("=")
@@ -92,12 +83,12 @@ def _override(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=_positive, default=3, help="GRPO steps to run; step 1 is reported as warm-up")
-    p.add_argument("--prompts-per-step", type=_positive, default=None, help="prompts per step (default 16 GPU, 2 CPU)")
-    p.add_argument("--samples", type=_positive, default=None, help="samples per prompt, >= 2 (default 8 GPU, 2 CPU)")
-    p.add_argument("--max-new-tokens", type=_positive, default=None,
+    p.add_argument("--steps", type=common.positive_int, default=3, help="GRPO steps to run; step 1 is reported as warm-up")
+    p.add_argument("--prompts-per-step", type=common.positive_int, default=None, help="prompts per step (default 16 GPU, 2 CPU)")
+    p.add_argument("--samples", type=common.positive_int, default=None, help="samples per prompt, >= 2 (default 8 GPU, 2 CPU)")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=None,
                    help="longest response in tokens (default 512 GPU, 8 CPU)")
-    p.add_argument("--max-prompt-tokens", type=_positive, default=None,
+    p.add_argument("--max-prompt-tokens", type=common.positive_int, default=None,
                    help="prompts are left-truncated to this (default 1024 GPU as in the paper, 48 CPU)")
     p.add_argument("--prompts", default="auto",
                    help="auto (wildchat-if when ../shared/data has it, else synthetic), synthetic, wildchat, or a "
@@ -105,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", choices=["tiny", "random"], default=None,
                    help="tiny: the project's tiny test models (CPU default); random: a Llama-shaped policy and "
                         "reward model of the shape below with random weights (GPU default)")
-    p.add_argument("--layers", type=_positive, default=16, help="--models random: decoder layers")
-    p.add_argument("--hidden", type=_positive, default=1536, help="--models random: hidden size")
-    p.add_argument("--ffn", type=_positive, default=4096, help="--models random: MLP intermediate size")
-    p.add_argument("--heads", type=_positive, default=12, help="--models random: attention heads")
-    p.add_argument("--kv-heads", type=_positive, default=4, help="--models random: key/value heads (GQA)")
-    p.add_argument("--vocab", type=_positive, default=32000, help="--models random: vocabulary size")
+    p.add_argument("--layers", type=common.positive_int, default=16, help="--models random: decoder layers")
+    p.add_argument("--hidden", type=common.positive_int, default=1536, help="--models random: hidden size")
+    p.add_argument("--ffn", type=common.positive_int, default=4096, help="--models random: MLP intermediate size")
+    p.add_argument("--heads", type=common.positive_int, default=12, help="--models random: attention heads")
+    p.add_argument("--kv-heads", type=common.positive_int, default=4, help="--models random: key/value heads (GQA)")
+    p.add_argument("--vocab", type=common.positive_int, default=32000, help="--models random: vocabulary size")
     p.add_argument("--params-dtype", choices=["float32", "bfloat16"], default=None,
                    help="Megatron parameter dtype of every role (default bfloat16 GPU, float32 CPU)")
     p.add_argument("--attention", choices=["auto", "te", "sdpa"], default="auto",
@@ -128,10 +119,7 @@ def parse_args(argv=None, cuda: bool | None = None) -> argparse.Namespace:
     """Parse, fill the device-dependent defaults, and reject what the trainer would refuse later."""
     p = build_parser()
     a = p.parse_args(argv)
-    a.device = "cuda" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
-    for key, value in DEFAULTS[a.device].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
+    common.device_defaults(a, DEFAULTS, cuda)
     if a.samples < 2:
         p.error(f"--samples {a.samples}: GRPO compares the samples of one prompt, it needs at least 2")
     if a.hidden % a.heads:

@@ -61,15 +61,6 @@ DEFAULTS = {"cpu": dict(layers=2, vocab=32768, sequences=2, seq_len=512, shape=C
 
 # --------------------------------------------------------------------------- arguments
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
 
 def parse_tokens_list(text: str) -> list[tuple[int, int]]:
     """'4x2048,8x4096' -> [(4, 2048), (8, 4096)] (sequences x tokens per sequence)."""
@@ -85,12 +76,6 @@ def parse_tokens_list(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def parse_variants(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or text!r}; choose from {', '.join(VARIANTS)}")
-    return names
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -100,20 +85,20 @@ def parse_shape(text: str) -> dict[str, int]:
         key, sep, value = item.strip().partition("=")
         if not sep or key not in SHAPE_KEYS:
             raise argparse.ArgumentTypeError(f"'{item}' is not KEY=VALUE with KEY one of {', '.join(SHAPE_KEYS)}")
-        shape[key] = _positive(value)
+        shape[key] = common.positive_int(value)
     return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=_positive, default=None, help="decoder layers (default 4 on GPU, 2 on CPU)")
-    p.add_argument("--vocab", type=_positive, default=None, help="vocabulary (default 128256 on GPU, 32768 on CPU)")
-    p.add_argument("--sequences", type=_positive, default=None, help="sequences per pass (default 4 on GPU, 2 on CPU)")
-    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence (default 4096 on GPU, 512 on CPU)")
+    p.add_argument("--layers", type=common.positive_int, default=None, help="decoder layers (default 4 on GPU, 2 on CPU)")
+    p.add_argument("--vocab", type=common.positive_int, default=None, help="vocabulary (default 128256 on GPU, 32768 on CPU)")
+    p.add_argument("--sequences", type=common.positive_int, default=None, help="sequences per pass (default 4 on GPU, 2 on CPU)")
+    p.add_argument("--seq-len", type=common.positive_int, default=None, help="tokens per sequence (default 4096 on GPU, 512 on CPU)")
     p.add_argument("--tokens-list", type=parse_tokens_list, default=None,
                    help="sweep of SEQUENCESxSEQ_LEN batches, e.g. 4x2048,4x4096,8x4096 (replaces --sequences/--seq-len)")
-    p.add_argument("--variants", type=parse_variants, default=list(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
-    p.add_argument("--chunk-tokens", type=_positive, default=1024, help="tokens per output-layer chunk (chunked head)")
+    p.add_argument("--variants", type=common.name_list(VARIANTS), default=list(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--chunk-tokens", type=common.positive_int, default=1024, help="tokens per output-layer chunk (chunked head)")
     p.add_argument("--shape", type=parse_shape, default=None,
                    help="layer shape overrides, KEY=VALUE,... with KEY in " + ", ".join(SHAPE_KEYS)
                    + " (default: the 8B shape on GPU, a quarter-width one on CPU)")
@@ -121,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron weights and logits dtype")
     p.add_argument("--attention-backend", choices=["auto", "te", "sdpa"], default="auto",
                    help="auto: Transformer Engine spec when it is installed, else local spec + SDPA")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed passes per variant (median reported)")
+    p.add_argument("--repeats", type=common.positive_int, default=3, help="timed passes per variant (median reported)")
     p.add_argument("--seed", type=int, default=0, help="weights and token ids")
     p.add_argument("--workdir", type=Path, default=None, help="where the model goes (default: a temp dir, removed)")
     p.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")

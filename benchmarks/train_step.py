@@ -188,28 +188,13 @@ def auto_layers(memory_bytes: float, shape: DecoderShape, tokens: int, models: l
 
 # --------------------------------------------------------------------------- arguments
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
 
 def _layers(text: str) -> str:
     if text != "auto":
-        _positive(text)
+        common.positive_int(text)
     return text
 
 
-def _variants(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or [text]}; choose from {', '.join(VARIANTS)}")
-    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,16 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     p.add_argument("--layers", type=_layers, default=None,
                    help="decoder layers, or 'auto': the most that fit every stack on this GPU (GPU default; CPU: 2)")
-    p.add_argument("--vocab", type=_positive, default=None, help="vocabulary (GPU 128256, CPU 1024)")
-    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence (GPU 4096, CPU 128)")
-    p.add_argument("--sequences", type=_positive, default=None, help="sequences per step (4)")
-    p.add_argument("--micro-batch-tokens", type=_positive, default=None,
+    p.add_argument("--vocab", type=common.positive_int, default=None, help="vocabulary (GPU 128256, CPU 1024)")
+    p.add_argument("--seq-len", type=common.positive_int, default=None, help="tokens per sequence (GPU 4096, CPU 128)")
+    p.add_argument("--sequences", type=common.positive_int, default=None, help="sequences per step (4)")
+    p.add_argument("--micro-batch-tokens", type=common.positive_int, default=None,
                    help="token budget per micro-batch (GPU 8192: see the module docstring; CPU: the whole step)")
-    p.add_argument("--steps", type=_positive, default=None, help="timed steps (GPU 10, CPU 3)")
+    p.add_argument("--steps", type=common.positive_int, default=None, help="timed steps (GPU 10, CPU 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 3, CPU 1)")
     p.add_argument("--baseline-params", choices=["fp32", "bf16"], default="fp32",
                    help="transformers params on GPU: fp32 master + autocast bf16 (default) or pure bf16")
-    p.add_argument("--variants", type=_variants, default=list(VARIANTS), help="comma-separated, default all")
+    p.add_argument("--variants", type=common.name_list(VARIANTS), default=list(VARIANTS), help="comma-separated, default all")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default=None,
                    help="ModelBuildConfig.performance.recompute (Megatron rows)")
     p.add_argument("--fusions", choices=["auto", "off"], default=None,

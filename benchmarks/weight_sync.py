@@ -53,8 +53,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -63,17 +61,11 @@ from benchmarks.common import LLAMA31_8B, REPO, machine, write_random_model
 
 WORKER = Path(__file__).resolve().parent / "weight_sync_worker.py"
 
-DEFAULTS = {"cpu": dict(layers=2, vocab=32768, layouts="1x1,2x1,1x2", params_dtype="float32"),
-            "cuda": dict(layers=32, vocab=128256, layouts="1x1", params_dtype="bfloat16")}
+DEFAULTS = {"cpu": dict(layers=2, vocab=32768, layouts=[(1, 1), (2, 1), (1, 2)], params_dtype="float32"),
+            "cuda": dict(layers=32, vocab=128256, layouts=[(1, 1)], params_dtype="bfloat16")}
 
 
 # --------------------------------------------------------------------------- arguments
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parse_layouts(text: str) -> list[tuple[int, int]]:
@@ -92,19 +84,19 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=_positive, default=None,
+    p.add_argument("--layers", type=common.positive_int, default=None,
                    help="decoder layers (default 2 on CPU to fit a 24 GB machine, 32 on GPU)")
-    p.add_argument("--vocab", type=_positive, default=None,
+    p.add_argument("--vocab", type=common.positive_int, default=None,
                    help="vocabulary size (default 32768 on CPU to fit a 24 GB machine, 128256 on GPU)")
-    p.add_argument("--bucket-mib", type=_positive, default=512, help="export bucket size in MiB")
+    p.add_argument("--bucket-mib", type=common.positive_int, default=512, help="export bucket size in MiB")
     p.add_argument("--layouts", type=parse_layouts, default=None,
                    help="TPxPP layouts to export at (default 1x1,2x1,1x2 on CPU; 1x1 on GPU, the only one there)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed passes per measurement (best and median reported)")
+    p.add_argument("--repeats", type=common.positive_int, default=3, help="timed passes per measurement (best and median reported)")
     p.add_argument("--params-dtype", choices=["float32", "bfloat16"], default=None,
                    help="Megatron parameter dtype (default float32 on CPU, the dtype tested there; bfloat16 on GPU)")
     p.add_argument("--engine-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                    help="dtype of the rollout engines' weights (HF engine, emulated SGLang server)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=common.positive_int, default=None,
                    help="CPU threads per process (default: cores / processes)")
     p.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir, removed)")
     p.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
@@ -115,10 +107,7 @@ def parse_args(argv=None, cuda: bool | None = None) -> argparse.Namespace:
     """Parse and fill the device-dependent defaults; reject layouts the model or device cannot take."""
     p = build_parser()
     a = p.parse_args(argv)
-    a.device = "cuda" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
-    for key, value in DEFAULTS[a.device].items():
-        if getattr(a, key) is None:
-            setattr(a, key, parse_layouts(value) if key == "layouts" else value)
+    common.device_defaults(a, DEFAULTS, cuda)
     for tp, pp in a.layouts:
         if LLAMA31_8B["num_key_value_heads"] % tp:
             p.error(f"layout {tp}x{pp}: TP must divide the {LLAMA31_8B['num_key_value_heads']} KV heads")
