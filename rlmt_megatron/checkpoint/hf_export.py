@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from rlmt_megatron.distributed.collectives import device_tensors_device
 from rlmt_megatron.checkpoint.hf_loader import global_layer_numbers
 from rlmt_megatron.checkpoint.mapping import HF_ARCHITECTURES, ResolvedRule, layer_index, resolve, unfuse
 from rlmt_megatron.checkpoint.safetensors_io import copy_tokenizer_files, pack_buckets, write_safetensors_folder
@@ -115,7 +116,7 @@ def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCK
     senders: list = [None] * dist.get_world_size()
     dist.all_gather_object(senders, (parallel_state.get_pipeline_model_parallel_rank(), rank) if is_sender else None)
     # NCCL moves only device tensors: receive onto this rank's GPU there, into CPU memory on gloo.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = device_tensors_device()
     for _, src in sorted(s for s in senders if s is not None):
         if src == rank == dst:
             yield from local

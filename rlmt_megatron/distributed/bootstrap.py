@@ -1,6 +1,10 @@
 """The one place that starts torch.distributed and Megatron-Core's parallel state.
 
-Backend: NCCL when CUDA is available, gloo otherwise (with the CPU compatibility layer). Under
+Backend: with CUDA, ``cpu:gloo,cuda:nccl`` — weights, activations and gradients are CUDA
+tensors and go through NCCL, while the loop's small book-keeping collectives (token counts,
+metric sums, stop flags, pickled objects) use CPU tensors, which an NCCL-only group refuses
+("no backend type associated with device type cpu"); every group Megatron creates inherits
+both. Without CUDA, gloo (with the CPU compatibility layer). Under
 torchrun the rendezvous comes from the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
 ``MASTER_PORT``, ``LOCAL_RANK``); a plain ``python`` process becomes a world of one on a free
 local port, so every CLI also works without torchrun.
@@ -41,7 +45,7 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
         rendezvous = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     else:
         cpu_compat.activate()
         backend = "gloo"

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+def device_tensors_device() -> torch.device:
+    """Where tensors that should travel over NCCL live: this rank's GPU with CUDA, else the CPU
+    (gloo). Small CPU tensors may always be used: the world has a gloo backend beside NCCL."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def dp_rank_and_size() -> tuple[int, int]:

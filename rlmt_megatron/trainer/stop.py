@@ -50,6 +50,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from rlmt_megatron.distributed.collectives import device_tensors_device
 from rlmt_megatron.trainer.watchdog import activity
 
 EXIT_STATUS_NAME = "exit_status.json"
@@ -133,7 +134,7 @@ def any_rank(flag: bool) -> bool:
     """Logical OR of ``flag`` over the world. Collective (NCCL needs the tensor on the GPU)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = device_tensors_device()
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

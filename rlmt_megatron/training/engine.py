@@ -301,10 +301,17 @@ class TrainEngine:
         """Sum per-micro-batch metric dicts over micro-batches and DP ranks; share over PP."""
         from megatron.core import parallel_state
 
-        local: dict[str, float] = {}
-        for r in results or []:
+        # Summed where the metrics live (the device) and copied to the host once: one sync,
+        # not one per metric and micro-batch.
+        results = results or []
+        device = next((v.device for r in results for v in r.values() if torch.is_tensor(v)), torch.device("cpu"))
+        sums: dict[str, torch.Tensor] = {}
+        for r in results:
             for k, v in r.items():
-                local[k] = local.get(k, 0.0) + float(v)
+                v = torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                sums[k] = sums[k] + v if k in sums else v
+        names = sorted(sums)
+        local: dict[str, float] = dict(zip(names, torch.stack([sums[k] for k in names]).cpu().tolist())) if names else {}
         if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
             box = [local]
             dist.broadcast_object_list(
