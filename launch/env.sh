@@ -25,6 +25,8 @@ export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
 export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 # Where those dumps go (one file per rank: <prefix><rank>); node-local /tmp unless redirected.
 export TORCH_NCCL_DEBUG_INFO_TEMP_FILE="${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-/tmp/rlmt_nccl_trace_rank_}"
+# cuBLAS workspace fixed so that run.deterministic=true can use deterministic GEMMs.
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
 # NCCL's own log level: warnings only (set INFO to debug topology or network selection).
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 # torchrun waits this long for its workers after forwarding SIGTERM before it SIGKILLs them

@@ -89,3 +89,30 @@ def test_options_reach_the_transformer_config(world_of_one, perf, expected):
 def test_unknown_option_is_rejected():
     with pytest.raises(Exception, match="recompute"):
         ModelBuildConfig.model_validate({"performance": {"recompute": "sometimes"}})
+
+
+@pytest.mark.parametrize("fp8, tp, sp, expected", [
+    (None, 1, False, 1), (None, 2, True, 2), (None, 2, False, 1),
+    # Transformer Engine's FP8 GEMMs need the token dimension divisible by 16 (mxfp8: 32)
+    ("tensorwise", 1, False, 16), ("delayed", 2, True, 32), ("mxfp8", 1, False, 32), ("mxfp8", 2, True, 64),
+])
+def test_sequence_multiple(fp8, tp, sp, expected):
+    from rlmt_megatron.config import ParallelConfig, PrecisionConfig
+    from rlmt_megatron.models.builder import BuiltModel
+
+    build = ModelBuildConfig(precision=PrecisionConfig(params_dtype="bfloat16", fp8=fp8),
+                             parallel=ParallelConfig(tp=tp, sequence_parallel=sp))
+    assert BuiltModel(spec=None, build=build, role="policy", chunks=[], padded_vocab_size=0).sequence_multiple == expected
+
+
+@pytest.mark.parametrize("apex, expected", [(False, False), (True, True)])
+def test_wgrad_fusion_only_with_apex_kernel(monkeypatch, apex, expected):
+    """On a GPU with the TE spec: GPTModel's output layer is Megatron's own ColumnParallelLinear,
+    which needs Apex's fused_weight_gradient_mlp_cuda for the model-wide flag."""
+    from rlmt_megatron.models import builder, layer_specs
+
+    monkeypatch.setattr(layer_specs, "uses_te_spec", lambda build: True)
+    monkeypatch.setattr(builder, "_apex_wgrad_kernel_available", lambda: apex)
+    options = builder._performance_options(ModelBuildConfig(), on_cpu=False)
+    assert options["gradient_accumulation_fusion"] is expected
+    assert options["apply_rope_fusion"] is True and options["bias_activation_fusion"] is True

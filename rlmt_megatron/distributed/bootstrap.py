@@ -44,7 +44,8 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
     else:  # a plain process: a world of one, without touching os.environ (children inherit it)
         rendezvous = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # modulo: under per-task CUDA_VISIBLE_DEVICES (srun --gpus-per-task) each rank sees one GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
     else:
         cpu_compat.activate()

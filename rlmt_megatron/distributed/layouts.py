@@ -54,7 +54,7 @@ class ParallelLayouts:
                 tensor_model_parallel_size=parallel.tp,
                 pipeline_model_parallel_size=parallel.pp,
                 virtual_pipeline_model_parallel_size=parallel.vpp,
-                distributed_timeout_minutes=int(timeout_minutes),
+                distributed_timeout_minutes=timeout_minutes,  # int() made 0.5 zero (as in bootstrap)
             )
             snap = self._snapshot()
             for n in _SHARED:  # one scratch buffer for all layouts (Megatron made a fresh one)

@@ -47,12 +47,21 @@ class ScalarHead(torch.nn.Module):
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             hidden = gather_from_sequence_parallel_region(hidden)
-        return F.linear(hidden, self.weight, self.bias), None
+        # float32 output: a bf16 score is spaced 0.0625 at |r| in [8, 16), which would merge the
+        # small within-group reward differences GRPO normalises.
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(hidden.float(), self.weight.float(), bias), None
 
 
 def padded_vocab_size(vocab_size: int, build: ModelBuildConfig) -> int:
     multiple = build.make_vocab_size_divisible_by * build.parallel.tp
     return -(-vocab_size // multiple) * multiple
+
+
+def _apex_wgrad_kernel_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 def _performance_options(build: ModelBuildConfig, on_cpu: bool) -> dict:
@@ -64,10 +73,12 @@ def _performance_options(build: ModelBuildConfig, on_cpu: bool) -> dict:
     te = uses_te_spec(build)
     options = dict(
         bias_activation_fusion=fuse,
-        # TE's fused RoPE kernel and its wgrad-into-main_grad GEMM; the local spec has neither
-        # without Apex, which is not a dependency.
+        # TE's fused RoPE kernel (the local spec has none without Apex, not a dependency).
         apply_rope_fusion=fuse and te and not on_cpu,
-        gradient_accumulation_fusion=fuse and te and not on_cpu,
+        # The flag is model-wide: GPTModel's output layer is Megatron's own ColumnParallelLinear
+        # even under the TE spec, and that layer needs Apex's fused_weight_gradient_mlp_cuda
+        # (it raises at construction without it), so only when that kernel is importable.
+        gradient_accumulation_fusion=fuse and te and not on_cpu and _apex_wgrad_kernel_available(),
     )
     if perf.recompute == "selective":
         options.update(recompute_granularity="selective", recompute_modules=["core_attn"])
@@ -148,8 +159,13 @@ class BuiltModel:
 
     @property
     def sequence_multiple(self) -> int:
-        """Sequence lengths fed to the model must be multiples of this (TP under sequence parallelism)."""
-        return self.build.parallel.tp if self.build.parallel.sequence_parallel else 1
+        """Sequence lengths fed to the model must be multiples of this: TP under sequence
+        parallelism (each rank holds s/tp tokens), times 16 under FP8 (32 for mxfp8), because
+        Transformer Engine's FP8 GEMMs require the token dimension to be divisible by it."""
+        p = self.build.parallel
+        tp = p.tp if p.sequence_parallel else 1
+        fp8 = {None: 1, "mxfp8": 32}.get(self.build.precision.fp8, 16)
+        return tp * fp8
 
     @property
     def tied_embeddings(self) -> bool:

@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
+import torch
+
 from rlmt_megatron.distributed.collectives import broadcast_from_rank0, is_rank0
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
@@ -211,9 +213,17 @@ class EngineSupervisor:
 
     # ---------------------------------------------------------------- the loop's calls
 
+    def _release_cached_memory(self) -> None:
+        """Colocated on a GPU: hand the trainer's cached-but-free blocks (the activation and
+        logits peaks of the update) back to the driver, so that the engine, a separate
+        allocator, can take them when it wakes for the sync and the rollout."""
+        if self.cfg.rollout.placement == "colocated" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def push(self, version: int) -> None:
         """Sync the policy's weights as ``version``. Collective. A failure marks the engine broken
         (restarted before the next generation); it does not raise."""
+        self._release_cached_memory()
         with activity(f"weight sync v{version}"):
             if is_rank0() and self.engine is not None and self._broken is None and self._local_error is None:
                 error = self._agree(f"syncing weights v{version}", lambda: self._sync.push(self.policy, version))
@@ -232,6 +242,7 @@ class EngineSupervisor:
     def generate(self, prompt_ids: list[list[int]], params) -> list:
         """Rollouts for ``prompt_ids`` (same list on every rank), restarting the engine as needed.
         Raises StepAbandoned (stop request) or EngineGaveUp on every rank alike."""
+        self._release_cached_memory()
         while True:
             if self._broken is not None:
                 self._restart()

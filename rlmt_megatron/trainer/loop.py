@@ -13,6 +13,7 @@ watchdog reports stuck ranks (``trainer/watchdog.py``).
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -185,6 +186,9 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS refuses deterministic mode without a fixed workspace (read when CUDA starts;
+        # launch/env.sh exports it too, for runs whose CUDA is up before this point).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
 
 
