@@ -95,6 +95,9 @@ def test_bad_batches_are_refused(engine):
     nan[1].fields["advantages"][3] = float("nan")
     with pytest.raises(ValueError, match="field 'advantages' of sample 1 on this rank contains NaN/inf"):
         engine.train_step(nan, policy_loss())
+    half = [type(s)(s.input_ids, {**s.fields, "loss_mask": s.fields["loss_mask"] * 0.5}) for s in batch]
+    with pytest.raises(ValueError, match="field 'loss_mask' of sample 0 on this rank is not 0/1"):
+        engine.train_step(half, policy_loss())
     from rlmt_megatron.training.losses import dpo_loss_fn
 
     with pytest.raises(ValueError, match=r"pairs must stay together"):

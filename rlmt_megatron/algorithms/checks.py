@@ -7,13 +7,33 @@ instead of surfacing later as a NaN loss.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 
 F = TypeVar("F", bound=Callable)
 
 _MAX_POSITIONS = 5
+_validated_on_host = contextvars.ContextVar("validated_on_host", default=False)
+
+
+@contextlib.contextmanager
+def validated_on_host() -> Iterator[None]:
+    """Inside, the value checks below (finite, 0/1 masks, non-empty rows) pass device tensors
+    without looking: each would copy a flag to the host, one GPU stall per check per
+    micro-batch. Only for callers that validated the same values on the host first (the train
+    engine checks every sample field before the schedule). Shape checks always run."""
+    token = _validated_on_host.set(True)
+    try:
+        yield
+    finally:
+        _validated_on_host.reset(token)
+
+
+def _unchecked(tensor: torch.Tensor) -> bool:
+    return _validated_on_host.get() and tensor.device.type != "cpu"
 
 
 def require_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -24,6 +44,8 @@ def require_finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """
     if not torch.is_tensor(tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if _unchecked(tensor):
+        return tensor
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
         return tensor
@@ -63,6 +85,8 @@ def as_bool_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
     """
     if mask.dtype == torch.bool:
         return mask
+    if _unchecked(mask):
+        return mask != 0
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must contain only 0/1 (or be bool)")
     return mask != 0
@@ -70,6 +94,8 @@ def as_bool_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
 
 def require_rows_nonempty(name: str, mask: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the rows of a [B, T] mask that have no valid token."""
+    if _unchecked(mask):
+        return
     empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
     if empty:
         shown = ", ".join(map(str, empty[:_MAX_POSITIONS]))

@@ -50,10 +50,16 @@ class TrainMicroBatch:
     def targets(self) -> torch.Tensor:
         return self.input_ids[:, 1:]
 
-    def to(self, device) -> "TrainMicroBatch":
-        return TrainMicroBatch(
-            self.input_ids.to(device), self.lengths.to(device), {k: v.to(device) for k, v in self.fields.items()}, self.indices
-        )
+    def to(self, device, non_blocking: bool = False) -> "TrainMicroBatch":
+        """On ``device``. ``non_blocking`` (GPU targets): copied from pinned host memory without
+        waiting, so queueing the copies does not stall the GPU work already in flight."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if non_blocking and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=non_blocking)
+
+        return TrainMicroBatch(move(self.input_ids), move(self.lengths), {k: move(v) for k, v in self.fields.items()},
+                               self.indices)
 
 
 def _collate(samples: list[Sample], indices: list[int], pad_multiple: int) -> TrainMicroBatch:

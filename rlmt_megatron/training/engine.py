@@ -29,6 +29,7 @@ import torch.distributed as dist
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
+from rlmt_megatron.algorithms.checks import validated_on_host
 from rlmt_megatron.config import StrictModel
 from rlmt_megatron.models.builder import BuiltModel
 from rlmt_megatron.training.batching import Sample, TrainMicroBatch, make_train_micro_batches
@@ -80,22 +81,27 @@ def global_counts(samples: list[Sample]) -> tuple[GlobalNormalizers, int, int]:
 
 
 def check_finite_fields(samples: list[Sample]) -> None:
-    """Refuse NaN/inf in any sample field on every rank of the job at once.
+    """Refuse NaN/inf in any sample field, and a ``loss_mask`` that is not 0/1, on every rank of
+    the job at once.
 
-    Checked before the schedule starts: an error raised inside one rank's loss function would
-    leave the other ranks waiting in a collective.
+    Checked on the host before the schedule starts: an error raised inside one rank's loss
+    function would leave the other ranks waiting in a collective, and on a GPU the losses skip
+    these value checks (``algorithms.checks.validated_on_host``) to avoid a stall per check.
     """
-    bad = next(
-        ((i, name) for i, s in enumerate(samples) for name, t in s.fields.items()
-         if t.is_floating_point() and not torch.isfinite(t).all()),
-        None,
-    )
+    def bad_field(name: str, t: torch.Tensor) -> bool:
+        if name == "loss_mask" and t.dtype != torch.bool and not ((t == 0) | (t == 1)).all():
+            return True
+        return t.is_floating_point() and not torch.isfinite(t).all()
+
+    bad = next(((i, name) for i, s in enumerate(samples) for name, t in s.fields.items() if bad_field(name, t)), None)
     flag = torch.tensor([0.0 if bad is None else 1.0])
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         where = f"field '{bad[1]}' of sample {bad[0]} on this rank" if bad else "a sample on another rank"
-        raise ValueError(f"{where} contains NaN/inf: refusing to train on this batch")
+        what = "is not 0/1" if bad and bad[1] == "loss_mask" else "contains NaN/inf"
+        raise ValueError(f"{where} {what}: refusing to train on this batch" if bad else
+                         f"{where} contains NaN/inf or a loss_mask that is not 0/1: refusing to train on this batch")
 
 
 def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int) -> list[TrainMicroBatch]:
@@ -220,11 +226,12 @@ class TrainEngine:
 
     def _run(self, micro_batches: list[TrainMicroBatch], collect: Callable, forward_only: bool) -> Optional[list]:
         from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.built.chunks[0].parameters()).device
         real = len(micro_batches)
         micro_batches = _pad_for_interleaving(micro_batches, len(self.model))
+        if device.type == "cuda":  # all inputs up front, asynchronously: no sync per micro-batch
+            micro_batches = [mb.to(device, non_blocking=True) for mb in micro_batches]
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(device)
@@ -232,7 +239,14 @@ class TrainEngine:
             return output, partial(collect, mb=mb)
 
         iterators = [iter(micro_batches) for _ in self.model]
-        results = get_forward_backward_func()(
+        with validated_on_host():  # train_step validated every field on the host (forward has none)
+            results = self._schedule(iterators, micro_batches, forward_step, forward_only)
+        return results[:real] if parallel_state.is_pipeline_last_stage() else None
+
+    def _schedule(self, iterators, micro_batches, forward_step, forward_only):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
@@ -242,7 +256,6 @@ class TrainEngine:
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )
-        return results[:real] if parallel_state.is_pipeline_last_stage() else None
 
     def train_step(self, samples: list[Sample], loss_fn: LossFn, unit_size: int = 1) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch. Collective over the role.

@@ -73,8 +73,8 @@ def sequence_logprobs_from_logits(
     vocab = engine.built.spec.vocab_size
 
     def reduce(logits, mb):
-        lp = vocab_parallel_logprobs(logits[:, :-1], mb.targets, vocab, temperature)
-        return [lp[row, : int(n) - 1].cpu() for row, n in enumerate(mb.lengths[: len(mb.indices)])]
+        lp = vocab_parallel_logprobs(logits[:, :-1], mb.targets, vocab, temperature).cpu()  # one copy
+        return [lp[row, : n - 1] for row, n in enumerate(mb.lengths[: len(mb.indices)].tolist())]
 
     return engine.forward(_samples(sequences), reduce, max_tokens)
 
@@ -94,6 +94,7 @@ def token_values(model, sequences: Sequence[Sequence[int]], max_tokens: int = 81
     """Critic: one value per token of each sequence (float32 [len])."""
 
     def reduce(out, mb):
-        return [out[row, : int(n), 0].float().cpu() for row, n in enumerate(mb.lengths[: len(mb.indices)])]
+        values = out[: len(mb.indices), :, 0].float().cpu()  # one copy per micro-batch, not per row
+        return [values[row, :n] for row, n in enumerate(mb.lengths[: len(mb.indices)].tolist())]
 
     return _engine(model).forward(_samples(sequences), reduce, max_tokens)

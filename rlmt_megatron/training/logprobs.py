@@ -109,8 +109,9 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
             else:
                 g = p.mul_(-g_lp[:, None])
             del p
-            rows = torch.nonzero(owns[a:b], as_tuple=True)[0]
-            g[rows, local_t[a:b][rows]] += g_lp[rows]
+            # + g_lp on each token's own column (0 where another TP rank owns it); scatter_add
+            # with a mask instead of nonzero(), which would copy a count to the host per chunk.
+            g.scatter_add_(1, local_t[a:b, None], torch.where(owns[a:b], g_lp, torch.zeros_like(g_lp))[:, None].to(g.dtype))
             grad[a:b] = g.div_(ctx.temperature)
         return grad, None, None, None, None, None
 
