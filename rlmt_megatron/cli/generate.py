@@ -32,6 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="prompts per engine call")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="engine weights: auto = bfloat16 on GPU, float32 on CPU")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -49,14 +51,18 @@ def main(argv=None) -> None:
     stop, stop_ids = stop_settings(fmt, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             stop=stop, stop_token_ids=stop_ids, n=1, seed=args.seed)
+    import torch
+
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
     if args.engine == "hf":
         from rlmt_megatron.rollout.hf_engine import HFEngine
 
-        engine = HFEngine(args.model)
+        engine = HFEngine(args.model, dtype=dtype)
     else:
         from rlmt_megatron.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(args.model, max_model_len=args.max_prompt_tokens + args.max_new_tokens, seed=args.seed)
+        engine = VLLMEngine(args.model, dtype=dtype, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+                            seed=args.seed)
     out = []
     try:
         for lo in range(0, len(rows), args.batch_size):

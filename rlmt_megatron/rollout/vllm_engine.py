@@ -49,18 +49,29 @@ class VLLMEngine(RolloutEngine):
     def __init__(self, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.5):
         vllm = _import_vllm()
+        cuda = torch.cuda.is_available()
         try:
             self.llm = vllm.LLM(
                 model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                 max_model_len=max_model_len, logprobs_mode="processed_logprobs",
-                enforce_eager=not torch.cuda.is_available(), gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=not cuda, gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=cuda,  # sleep() frees the GPU for the trainer when colocated
             )
         except Exception as e:  # vLLM raises many types; the user needs one message
             raise EngineError(f"vllm engine: cannot start from {model_dir} ({type(e).__name__}: {e})") from e
         self.weight_version = 0
         self._checksum = None
+        self._asleep = False
+
+    def _ensure_awake(self) -> None:
+        """The supervisor puts a colocated engine to sleep after each rollout; the next weight
+        reload or generation wakes it (as the SGLang client does)."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
+        self._ensure_awake()
         weights = [(name, tensor) for bucket in buckets for name, tensor in bucket]
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
@@ -86,6 +97,7 @@ class VLLMEngine(RolloutEngine):
             stop_token_ids=list(params.stop_token_ids), seed=params.seed, logprobs=0,
             detokenize=False,
         )
+        self._ensure_awake()
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False)
         except Exception as e:
@@ -104,12 +116,14 @@ class VLLMEngine(RolloutEngine):
         return results
 
     def sleep(self) -> None:
-        if torch.cuda.is_available():
+        # level 1: weights offloaded to host memory, KV cache dropped (the next reload rewrites
+        # the weights anyway)
+        if torch.cuda.is_available() and not self._asleep:
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake(self) -> None:
-        if torch.cuda.is_available():
-            self.llm.wake_up()
+        self._ensure_awake()
 
     def close(self) -> None:
         self.llm = None

@@ -80,6 +80,9 @@ class RolloutConfig(StrictModel):
     max_restarts: NonNegativeInt = Field(
         3, description="engine restarts allowed in a row without a successful generation; one more failure ends the "
         "run with a checkpoint")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0.0, lt=1.0, description="vllm on GPU: the share of the GPU's memory vLLM may take (weights + KV "
+        "cache); colocated, what the trainer's roles leave free when vLLM starts must cover it")
 
 
 class AlgorithmConfig(StrictModel):

@@ -128,12 +128,12 @@ def make_rollout_engine(cfg, model_dir: str) -> Optional[RolloutEngine]:
                         "trainer's torch.distributed world; leave it unset (subprocess)")
     from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 
-    if r.engine == "hf":
-        # On GPU the engine holds the trainer's dtype (bf16 in every recipe, as SGLang serves);
-        # on CPU float32, the tested path (the CPU bf16 kernels are slow and not compared).
-        import torch
+    # On GPU the engine holds the trainer's dtype (bf16 in every recipe, as SGLang serves); on
+    # CPU float32, the tested path (the CPU bf16 kernels are slow and not compared).
+    import torch
 
-        dtype = cfg.build.precision.params_dtype if torch.cuda.is_available() else "float32"
+    dtype = cfg.build.precision.params_dtype if torch.cuda.is_available() else "float32"
+    if r.engine == "hf":
         if r.engine_process != "subprocess":
             from rlmt_megatron.rollout.hf_engine import HFEngine
 
@@ -141,5 +141,6 @@ def make_rollout_engine(cfg, model_dir: str) -> Optional[RolloutEngine]:
         return SubprocessEngine(HF_ENGINE, {"model_dir": model_dir, "dtype": dtype}, timeout_s=r.timeout_s)
     max_len = cfg.data.max_prompt_tokens + r.max_new_tokens
     return SubprocessEngine("rlmt_megatron.rollout.vllm_engine.VLLMEngine",
-                            {"model_dir": model_dir, "max_model_len": max_len, "seed": cfg.run.seed},
+                            {"model_dir": model_dir, "max_model_len": max_len, "seed": cfg.run.seed, "dtype": dtype,
+                             "gpu_memory_utilization": r.gpu_memory_utilization},
                             timeout_s=r.timeout_s)
