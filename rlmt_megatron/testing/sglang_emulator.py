@@ -351,8 +351,12 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
             if route == "/_emulator/stats":
                 return self._reply(ranks.stats())
             if route == "/_emulator/stop":
+                # answer first: once stop is set the main thread may end the process (os._exit)
+                # while this reply is still being written (seen as IncompleteRead under load)
+                self._reply({"ok": True})
+                self.wfile.flush()
                 stop.set()
-                return self._reply({"ok": True})
+                return None
             return self._reply({"detail": "Not Found"}, 404)
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -412,7 +416,9 @@ def running(out: str, tp_size: int = 1, timeout: float = 120.0, weights: str | N
         yield url
     finally:
         if url is not None and proc.is_alive():
-            with contextlib.suppress(OSError):
+            import http.client
+
+            with contextlib.suppress(OSError, http.client.HTTPException):  # stopping is best effort
                 _post(url, "/_emulator/stop")
             proc.join(10)
         if proc.is_alive():
