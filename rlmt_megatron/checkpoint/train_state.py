@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlmt_megatron.distributed.collectives import device_tensors_device
+from rlmt_megatron.distributed.collectives import any_rank
 from rlmt_megatron.checkpoint.safetensors_io import fsync_path
 from rlmt_megatron.errors import CheckpointError
 
@@ -132,12 +132,7 @@ def _barrier() -> None:
 
 def _all_ranks_ok(ok: bool) -> bool:
     """True when ``ok`` holds on every rank (so that all ranks raise together, none hangs)."""
-    if not dist.is_initialized():
-        return ok
-    device = device_tensors_device()
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) == 0
+    return not any_rank(not ok)
 
 
 def _write_durable(path: Path, data: bytes) -> None:

@@ -21,6 +21,15 @@ def device_tensors_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def any_rank(flag: bool) -> bool:
+    """Logical OR of ``flag`` over the world, on every rank. Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device_tensors_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def dp_rank_and_size() -> tuple[int, int]:
     if not dist.is_initialized():
         return 0, 1

@@ -47,10 +47,9 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 
-from rlmt_megatron.distributed.collectives import device_tensors_device
+from rlmt_megatron.distributed.collectives import any_rank
 from rlmt_megatron.trainer.watchdog import activity
 
 EXIT_STATUS_NAME = "exit_status.json"
@@ -128,16 +127,6 @@ class StopSignals:
         """True on every rank when any rank received a stop signal. Collective."""
         with activity("all-reduce of the stop flag"):
             return any_rank(self.requested)
-
-
-def any_rank(flag: bool) -> bool:
-    """Logical OR of ``flag`` over the world. Collective (NCCL needs the tensor on the GPU)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = device_tensors_device()
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def write_exit_status(out_dir: str | Path, status: str, *, requeue: bool, exit_code: int, step: int,

@@ -31,6 +31,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.algorithms.checks import validated_on_host
 from rlmt_megatron.config import StrictModel
+from rlmt_megatron.distributed.collectives import any_rank
 from rlmt_megatron.models.builder import BuiltModel
 from rlmt_megatron.training.batching import Sample, TrainMicroBatch, make_train_micro_batches
 
@@ -88,20 +89,19 @@ def check_finite_fields(samples: list[Sample]) -> None:
     function would leave the other ranks waiting in a collective, and on a GPU the losses skip
     these value checks (``algorithms.checks.validated_on_host``) to avoid a stall per check.
     """
-    def bad_field(name: str, t: torch.Tensor) -> bool:
+    def problem(name: str, t: torch.Tensor) -> Optional[str]:
         if name == "loss_mask" and t.dtype != torch.bool and not ((t == 0) | (t == 1)).all():
-            return True
-        return t.is_floating_point() and not torch.isfinite(t).all()
+            return "is not 0/1"
+        return "contains NaN/inf" if t.is_floating_point() and not torch.isfinite(t).all() else None
 
-    bad = next(((i, name) for i, s in enumerate(samples) for name, t in s.fields.items() if bad_field(name, t)), None)
-    flag = torch.tensor([0.0 if bad is None else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        where = f"field '{bad[1]}' of sample {bad[0]} on this rank" if bad else "a sample on another rank"
-        what = "is not 0/1" if bad and bad[1] == "loss_mask" else "contains NaN/inf"
-        raise ValueError(f"{where} {what}: refusing to train on this batch" if bad else
-                         f"{where} contains NaN/inf or a loss_mask that is not 0/1: refusing to train on this batch")
+    bad = next(((i, name, why) for i, s in enumerate(samples) for name, t in s.fields.items()
+                if (why := problem(name, t))), None)
+    if not any_rank(bad is not None):
+        return
+    if bad is None:
+        raise ValueError("a sample on another rank contains NaN/inf or a loss_mask that is not 0/1: "
+                         "refusing to train on this batch")
+    raise ValueError(f"field '{bad[1]}' of sample {bad[0]} on this rank {bad[2]}: refusing to train on this batch")
 
 
 def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int) -> list[TrainMicroBatch]:
@@ -226,36 +226,33 @@ class TrainEngine:
 
     def _run(self, micro_batches: list[TrainMicroBatch], collect: Callable, forward_only: bool) -> Optional[list]:
         from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.built.chunks[0].parameters()).device
         real = len(micro_batches)
-        micro_batches = _pad_for_interleaving(micro_batches, len(self.model))
-        if device.type == "cuda":  # all inputs up front, asynchronously: no sync per micro-batch
-            micro_batches = [mb.to(device, non_blocking=True) for mb in micro_batches]
+        # All inputs moved up front; on a GPU asynchronously from pinned memory, so the schedule
+        # never waits on a host copy between micro-batches.
+        micro_batches = [mb.to(device, non_blocking=device.type == "cuda")
+                         for mb in _pad_for_interleaving(micro_batches, len(self.model))]
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator).to(device)
+            mb = next(data_iterator)
             output = model(mb.input_ids, mb.position_ids, None)
             return output, partial(collect, mb=mb)
 
         iterators = [iter(micro_batches) for _ in self.model]
         with validated_on_host():  # train_step validated every field on the host (forward has none)
-            results = self._schedule(iterators, micro_batches, forward_step, forward_only)
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=len(micro_batches),
+                seq_length=max(int(mb.input_ids.shape[1]) for mb in micro_batches),
+                micro_batch_size=max(int(mb.input_ids.shape[0]) for mb in micro_batches),
+                forward_only=forward_only,
+                collect_non_loss_data=forward_only,
+            )
         return results[:real] if parallel_state.is_pipeline_last_stage() else None
-
-    def _schedule(self, iterators, micro_batches, forward_step, forward_only):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=len(micro_batches),
-            seq_length=max(int(mb.input_ids.shape[1]) for mb in micro_batches),
-            micro_batch_size=max(int(mb.input_ids.shape[0]) for mb in micro_batches),
-            forward_only=forward_only,
-            collect_non_loss_data=forward_only,
-        )
 
     def train_step(self, samples: list[Sample], loss_fn: LossFn, unit_size: int = 1) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch. Collective over the role.
