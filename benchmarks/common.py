@@ -22,6 +22,9 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Taken when a benchmark imports this module (its first lines): the load its measurements ran
+# under, not the load when the results are written at the end.
+LOAD_AT_START = os.getloadavg()
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json) minus the layer count and vocabulary.
 LLAMA31_8B = dict(
@@ -260,9 +263,10 @@ def measured_command(script: str, argv: list[str]) -> str:
 
 def section_header(title: str, script: str, argv: list[str]) -> str:
     """Markdown heading + where/what/how line for one appended results section."""
-    load = os.getloadavg()
+    load = LOAD_AT_START
     return (f"\n## {title} ({datetime.date.today()})\n\n"
-            f"{machine()}; {versions()}. Load average at start: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.\n"
+            f"{machine()}; {versions()}. Load average when the script started (1/5/15 min): "
+            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.\n"
             f"Command: `{measured_command(script, argv)}`\n\n")
 
 

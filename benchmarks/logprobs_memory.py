@@ -17,9 +17,7 @@ byte is the method's own. Each measurement runs in a fresh process (peak RSS on 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ import torch
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import common
 from benchmarks.common import peak_memory, reset_peak_memory
 
 
@@ -97,13 +96,8 @@ def main(argv=None) -> None:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
     print(text)
-    if a.write:
-        where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        header = (f"\n## Logprobs + entropy, forward+backward: fused vs naive ({datetime.date.today()})\n\n"
-                  f"{where}, torch {torch.__version__}. Command: `python benchmarks/logprobs_memory.py "
-                  f"--vocab {a.vocab} --tokens {a.tokens} --dtype {a.dtype}`\n\n")
-        with a.write.open("a") as f:
-            f.write(header + text + "\n")
+    common.append_section(a.write, common.section_header("Logprobs + entropy, forward+backward: fused vs naive",
+                                                         "benchmarks/logprobs_memory.py", list(sys.argv[1:] if argv is None else argv)) + text)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ bucket or two of 512 MiB; writing the random 8B folder needs ~16 GB of disk in t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -57,7 +56,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the packa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common
-from benchmarks.common import LLAMA31_8B, REPO, machine, write_random_model
+from benchmarks.common import LLAMA31_8B, REPO, write_random_model
 
 WORKER = Path(__file__).resolve().parent / "weight_sync_worker.py"
 
@@ -202,29 +201,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measured_command(argv: list[str]) -> str:
-    return common.measured_command("benchmarks/weight_sync.py", argv)
-
-
-def section(a: argparse.Namespace, rows: list[dict], weight_bytes: int, load: tuple[float, float, float], argv) -> str:
-    versions = common.versions(("torch", "megatron-core", "transformers"))
+def section(a: argparse.Namespace, rows: list[dict], weight_bytes: int, argv) -> str:
     where = "colocated on one GPU" if a.device == "cuda" else "CPU, gloo"
     return (
-        f"\n## Weight export + sync, {where} ({datetime.date.today()})\n\n"
-        f"{machine()}; {versions}. Load average when it started: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        f"(1/5/15 min).\n"
-        f"Model: Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32 heads / 8 KV heads of 128, llama3 "
+        common.section_header(f"Weight export + sync, {where}", "benchmarks/weight_sync.py", argv)
+        + f"Model: Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32 heads / 8 KV heads of 128, llama3 "
         f"RoPE), {a.layers} layers, vocab {a.vocab}, random weights: {weight_bytes / 1e9:.2f} GB in bf16. "
         f"Megatron params {a.params_dtype}, export bf16, engines {a.engine_dtype}, buckets {a.bucket_mib} MiB; "
-        f"best of {a.repeats} passes (median beside).\n"
-        f"Command: `{measured_command(argv)}`\n\n" + table(rows) + "\n\n" + "\n".join(goal_lines(rows)) + "\n"
+        f"best of {a.repeats} passes (median beside).\n\n" + table(rows) + "\n\n" + "\n".join(goal_lines(rows)) + "\n"
     )
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
-    load = os.getloadavg()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="rlmt-weight-sync-"))
     try:
         model_dir = work / "model"
@@ -242,7 +232,7 @@ def main(argv=None) -> None:
     print("\n".join(goal_lines(rows)))
     if a.write:
         with a.write.open("a") as f:
-            f.write(section(a, rows, weight_bytes, load, argv))
+            f.write(section(a, rows, weight_bytes, argv))
 
 
 if __name__ == "__main__":

@@ -155,4 +155,4 @@ def test_emulated_server_copies_into_the_models_weights(tiny_models, tmp_path, d
 
 def test_recorded_command_leaves_out_where_results_go():
     argv = ["--layers", "1", "--write", "docs/benchmarks.md", "--vocab", "8192", "--write=x.md"]
-    assert ws.measured_command(argv) == "python benchmarks/weight_sync.py --layers 1 --vocab 8192"
+    assert common.measured_command("benchmarks/weight_sync.py", argv) == "python benchmarks/weight_sync.py --layers 1 --vocab 8192"
