@@ -59,7 +59,7 @@ def write_random_model(folder: Path, layers: int, vocab: int, device: str = "cpu
     """HF folder with random bf16 weights (norms at one, others N(0, 0.02)) and a small tokenizer;
     returns the weight bytes. The tokenizer only has to exist: benchmark token ids are random."""
     from rlmt_megatron.checkpoint.safetensors_io import write_safetensors_folder
-    from rlmt_megatron.tools.tiny_models import train_tokenizer
+    from rlmt_megatron.testing.tiny_models import train_tokenizer
 
     gen = torch.Generator(device=device).manual_seed(seed)
     state = {}

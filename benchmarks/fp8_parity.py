@@ -4,7 +4,7 @@
                                   [--out-dir DIR] [--plot] [--write docs/benchmarks.md]
 
 Every recipe trains a Llama-shaped model from the same random HF weights (``common.write_random_model``)
-on the same token stream, with LM next-token loss through ``TrainEngine`` (AdamW, Megatron's
+on the same token stream, with LM next-token loss through ``ModelRunner`` (AdamW, Megatron's
 distributed optimizer, warmup then cosine decay), each in its own process:
 
 - ``bf16``: bf16 weights, Megatron Transformer Engine spec;
@@ -251,11 +251,11 @@ def skip_reason(recipe: str, cuda: bool, te_available: bool) -> Optional[str]:
 def train_recipe(recipe: str, model_dir: Path, a: argparse.Namespace) -> dict:
     """Train ``recipe`` in this process (a world of one); its losses and step times."""
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.config import ModelBuildConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
-    from rlmt_megatron.training.batching import Sample
-    from rlmt_megatron.training.engine import OptimConfig, TrainEngine
-    from rlmt_megatron.training.losses import sft_loss_fn
+    from rlmt_megatron.runner.batching import Sample
+    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.runner.losses import sft_loss_fn
 
     r = RECIPES[recipe]
     if r.fp8:  # a clear row instead of a TE assertion deep in the first forward
@@ -269,7 +269,7 @@ def train_recipe(recipe: str, model_dir: Path, a: argparse.Namespace) -> dict:
     bootstrap.initialize(build.parallel, seed=a.seed)
     try:
         built = load_model(model_dir, "policy", build)
-        engine = TrainEngine(built, OptimConfig(
+        engine = ModelRunner(built, OptimConfig(
             lr=a.lr, min_lr=a.lr / 10, lr_schedule="cosine", warmup_steps=a.warmup, total_steps=a.steps,
             weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0, max_tokens_per_microbatch=a.batch * a.seq))
         loss_fn = sft_loss_fn(built.spec.vocab_size)

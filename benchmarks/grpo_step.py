@@ -22,7 +22,7 @@ Models: ``--models random`` (the GPU default) writes a Llama-shaped policy of ``
 ``--hidden`` (about 0.5 B parameters by default, vocab 32000, random bf16 weights, the small test
 tokenizer: decoding skips ids above it, so rewards are of noise text, which does not matter for
 timing) and a reward model of the same shape. ``--models tiny`` (the CPU default) uses the
-project's tiny models (``rlmt_megatron/tools/tiny_models.py``). Prompts: ``auto`` reads
+project's tiny models (``rlmt_megatron/testing/tiny_models.py``). Prompts: ``auto`` reads
 ``../shared/data/wildchat-if`` (the paper's prompts) when present, else the bundled synthetic ones.
 
 How to run on one H100 (from the repository root)::
@@ -163,7 +163,7 @@ def write_random_reward_model(folder: Path, layers: int, vocab: int, device: str
     from transformers import LlamaForSequenceClassification
 
     from rlmt_megatron.checkpoint.safetensors_io import write_safetensors_folder
-    from rlmt_megatron.tools.tiny_models import train_tokenizer
+    from rlmt_megatron.testing.tiny_models import train_tokenizer
 
     tokenizer = train_tokenizer(1024)
     config = common.llama_config(layers, vocab, **shape)
@@ -199,11 +199,11 @@ def count_parameters(folder: Path) -> int:
 def build_models(a: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
     """(policy folder, reward folder, one line describing them)."""
     if a.models == "tiny":
-        from rlmt_megatron.tools.tiny_models import build_tiny_models
+        from rlmt_megatron.testing.tiny_models import build_tiny_models
 
         folders = build_tiny_models(work / "tiny", seed=0)
         policy, reward = folders["llama-policy"], folders["llama-rm"]
-        what = "the project's tiny models (rlmt_megatron/tools/tiny_models.py: llama-policy, llama-rm)"
+        what = "the project's tiny models (rlmt_megatron/testing/tiny_models.py: llama-policy, llama-rm)"
     else:
         policy, reward = work / "policy", work / "reward"
         common.write_random_model(policy, a.layers, a.vocab, a.device, seed=0, **random_shape(a))

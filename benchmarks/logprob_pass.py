@@ -13,7 +13,7 @@ quarter-width shape, vocab 32768, 2 x 512 tokens) so that it finishes in minutes
 hidden_size=64,...`` overrides the layer shape anywhere.
 
 Each (variant, batch) runs in a fresh process that loads the same random HF folder into the
-Megatron policy and calls the trainer's forward-only engine (``TrainEngine.forward``, the whole
+Megatron policy and calls the trainer's forward-only engine (``ModelRunner.forward``, the whole
 batch as one micro-batch):
 
 - fused: ``forward_only.sequence_logprobs_from_logits``: GPTModel's [b, s, V/tp] logits, then the chunked
@@ -139,18 +139,19 @@ def measure(spec: dict) -> dict:
     import gc
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.config import ModelBuildConfig, ParallelConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
-    from rlmt_megatron.training.chunked_logprobs import sequence_logprobs_chunked
-    from rlmt_megatron.training.engine import TrainEngine
-    from rlmt_megatron.training.forward_only import _samples, sequence_logprobs_from_logits
+    from rlmt_megatron.runner.chunked_logprobs import sequence_logprobs_chunked
+    from rlmt_megatron.runner.model_runner import ModelRunner
+    from rlmt_megatron.runner.batching import samples_from_sequences as _samples
+    from rlmt_megatron.runner.forward_only import sequence_logprobs_from_logits
 
     device = spec["device"]
     build = ModelBuildConfig(attention_backend=spec["attention_backend"],
                              precision=PrecisionConfig(params_dtype=spec["params_dtype"]))
     bootstrap.initialize(ParallelConfig())
     built = load_model(spec["model"], "policy", build)
-    engine = TrainEngine(built, None)
+    engine = ModelRunner(built, None)
     vocab = built.spec.vocab_size
     b, s = spec["sequences"], spec["seq_len"]
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -207,7 +208,7 @@ def run_isolated(spec: dict) -> dict:
 
 def backend_or_skip(attention_backend: str) -> tuple[str, str | None]:
     """The layer spec the model gets, and why nothing can be measured (or None)."""
-    from rlmt_megatron.config import ModelBuildConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig
     from rlmt_megatron.errors import RLMTError
     from rlmt_megatron.models.layer_specs import uses_te_spec
 

@@ -5,7 +5,7 @@
 
 - naive: ``log_softmax`` over the full vocabulary in float32, gather, entropy from the full
   probabilities (what a straightforward trainer does);
-- fused: ``rlmt_megatron.training.logprobs.vocab_parallel_logprobs_and_entropy`` (chunked, hand-
+- fused: ``rlmt_megatron.runner.logprobs.vocab_parallel_logprobs_and_entropy`` (chunked, hand-
   written backward; TP=1 here, so no communication).
 Both start from the same [tokens, vocab] logits (the LM head's output, kept by autograd in any
 trainer) and backpropagate ``sum(logp) + 0.01 * sum(entropy)`` into them. "extra peak" is the
@@ -33,7 +33,7 @@ from benchmarks.common import peak_memory, reset_peak_memory
 
 
 def measure(method: str, tokens: int, vocab: int, dtype: str, device: str) -> dict:
-    from rlmt_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+    from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs_and_entropy
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)

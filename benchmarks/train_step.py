@@ -20,8 +20,8 @@ no loss), split by the token budget ``--micro-batch-tokens`` exactly as the trai
 
 Variants:
 - ``megatron-sdpa-bf16``: our policy (local spec + SDPA core attention), bf16 params, fp32 grad
-  buffer, ``TrainEngine`` with Megatron's distributed optimizer (AdamW lr 1e-6, wd 0.01 on
-  matrices only, clip 1.0) and the trainer's own default GRPO loss (``trainer/steps.py``: PPO
+  buffer, ``ModelRunner`` with Megatron's distributed optimizer (AdamW lr 1e-6, wd 0.01 on
+  matrices only, clip 1.0) and the trainer's own default GRPO loss (``trainer/updates.py``: PPO
   clip 0.2 + dual clip 3, k3 KL 0.001 to the reference logprobs, entropy bonus 0.001,
   temperature 0.7, token mean) through the fused vocab-parallel logprobs;
 - ``megatron-te-bf16``, ``megatron-te-fp8-tensorwise``, ``megatron-te-fp8-delayed``: the same
@@ -235,7 +235,7 @@ def performance_section(recompute: str | None, fusions: str | None) -> dict | No
         return None
     from pydantic import ValidationError
 
-    from rlmt_megatron.config import ModelBuildConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig
 
     if "performance" not in ModelBuildConfig.model_fields:
         raise ValueError(f"--{'/--'.join(given)}: ModelBuildConfig has no 'performance' section in this checkout "

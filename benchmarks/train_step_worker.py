@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the packa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import matmul_peak_tflops, peak_memory, reset_peak_memory, synchronize
-from rlmt_megatron.config import StrictModel
-from rlmt_megatron.training.batching import Sample
+from rlmt_megatron.config.base import StrictModel
+from rlmt_megatron.runner.batching import Sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -85,14 +85,14 @@ def synthetic_samples(seq_len: int, sequences: int, vocab: int, seed: int = 0) -
 
 def trainer_defaults():
     """The GRPO objective settings rlmt-train uses by default (AlgorithmConfig, rollout temperature)."""
-    from rlmt_megatron.trainer.config import AlgorithmConfig, RolloutConfig
+    from rlmt_megatron.config.rlmt import AlgorithmConfig, RolloutConfig
 
     return SimpleNamespace(algorithm=AlgorithmConfig(), rollout=RolloutConfig())
 
 
 def trainer_policy_loss(vocab: int):
-    """The trainer's own GRPO loss function for the Megatron engine (trainer/steps.py)."""
-    from rlmt_megatron.trainer.steps import _policy_loss
+    """The trainer's own GRPO loss function for the Megatron engine (trainer/updates.py)."""
+    from rlmt_megatron.trainer.updates import _policy_loss
 
     return _policy_loss(trainer_defaults(), vocab)
 
@@ -147,11 +147,11 @@ def measure(step: Callable[[], dict], cfg: WorkerConfig) -> dict:
 
 def run_megatron(cfg: WorkerConfig) -> dict:
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.config import ModelBuildConfig, ParallelConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
-    from rlmt_megatron.training.batching import make_train_micro_batches
-    from rlmt_megatron.training.engine import OptimConfig, TrainEngine
-    from rlmt_megatron.training.forward_only import sequence_logprobs
+    from rlmt_megatron.runner.batching import make_train_micro_batches
+    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.runner.forward_only import sequence_logprobs
 
     bootstrap.initialize(ParallelConfig(), seed=cfg.seed)
     try:
@@ -162,7 +162,7 @@ def run_megatron(cfg: WorkerConfig) -> dict:
         optim = OptimConfig(lr=cfg.lr, weight_decay=0.01, clip_grad=1.0, use_distributed_optimizer=True,
                             overlap_grad_reduce=cfg.overlap_grad_reduce,
                             max_tokens_per_microbatch=cfg.micro_batch_tokens)
-        engine = TrainEngine(built, optim)
+        engine = ModelRunner(built, optim)
         vocab = built.spec.vocab_size
         samples = synthetic_samples(cfg.seq_len, cfg.sequences, vocab, cfg.seed)
         loss_fn = trainer_policy_loss(vocab)
@@ -183,7 +183,7 @@ def run_transformers(cfg: WorkerConfig) -> dict:
     both stacks apply the same update."""
     from transformers import LlamaForCausalLM
 
-    from rlmt_megatron.training.batching import make_train_micro_batches
+    from rlmt_megatron.runner.batching import make_train_micro_batches
 
     torch.manual_seed(cfg.seed)
     params_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and cfg.baseline_params == "bf16" else torch.float32

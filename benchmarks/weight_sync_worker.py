@@ -142,7 +142,7 @@ def main(argv=None) -> None:
 
     from rlmt_megatron.checkpoint.hf_export import buckets_at, export_dtype
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.config import ModelBuildConfig, ParallelConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.rollout.hf_engine import HFEngine
     from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport

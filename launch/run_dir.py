@@ -18,12 +18,12 @@ from rlmt_megatron.cli.common import run_main
 
 
 def main(argv: list[str]) -> None:
-    from rlmt_megatron.trainer.config import load_config
+    from rlmt_megatron.config.rlmt import load_rlmt_config
 
     if not argv:
         print("usage: run_dir.py RECIPE.yaml [key=value ...]", file=sys.stderr)
         sys.exit(2)
-    print(load_config(argv[0], argv[1:]).run.out_dir)
+    print(load_rlmt_config(argv[0], argv[1:]).run.out_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """The project's tiny HF models (Llama policy, Qwen2 policy, Llama RM), built once."""
-    from rlmt_megatron.tools.tiny_models import build_tiny_models
+    from rlmt_megatron.testing.tiny_models import build_tiny_models
 
     out = tmp_path_factory.mktemp("tiny")
     build_tiny_models(out, seed=0)
@@ -39,7 +39,7 @@ def test_sequences(tmp_path_factory, tiny_models) -> tuple[Path, list[list[int]]
 @pytest.fixture(scope="module")
 def world_of_one():
     """This test process as a one-rank world (gloo, CPU compat layer), torn down afterwards."""
-    from rlmt_megatron.config import ModelBuildConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig
     from rlmt_megatron.distributed import bootstrap
 
     build = ModelBuildConfig()

@@ -12,11 +12,11 @@ import pytest
 
 from rlmt_megatron.cli.common import run_main
 from rlmt_megatron.cli.train import main as train_main
-from rlmt_megatron.config import ParallelConfig
+from rlmt_megatron.config.model_build import ParallelConfig
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.models.hf_config import parse_hf_config
 from rlmt_megatron.trainer import dry_run as dr
-from rlmt_megatron.trainer.config import load_config
+from rlmt_megatron.config.rlmt import load_rlmt_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "examples" / "rlmt").glob("*/*.yaml"))
@@ -86,7 +86,7 @@ def _lines(est, phase=None) -> dict[str, float]:
 
 
 def test_estimate_of_llama_8b_grpo_at_tp2_dp4_matches_hand_arithmetic():
-    report = dr.estimate(load_config(None, BASE), dr.DryRunOptions(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
+    report = dr.estimate(load_rlmt_config(None, BASE), dr.DryRunOptions(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
     assert report.ok and len(report.stages) == 1
     est = report.stages[0]
     # Parameters on one TP=2 rank of Llama-3.1-8B (h 4096, q 32x128, kv 8x128, ffn 14336, vocab 128256):
@@ -126,7 +126,7 @@ def test_estimate_of_llama_8b_grpo_at_tp2_dp4_matches_hand_arithmetic():
 
 
 def test_engine_mem_fraction_sets_the_kv_pool_and_sequence_parallel_divides_the_norms():
-    cfg = load_config(None, BASE + ["build.parallel.sequence_parallel=true"])
+    cfg = load_rlmt_config(None, BASE + ["build.parallel.sequence_parallel=true"])
     report = dr.estimate(cfg, dr.DryRunOptions(engine_mem_fraction=0.2))
     est = report.stages[0]
     assert _lines(est, "rollout")["KV cache"] == pytest.approx(0.2 * 80 * GiB - 8_030_261_248)
@@ -136,7 +136,7 @@ def test_engine_mem_fraction_sets_the_kv_pool_and_sequence_parallel_divides_the_
 
 
 def test_four_nodes_disaggregated_engine_has_its_own_node():
-    cfg = load_config(None, BASE + ["rollout.placement=disaggregated", "weight_sync.engine_tp_size=8",
+    cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "weight_sync.engine_tp_size=8",
                                     "reward.parallel.tp=4"])
     report = dr.estimate(cfg, dr.DryRunOptions(nodes=4))
     text = report.render()
@@ -154,7 +154,7 @@ def test_pipeline_stages_hold_the_1f1b_in_flight_micro_batches():
     assert dr.inflight_chunks(4, None, 0, 2) == (2, 4)
     # interleaved, vpp 2: stage 0 warm-up 2*(4-1) + (2-1)*4 = 10 chunk micro-batches, +1 in steady state
     assert dr.inflight_chunks(4, 2, 0, 100) == (11, 8)
-    cfg = load_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2"])
+    cfg = load_rlmt_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2"])
     report = dr.estimate(cfg, dr.DryRunOptions())
     first, last = report.stages
     assert "PP stage 0 (ranks 0-1)" in first.title and "PP stage 3 (ranks 6-7)" in last.title
@@ -167,7 +167,7 @@ def test_pipeline_stages_hold_the_1f1b_in_flight_micro_batches():
 def test_full_recompute_activation_lines():
     # Same run as above at PP 4 with full recompute in chunks of 2 layers: stage 0 holds 4 micro-
     # batches x 4 chunk inputs (2 h = 8192 B per token) and recomputes one 2-layer chunk at a time.
-    cfg = load_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2",
+    cfg = load_rlmt_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2",
                                     "build.performance.recompute=full", "build.performance.recompute_layers=2"])
     first = dr.estimate(cfg, dr.DryRunOptions()).stages[0]
     assert _lines(first, "train")["activations"] == 4 * 4 * 4096 * 8192
@@ -216,7 +216,7 @@ def test_impossible_layouts_fail_with_exit_2(overrides, flags, message, capsys, 
 def _write(tmp_path: Path, overrides: list[str]) -> Path:
     import yaml
 
-    from rlmt_megatron.trainer.config import _set_dotted, parse_overrides
+    from rlmt_megatron.config.base import _set_dotted, parse_overrides
 
     tree: dict = {}
     for key, value in parse_overrides(overrides):
@@ -242,7 +242,7 @@ def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path
 
 
 def test_kv_cache_that_cannot_hold_one_sequence_fails():
-    report = dr.estimate(load_config(None, BASE), dr.DryRunOptions(gpu_mem_gib=64))
+    report = dr.estimate(load_rlmt_config(None, BASE), dr.DryRunOptions(gpu_mem_gib=64))
     assert any("less than one sequence of 2048 tokens" in p for p in report.problems)
     with pytest.raises(RLMTError, match="raise weight_sync.engine_tp_size"):
         report.check()
@@ -278,7 +278,7 @@ def test_dry_run_of_tiny_models_reads_their_config_json(tiny_models, tmp_path, c
     assert f"reward    {tiny_models / 'llama-rm' / 'config.json'}" in out
     assert "dry run: OK" in out and "rollout engine: hf" in out and "hf engine weights" in out
     # parameter counting against transformers' own models (float32 here: 4 bytes each)
-    cfg = load_config(path)
+    cfg = load_rlmt_config(path)
     report = dr.estimate(cfg, dr.DryRunOptions(gpus_per_node=2, gpu_mem_gib=8))
     policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_models / "qwen2-policy"))
     rm = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(tiny_models / "llama-rm"))
@@ -314,7 +314,7 @@ def test_local_spec_activation_formula_equals_autograd_saved_tensors(world_of_on
     autograd's saved-tensor hooks (unique storages, parameters excluded), equal the formula."""
     import torch
 
-    from rlmt_megatron.config import ModelBuildConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, PrecisionConfig
     from rlmt_megatron.models.builder import build_model
 
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=256,
@@ -353,7 +353,7 @@ def test_full_recompute_keeps_only_chunk_inputs(world_of_one):
     the whole decoder are each chunk's input plus one RoPE table: the dry run's formula."""
     import torch
 
-    from rlmt_megatron.config import ModelBuildConfig, PerformanceConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, PerformanceConfig, PrecisionConfig
     from rlmt_megatron.models.builder import build_model
 
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=256,

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from helpers import run_cli
-from rlmt_megatron.config import ParallelConfig
-from rlmt_megatron.distributed.layout import check_model_layout, check_world_size
+from rlmt_megatron.config.model_build import ParallelConfig
+from rlmt_megatron.distributed.layout_checks import check_model_layout, check_world_size
 from rlmt_megatron.errors import CheckpointError, InputFileError, LayoutError, UnsupportedArchitectureError
 from rlmt_megatron.models.hf_config import load_hf_config, parse_hf_config
 

@@ -22,11 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, free_port, read_metrics, torchrun, write_train_config
-from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.engine import EngineError
-from rlmt_megatron.trainer.config import RLMTConfig
-from rlmt_megatron.trainer.engine_supervisor import _DrainOnError, collective_timeout_minutes
-from rlmt_megatron.trainer.roles import make_rollout_engine
+from rlmt_megatron.config.rlmt import RLMTConfig
+from rlmt_megatron.trainer.rollout_supervisor import _DrainOnError
 from rlmt_megatron.trainer.stop import Interrupted, StopSignals
 from rlmt_megatron.trainer.watchdog import Watchdog, activity
 
@@ -96,19 +94,18 @@ def _config(**sections) -> RLMTConfig:
 
 
 def test_collective_timeout_outlasts_the_engine_timeout():
-    assert collective_timeout_minutes(_config()) == 3600 / 60 + 10  # default rollout.timeout_s: 1 h
-    assert collective_timeout_minutes(_config(rollout={"timeout_s": 60})) == 30
-    assert collective_timeout_minutes(_config(run={"collective_timeout_minutes": 90})) == 90
-    with pytest.raises(RLMTError, match="run.collective_timeout_minutes=20 .*rollout.timeout_s=3600"):
-        collective_timeout_minutes(_config(run={"collective_timeout_minutes": 20}))
+    assert _config().collective_timeout_minutes() == 3600 / 60 + 10  # default rollout.timeout_s: 1 h
+    assert _config(rollout={"timeout_s": 60}).collective_timeout_minutes() == 30
+    assert _config(run={"collective_timeout_minutes": 90}).collective_timeout_minutes() == 90
+    with pytest.raises(ValueError, match="run.collective_timeout_minutes=20 .*rollout.timeout_s=3600"):
+        _config(run={"collective_timeout_minutes": 20})  # refused when the config is loaded
 
 
-def test_engine_process_choices_that_cannot_work_are_refused():
-    with pytest.raises(RLMTError, match="engine_process=inline is impossible with the vllm engine"):
-        make_rollout_engine(_config(rollout={"engine": "vllm", "engine_process": "inline"}), "unused")
-    with pytest.raises(RLMTError, match="sglang engine is its own server"):
-        make_rollout_engine(_config(rollout={"engine": "sglang", "sglang_url": "http://h:1", "engine_process": "subprocess"}),
-                            "unused")
+def test_engine_process_choices_that_cannot_work_are_refused_at_load():
+    with pytest.raises(ValueError, match="engine_process=inline is impossible with the vllm engine"):
+        _config(rollout={"engine": "vllm", "engine_process": "inline"})
+    with pytest.raises(ValueError, match="sglang engine is its own server"):
+        _config(rollout={"engine": "sglang", "sglang_url": "http://h:1", "engine_process": "subprocess"})
 
 
 def test_watchdog_reports_a_stuck_phase_once_with_its_stack(tmp_path, capfd):

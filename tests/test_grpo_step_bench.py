@@ -111,7 +111,7 @@ def test_end_to_end_tiny_models(tmp_path):
     timing = {k for k in rows[0] if k.startswith("timing/")}
     finer = timing - {f"timing/{p}" for p in phases} - {"timing/step"}
     assert {f"timing/{p}" for p in phases} | {"timing/step"} <= timing
-    assert {"timing/old_logprobs", "timing/update"} <= finer  # trainer/steps.py times them inside train
+    assert {"timing/old_logprobs", "timing/update"} <= finer  # trainer/updates.py times them inside train
     for r in rows:  # the finer phases sit inside timing/train
         assert sum(r[k] for k in finer) <= r["timing/train"] + 1e-6
     rollouts = 2 * 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from helpers import REPO
+from helpers import REPO, free_port
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 SWEEP_LINE = REPO / "launch" / "sweep_line.py"
@@ -487,12 +486,6 @@ def test_multi_node_sbatch_one_torchrun_per_node(fake, recipe):
 
 
 # -------------------------------------------------------------------------------- disaggregated
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_disaggregated_waits_for_health_then_trains_on_the_other_nodes(fake, recipe):

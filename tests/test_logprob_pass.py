@@ -15,7 +15,7 @@ from benchmarks import logprob_pass as lpb
 from helpers import torchrun
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.errors import RLMTError
-from rlmt_megatron.training.chunked_logprobs import (
+from rlmt_megatron.runner.chunked_logprobs import (
     chunked_head_logprobs,
     final_hidden_states,
     head_weight,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import torchrun
-from rlmt_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs_and_entropy
 
 
 def reference(logits64, targets, true_vocab, temperature, w_lp, w_ent):

@@ -71,14 +71,14 @@ def test_ppo_step_matches_transformers_reference(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_models, world_of_one):
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
 
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, lr_schedule="cosine", warmup_steps=2, total_steps=6, clip_grad=0.0)
-    return TrainEngine(load_model(tiny_models / "llama-policy", "policy", world_of_one), optim)
+    return ModelRunner(load_model(tiny_models / "llama-policy", "policy", world_of_one), optim)
 
 
 def policy_loss():
-    from rlmt_megatron.training.losses import policy_loss_fn
+    from rlmt_megatron.runner.losses import policy_loss_fn
 
     return policy_loss_fn(POLICY, 1024)
 
@@ -98,7 +98,7 @@ def test_bad_batches_are_refused(engine):
     half = [type(s)(s.input_ids, {**s.fields, "loss_mask": s.fields["loss_mask"] * 0.5}) for s in batch]
     with pytest.raises(ValueError, match="field 'loss_mask' of sample 0 on this rank is not 0/1"):
         engine.train_step(half, policy_loss())
-    from rlmt_megatron.training.losses import dpo_loss_fn
+    from rlmt_megatron.runner.losses import dpo_loss_fn
 
     with pytest.raises(ValueError, match=r"pairs must stay together"):
         engine.train_step(global_batch()[:4], dpo_loss_fn(1024))  # unit_size=2 forgotten

@@ -9,12 +9,12 @@ independent implementation); the gradients with those of the same model built wi
 import pytest
 import torch
 
-from rlmt_megatron.config import ModelBuildConfig, PerformanceConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, PerformanceConfig
 
 
 def _logprobs_and_grads(model_dir, perf: PerformanceConfig, ids):
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
+    from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
     built = load_model(model_dir, "policy", ModelBuildConfig(performance=perf))
     model = built.chunks[0]
@@ -97,7 +97,7 @@ def test_unknown_option_is_rejected():
     ("tensorwise", 1, False, 16), ("delayed", 2, True, 32), ("mxfp8", 1, False, 32), ("mxfp8", 2, True, 64),
 ])
 def test_sequence_multiple(fp8, tp, sp, expected):
-    from rlmt_megatron.config import ParallelConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ParallelConfig, PrecisionConfig
     from rlmt_megatron.models.builder import BuiltModel
 
     build = ModelBuildConfig(precision=PrecisionConfig(params_dtype="bfloat16", fp8=fp8),

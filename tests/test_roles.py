@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.training.forward_only import sequence_logprobs, token_values
+from rlmt_megatron.runner.forward_only import sequence_logprobs, token_values
 
 
 def test_critic_from_policy_checkpoint_has_zero_value_head(tiny_models, test_sequences, world_of_one):

@@ -16,7 +16,7 @@ from rlmt_megatron.data.sft import (
     load_sft_samples,
 )
 from rlmt_megatron.errors import InputFileError
-from rlmt_megatron.tools.tiny_models import BOS, END_HEADER, EOT, START_HEADER
+from rlmt_megatron.testing.tiny_models import BOS, END_HEADER, EOT, START_HEADER
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, free_port
 
 pytestmark = pytest.mark.slurm
 
@@ -75,12 +75,6 @@ def ensure_slurm_installed() -> None:
         pytest.skip(f"could not install slurm-wlm and munge with apt-get (exit {proc.returncode}): "
                     f"{(proc.stderr or proc.stdout).strip()[-500:]}")
     print(f"installed slurm-wlm and munge in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalSlurm:

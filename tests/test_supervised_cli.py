@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, run_cli, torchrun
-from rlmt_megatron.tools.demo_data import make_demo_data
+from rlmt_megatron.testing.demo_data import make_demo_data
 
 
 def _changed(a_dir, b_dir) -> float:

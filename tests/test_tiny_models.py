@@ -5,7 +5,7 @@ import json
 
 from transformers import AutoConfig, AutoTokenizer
 
-from rlmt_megatron.tools.tiny_models import build_tiny_models
+from rlmt_megatron.testing.tiny_models import build_tiny_models
 
 
 def digests(folder):

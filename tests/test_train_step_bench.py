@@ -155,7 +155,7 @@ def test_rejected_arguments(argv, cuda, message, capsys):
 
 
 def test_performance_flags_need_the_config_section(capsys):
-    from rlmt_megatron.config import ModelBuildConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig
 
     if "performance" not in ModelBuildConfig.model_fields:
         with pytest.raises(SystemExit):

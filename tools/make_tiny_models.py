@@ -11,7 +11,7 @@ try:
 except ImportError:  # plain checkout, package not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rlmt_megatron.tools.tiny_models import main
+from rlmt_megatron.testing.tiny_models import main
 
 if __name__ == "__main__":
     main()

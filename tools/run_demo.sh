@@ -21,7 +21,7 @@ quiet() { grep -vE "^(\s|Setting up optimizer|> |Loading weights|Implicit initia
 
 echo "== 1/5 tiny HF models and synthetic demo data"
 python "$repo/tools/make_tiny_models.py" --out "$out/models" | tail -1
-python -m rlmt_megatron.tools.demo_data --out "$out/data"
+python -m rlmt_megatron.testing.demo_data --out "$out/data"
 prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
 if [ ! -f "$prompts" ]; then
   echo "   (../shared/data/wildchat-if absent: using the bundled synthetic prompts)"

@@ -27,6 +27,6 @@ for row in map(json.loads, open(sys.argv[1])):
     print(f"  score {row['score']:+8.3f}  {row['messages'][-1]['content'][:50]}")
 PY
 echo "== 5/5 parity with transformers"
-python -m rlmt_megatron.tools.parity_report --hf "$out/models/llama-policy" \
+python -m rlmt_megatron.cli.parity_report --hf "$out/models/llama-policy" \
   --exported "$out/export/llama-policy" --logprobs "$out/logprobs.jsonl"
 echo "demo finished: outputs in $out"

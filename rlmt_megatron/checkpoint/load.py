@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rlmt_megatron.checkpoint.dist_ckpt import META_NAME, load_model_checkpoint, read_checkpoint_meta
 from rlmt_megatron.checkpoint.hf_loader import load_hf_weights
-from rlmt_megatron.config import ModelBuildConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig
 from rlmt_megatron.errors import CheckpointError
 from rlmt_megatron.models.builder import BuiltModel, Role, build_model
 from rlmt_megatron.models.hf_config import load_hf_config, parse_hf_config

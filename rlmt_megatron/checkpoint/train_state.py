@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlmt_megatron.distributed.collectives import any_rank
+from rlmt_megatron.distributed.collectives import all_ranks_ok, barrier, world_rank, world_size
 from rlmt_megatron.checkpoint.safetensors_io import fsync_path
 from rlmt_megatron.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from rlmt_megatron.training.engine import TrainEngine
+    from rlmt_megatron.runner.model_runner import ModelRunner
 
 FORMAT_VERSION = 1
 COMPLETE_NAME = "COMPLETE"
@@ -103,7 +103,7 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> list[Path]:
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if dist.is_initialized() and dist.getworld_rank() != 0:
         return []
     doomed = [p for _, p in list_checkpoints(ckpt_root)[:-keep_last]]
     for p in doomed:
@@ -115,24 +115,6 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    """True when ``ok`` holds on every rank (so that all ranks raise together, none hangs)."""
-    return not any_rank(not ok)
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -226,7 +208,7 @@ def restore_rng_state(state: dict[str, Any], path: Path) -> None:
 # Per-role state
 
 
-def _layout(engine: "TrainEngine") -> dict[str, Any]:
+def _layout(engine: "ModelRunner") -> dict[str, Any]:
     """What a resume must match, for one role, in this job."""
     from megatron.core import parallel_state
 
@@ -244,13 +226,13 @@ def _layout(engine: "TrainEngine") -> dict[str, Any]:
     }
 
 
-def _has_optimizer_state(engine: "TrainEngine") -> bool:
+def _has_optimizer_state(engine: "ModelRunner") -> bool:
     # A never-stepped optimizer holds nothing to restore, and Megatron's distributed optimizer
     # cannot even build its state dict then (it reads the step of an empty torch Adam state).
     return engine.optimizer is not None and engine.step_count > 0
 
 
-def _optimizer_sharded_state(engine: "TrainEngine", is_loading: bool) -> dict:
+def _optimizer_sharded_state(engine: "ModelRunner", is_loading: bool) -> dict:
     """The optimizer's sharded state, in a folder of its own beside the model checkpoint (which
     is then exactly what dist_ckpt.save_model_checkpoint writes)."""
     chunks = engine.built.chunks
@@ -260,13 +242,13 @@ def _optimizer_sharded_state(engine: "TrainEngine", is_loading: bool) -> dict:
         model, is_loading=is_loading, metadata=dict(_DIST_OPT_METADATA))}
 
 
-def _inner_torch_optimizers(engine: "TrainEngine") -> list:
+def _inner_torch_optimizers(engine: "ModelRunner") -> list:
     opt = engine.optimizer
     wrapped = getattr(opt, "chained_optimizers", [opt])
     return [getattr(w, "optimizer", None) for w in wrapped]
 
 
-def _prime_optimizer_state(engine: "TrainEngine") -> None:
+def _prime_optimizer_state(engine: "ModelRunner") -> None:
     """Give a never-stepped torch optimizer its (zero) state before a load.
 
     The state dict that Megatron loads into is built from the live optimizer state, which a
@@ -291,7 +273,7 @@ def _prime_optimizer_state(engine: "TrainEngine") -> None:
                     opt.state[p]["momentum_buffer"] = torch.zeros_like(p.data)
 
 
-def _adam_step(engine: "TrainEngine") -> Optional[float]:
+def _adam_step(engine: "ModelRunner") -> Optional[float]:
     """The step counter torch's Adam keeps per parameter (one value for all), or None."""
     steps = {float(st["step"]) for opt in _inner_torch_optimizers(engine)
              for st in getattr(opt, "state", {}).values() if isinstance(st.get("step"), torch.Tensor)}
@@ -300,7 +282,7 @@ def _adam_step(engine: "TrainEngine") -> Optional[float]:
     return steps.pop() if steps else None
 
 
-def _restore_step_counters(engine: "TrainEngine", step: Optional[float]) -> None:
+def _restore_step_counters(engine: "ModelRunner", step: Optional[float]) -> None:
     """Give every parameter its own Adam ``step`` tensor holding the saved count.
 
     Without Apex / TE, Megatron's distributed optimizer restores the step wrongly: it puts one
@@ -344,7 +326,7 @@ def _clean_stale_tmp(root: Path) -> None:
             shutil.rmtree(p)
 
 
-def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "TrainEngine"], extra: dict) -> Path:
+def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "ModelRunner"], extra: dict) -> Path:
     """Save every role's weights, optimizer, scheduler and step count, this job's RNG states
     (per rank) and ``extra`` to ``<ckpt_root>/step_{step:08d}``. Collective over all ranks.
 
@@ -360,7 +342,7 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Train
     root = Path(ckpt_root)
     final = root / step_dir_name(step)
     tmp = root / (final.name + TMP_SUFFIX)
-    rank, world = _rank(), _world()
+    rank, world = world_rank(), world_size()
     layouts = {role: _layout(e) for role, e in engines.items()}
 
     error: Optional[BaseException] = None
@@ -373,7 +355,7 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Train
             (tmp / RNG_DIR).mkdir()
         except OSError as e:
             error = e
-    if not _all_ranks_ok(error is None):
+    if not all_ranks_ok(error is None):
         raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({error or 'failed on rank 0'})")
 
     for role in sorted(engines):  # same order on every rank: each save is a collective
@@ -402,7 +384,7 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Train
             _write_durable(tmp / EXTRA_NAME, extra_text.encode())
     except Exception as e:  # noqa: BLE001 - any failure here must reach every rank, not hang them
         error = e
-    if not _all_ranks_ok(error is None):
+    if not all_ranks_ok(error is None):
         where = f"rank {rank}: {error}" if error else "another rank failed"
         raise CheckpointError(f"{tmp}: writing the training state failed ({where}); the .tmp folder is "
                               "ignored and deleted by the next save")
@@ -420,7 +402,7 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Train
         tmp.rename(final)
         fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -478,7 +460,7 @@ def check_compatible(meta: dict, world_size: int, layouts: dict[str, dict], wher
         )
 
 
-def _check_scheduler(saved: dict, engine: "TrainEngine", role: str, where: Path) -> None:
+def _check_scheduler(saved: dict, engine: "ModelRunner", role: str, where: Path) -> None:
     """The schedule's settings must match (num_steps, the position, comes from the checkpoint)."""
     now = engine.scheduler.state_dict()
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {now[k]!r} (this job)" for k in now
@@ -488,7 +470,7 @@ def _check_scheduler(saved: dict, engine: "TrainEngine", role: str, where: Path)
                               "checkpoint's: " + "; ".join(diffs))
 
 
-def _load_role(engine: "TrainEngine", role: str, info: dict, d: Path) -> None:
+def _load_role(engine: "ModelRunner", role: str, info: dict, d: Path) -> None:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -523,7 +505,7 @@ def _load_role(engine: "TrainEngine", role: str, info: dict, d: Path) -> None:
     engine.step_count = int(info["step_count"])
 
 
-def load_train_state(ckpt_dir: str | Path, engines: dict[str, "TrainEngine"], restore_rng: bool = True) -> dict:
+def load_train_state(ckpt_dir: str | Path, engines: dict[str, "ModelRunner"], restore_rng: bool = True) -> dict:
     """Restore what :func:`save_train_state` wrote into freshly built ``engines`` (same roles,
     same layout) and, unless ``restore_rng`` is False, this rank's RNG states. Collective.
 
@@ -533,18 +515,18 @@ def load_train_state(ckpt_dir: str | Path, engines: dict[str, "TrainEngine"], re
     """
     d = Path(ckpt_dir)
     meta = read_train_state_meta(d)
-    check_compatible(meta, _world(), {role: _layout(e) for role, e in engines.items()}, str(d))
+    check_compatible(meta, world_size(), {role: _layout(e) for role, e in engines.items()}, str(d))
     for role, engine in engines.items():
         if engine.scheduler is not None:
             _check_scheduler(meta["roles"][role]["scheduler"], engine, role, d)
     extra = _read_json(d / EXTRA_NAME)
-    rng_path = rng_file(d, _rank())
+    rng_path = rng_file(d, world_rank())
     error: Optional[Exception] = None
     rng_state = None
     if restore_rng:
         try:
             if not rng_path.is_file():
-                raise CheckpointError(f"{rng_path}: missing (RNG state of rank {_rank()})")
+                raise CheckpointError(f"{rng_path}: missing (RNG state of rank {world_rank()})")
             try:
                 rng_state = torch.load(rng_path, weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
@@ -552,12 +534,12 @@ def load_train_state(ckpt_dir: str | Path, engines: dict[str, "TrainEngine"], re
         except CheckpointError as e:
             error = e
     # A per-rank file problem must stop every rank before the collective loads below.
-    if not _all_ranks_ok(error is None):
+    if not all_ranks_ok(error is None):
         raise error or CheckpointError(f"{d}: the RNG state file of another rank is missing or unreadable")
 
     for role in sorted(engines):
         _load_role(engines[role], role, meta["roles"][role], d)
     if rng_state is not None:
         restore_rng_state(rng_state, rng_path)
-    _barrier()
+    barrier()
     return extra

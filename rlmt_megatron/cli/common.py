@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Iterator
 
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig, PrecisionConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, PrecisionConfig
 from rlmt_megatron.errors import RLMTError
 
 

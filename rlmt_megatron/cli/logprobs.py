@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     build = build_config_from_args(args)
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.forward_only import sequence_logprobs
+    from rlmt_megatron.runner.forward_only import sequence_logprobs
 
     tokenizer = load_tokenizer(args.model)
     with cli_session(build.parallel):

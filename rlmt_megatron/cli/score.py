@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     build = build_config_from_args(args)
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.forward_only import sequence_scores
+    from rlmt_megatron.runner.forward_only import sequence_scores
 
     tokenizer = load_tokenizer(args.rm)
     rows = encode_rows(args.input, tokenizer)

@@ -22,7 +22,7 @@ def _main(kind: str, prog: str, argv=None) -> None:
 
     from rlmt_megatron.distributed.bootstrap import shutdown
     from rlmt_megatron.distributed.collectives import is_rank0
-    from rlmt_megatron.trainer.config import load_config
+    from rlmt_megatron.config.base import load_config
     from rlmt_megatron.trainer.supervised import SupervisedConfig, run_supervised
 
     cfg = load_config(args.config, args.overrides, cls=SupervisedConfig)

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/1node/grpo_llama3.1-8b-instruct_think.yaml
     rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4   # layout + memory, no GPU
 
-Every field, its default and meaning: ``rlmt_megatron/trainer/config.py`` and ``docs/rlmt_train.md``.
+Every field, its default and meaning: ``rlmt_megatron/config/rlmt.py`` and ``docs/rlmt_train.md``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def main(argv=None) -> None:
                    help="SGLang's --mem-fraction-static, if fixed (default: the KV cache gets what is left)")
     args = p.parse_intermixed_args(argv)  # overrides may follow the flags: CONFIG --dry-run key=value
 
-    from rlmt_megatron.trainer.config import dump_config, load_config
+    from rlmt_megatron.config.base import dump_config
+    from rlmt_megatron.config.rlmt import load_rlmt_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_rlmt_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return

@@ -36,11 +36,11 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, PositiveInt
 
-from rlmt_megatron.config import StrictModel
+from rlmt_megatron.config.base import StrictModel
 from rlmt_megatron.data.chat_rows import RowError, RowReport, check_messages, first_non_system
 from rlmt_megatron.data.jsonl import read_jsonl
 from rlmt_megatron.errors import InputFileError, RLMTError
-from rlmt_megatron.training.batching import Sample
+from rlmt_megatron.runner.batching import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -19,20 +19,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
-from rlmt_megatron.config import ParallelConfig
+from rlmt_megatron.config.model_build import ParallelConfig
 from rlmt_megatron.distributed import cpu_compat
-from rlmt_megatron.distributed.layout import check_world_size
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rlmt_megatron.distributed.collectives import free_port
+from rlmt_megatron.distributed.layout_checks import check_world_size
 
 
 def init_process_group(timeout_minutes: float = 30.0) -> None:
@@ -42,7 +36,7 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
     if "RANK" in os.environ:  # torchrun / SLURM-launched torchrun: rendezvous from the environment
         rendezvous = {}
     else:  # a plain process: a world of one, without touching os.environ (children inherit it)
-        rendezvous = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        rendezvous = dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if torch.cuda.is_available():
         # modulo: under per-task CUDA_VISIBLE_DEVICES (srun --gpus-per-task) each rank sees one GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())

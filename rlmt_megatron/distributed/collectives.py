@@ -1,5 +1,8 @@
-"""The few collectives the RL loop needs beyond Megatron's: sharding lists over data-parallel
-ranks, gathering results back, and broadcasting rank 0's rollouts.
+"""The few collectives the project needs beyond Megatron's, each defined once: the world's rank
+and size, agreement over ranks (``any_rank``, ``all_ranks_ok``), data-parallel reductions,
+sharding lists over data-parallel ranks and gathering them back, and broadcasts from rank 0 or
+from the last pipeline stage. Each works unchanged in a process without torch.distributed (a
+world of one).
 
 Every rank of one data-parallel replica (its TP and PP ranks) gets the same shard, so Megatron's
 forward/backward inside the replica sees consistent inputs.
@@ -7,7 +10,8 @@ forward/backward inside the replica sees consistent inputs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, TypeVar
+import socket
+from typing import Any, Literal, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +25,21 @@ def device_tensors_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def free_port() -> int:
+    """A TCP port free on every interface of this host now (rendezvous, NCCL groups, test servers)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def world_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def any_rank(flag: bool) -> bool:
     """Logical OR of ``flag`` over the world, on every rank. Collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -28,6 +47,27 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32, device=device_tensors_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (so that all ranks raise together, none hangs). Collective."""
+    return not any_rank(not ok)
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def dp_all_reduce(values: Sequence[float], op: Literal["sum", "max", "min"] = "sum") -> list[float]:
+    """``values`` reduced element-wise over this rank's data-parallel group, in float64, on every
+    rank of it. Collective over the DP group."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+    return t.tolist()
 
 
 def dp_rank_and_size() -> tuple[int, int]:
@@ -80,3 +120,18 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_last_stage(obj: Any) -> Any:
+    """The last pipeline stage's ``obj`` (picklable) on every stage of this pipeline."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(
+        box,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return box[0]

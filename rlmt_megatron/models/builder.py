@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from rlmt_megatron.config import ModelBuildConfig
-from rlmt_megatron.distributed.layout import check_model_layout
+from rlmt_megatron.config.model_build import ModelBuildConfig
+from rlmt_megatron.distributed.layout_checks import check_model_layout
 from rlmt_megatron.errors import LayoutError
 from rlmt_megatron.models.hf_config import HFModelSpec
 

@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from rlmt_megatron.config import ModelBuildConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig
 from rlmt_megatron.errors import RLMTError
 
 

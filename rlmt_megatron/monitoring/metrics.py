@@ -23,7 +23,7 @@ from typing import Any, Iterator, Literal, Mapping, Optional
 
 from pydantic import Field
 
-from rlmt_megatron.config import StrictModel
+from rlmt_megatron.config.base import StrictModel
 from rlmt_megatron.errors import InputFileError, RLMTError
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
-from rlmt_megatron.config import StrictModel
+from rlmt_megatron.config.base import StrictModel
 
 
 class SamplingParams(StrictModel):

@@ -24,7 +24,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from rlmt_megatron.config import StrictModel
+from rlmt_megatron.config.base import StrictModel
 from rlmt_megatron.errors import InputFileError, RLMTError
 
 # Byte-identical to THINKING_CHAT_TEMPLATE in training/sft_dpo/utils/src/convert_base_to_prompted_model.py

@@ -2,7 +2,7 @@
 
 Nothing is built and nothing is started: no GPU, no torch.distributed, no model weights. The dry
 run reads the model *shapes*, checks every parallel layout the run would create (the same checks
-as at start-up, ``distributed/layout.py``), prints which ranks form which groups, and adds up the
+as at start-up, ``distributed/layout_checks.py``), prints which ranks form which groups, and adds up the
 memory one GPU needs in each phase of a step. It fails (``RLMTError``, exit status 2) on an
 impossible layout, or when the worst phase of the worst rank does not fit, naming the biggest items
 and what to change.
@@ -50,7 +50,7 @@ pair together: ``max(.., 2 S)``).
 Held in every phase (the trainer never offloads):
 
 - ``weights``     ``P * b``
-- ``grads``       ``P * 4``: Megatron DDP's gradient buffer, float32 (``TrainEngine`` sets
+- ``grads``       ``P * 4``: Megatron DDP's gradient buffer, float32 (``ModelRunner`` sets
   ``grad_reduce_in_fp32``)
 - ``optimizer``   Adam: ``(4 * [b < 4] + 8) * P / DP``, the float32 main parameters (none when the
   parameters are float32 already) and the moments m and v, sharded over DP by the distributed
@@ -114,7 +114,7 @@ table (``4d`` per token, float32, one storage for every chunk) is left out as fo
 
 Not counted: the allocator's fragmentation (:data:`FRAGMENTATION` of the GPU is kept free),
 transient gradients inside one layer's backward, and the padding of micro-batches to one shape
-under virtual PP (``training/engine.py``), which can make ``T`` larger than assumed.
+under virtual PP (``runner/model_runner.py``), which can make ``T`` larger than assumed.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
-from rlmt_megatron.config import ParallelConfig
-from rlmt_megatron.distributed.layout import check_model_layout, check_world_size
+from rlmt_megatron.config.model_build import ParallelConfig
+from rlmt_megatron.distributed.layout_checks import check_model_layout, check_world_size
 from rlmt_megatron.errors import LayoutError, RLMTError
 from rlmt_megatron.models.hf_config import HFModelSpec, load_hf_config, parse_hf_config
 
@@ -786,7 +786,7 @@ def _judge(report: DryRunReport, plan: _Plan, eng: _EngineLines) -> None:
             report.notes.append(f"{est.title}: start SGLang with --mem-fraction-static between {need:.2f} (every "
                                 f"sequence at once) and {most:.2f} (all the memory left)")
     if plan.parallel.vpp:
-        report.notes.append("virtual PP pads every micro-batch to the largest [rows, width] (training/engine.py): "
+        report.notes.append("virtual PP pads every micro-batch to the largest [rows, width] (runner/model_runner.py): "
                             "T may be larger than assumed")
 
 
@@ -829,7 +829,7 @@ def _over_budget(est: StageEstimate, phase: str, peak: float, budget: float) -> 
 
 def run_dry_run(cfg, options: DryRunOptions, out: Optional[TextIO] = None) -> DryRunReport:
     """Print the resolved config and the report; raise ``RLMTError`` if the run cannot fit."""
-    from rlmt_megatron.trainer.config import dump_config
+    from rlmt_megatron.config.base import dump_config
 
     out = out or sys.stdout
     out.write("# resolved config\n" + dump_config(cfg) + "\n")

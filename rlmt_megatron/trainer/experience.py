@@ -25,7 +25,7 @@ import torch
 
 from rlmt_megatron.algorithms import get_advantage_estimator
 from rlmt_megatron.errors import RLMTError
-from rlmt_megatron.training.batching import Sample
+from rlmt_megatron.runner.batching import Sample
 
 
 class ExperienceError(RLMTError, ValueError):

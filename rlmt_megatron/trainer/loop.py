@@ -7,7 +7,7 @@
 Every trainer rank runs this function (SPMD under torchrun); rank 0 also owns the rollout engine
 and writes the run directory. Faults: a stop signal (SLURM preemption / time limit) ends the run
 after a checkpoint with the requeue contract of ``trainer/stop.py``; a failing rollout engine is
-restarted and the step retried (``trainer/engine_supervisor.py``); collectives time out and a
+restarted and the step retried (``trainer/rollout_supervisor.py``); collectives time out and a
 watchdog reports stuck ranks (``trainer/watchdog.py``).
 """
 
@@ -37,12 +37,12 @@ from rlmt_megatron.distributed.collectives import barrier, is_rank0
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.monitoring import MetricsLogger, PhaseTimer, ProgressReporter, write_resolved_config, write_samples
 from rlmt_megatron.monitoring.progress import peak_memory_metrics
-from rlmt_megatron.trainer.config import RLMTConfig
-from rlmt_megatron.trainer.engine_supervisor import EngineGaveUp, EngineSupervisor, collective_timeout_minutes
+from rlmt_megatron.config.rlmt import RLMTConfig
+from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
 from rlmt_megatron.trainer.experience import check_trainable
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
-from rlmt_megatron.trainer.steps import UPDATES
+from rlmt_megatron.trainer.updates import UPDATES
 from rlmt_megatron.trainer.stop import RunStopped, StepAbandoned, StopSignals, clear_exit_status, write_exit_status
 from rlmt_megatron.trainer.watchdog import Watchdog, activity
 
@@ -53,7 +53,7 @@ class RolloutEngineFailed(RLMTError):
 
 def train(cfg: RLMTConfig) -> Path:
     out = Path(cfg.run.out_dir)
-    timeout = collective_timeout_minutes(cfg)
+    timeout = cfg.collective_timeout_minutes()
     with StopSignals(cfg.run.stop_signals) as stop:
         initialize(cfg.build.parallel, cfg.run.seed, timeout_minutes=timeout)
         _seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -81,7 +81,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
         restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
     saved = {step: resume_dir} if resume_dir is not None else {}
-    rollout = EngineSupervisor(cfg, model_dir, roles.policy, out, stop, restarts)
+    rollout = RolloutSupervisor(cfg, model_dir, roles.policy, out, stop, restarts)
 
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""

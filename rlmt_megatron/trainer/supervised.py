@@ -2,7 +2,7 @@
 preference pairs (``rlmt-train-rm``; used by the demo to make its tiny RM meaningful).
 
 Both are epochs over a fixed dataset, seeded shuffle, ``batch_size`` sequences (SFT) or pairs
-(RM) per optimizer step, on the same TrainEngine as RL; the result is written as an HF folder.
+(RM) per optimizer step, on the same ModelRunner as RL; the result is written as an HF folder.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from pydantic import Field, PositiveInt
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.config import ModelBuildConfig, StrictModel
+from rlmt_megatron.config.base import StrictModel
+from rlmt_megatron.config.model_build import ModelBuildConfig
 from rlmt_megatron.data.jsonl import field, messages_field, read_jsonl
 from rlmt_megatron.distributed.bootstrap import initialize
 from rlmt_megatron.distributed.collectives import barrier, dp_rank_and_size, dp_shard, is_rank0
 from rlmt_megatron.errors import InputFileError
 from rlmt_megatron.monitoring import MetricsLogger, MonitoringConfig, ProgressReporter, write_resolved_config
 from rlmt_megatron.reward.rm_template import rm_input_ids
-from rlmt_megatron.training.batching import Sample
-from rlmt_megatron.training.engine import OptimConfig, TrainEngine
-from rlmt_megatron.training.losses import reward_model_loss_fn, sft_loss_fn
+from rlmt_megatron.runner.batching import Sample
+from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.runner.losses import reward_model_loss_fn, sft_loss_fn
 
 
 class SupervisedConfig(StrictModel):
@@ -82,7 +83,7 @@ def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) 
     total = cfg.epochs * steps_per_epoch
     optim = cfg.optim.model_copy(update={"total_steps": total})
     role = "reward" if kind == "reward_model" else "policy"
-    engine = TrainEngine(load_model(cfg.model, role, cfg.build), optim)
+    engine = ModelRunner(load_model(cfg.model, role, cfg.build), optim)
     loss = reward_model_loss_fn() if kind == "reward_model" else sft_loss_fn(engine.built.spec.vocab_size)
     _, dp = dp_rank_and_size()
     if cfg.batch_size < dp:

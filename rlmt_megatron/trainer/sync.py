@@ -15,7 +15,7 @@ from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.weight_sync.checksum import StreamingChecksum
 from rlmt_megatron.rollout.weight_sync.interfaces import WeightTransport
-from rlmt_megatron.training.engine import TrainEngine
+from rlmt_megatron.runner.model_runner import ModelRunner
 
 
 class PolicySync:
@@ -30,7 +30,7 @@ class PolicySync:
         self.check_checksum = check_checksum
         self.quantize = quantize  # optional bucket-stream wrapper (FP8 rollouts)
 
-    def push(self, policy: TrainEngine, version: int) -> None:
+    def push(self, policy: ModelRunner, version: int) -> None:
         stream = buckets_at(policy.built, dst=0, bucket_bytes=self.bucket_bytes)
         if self.engine is None:
             for _ in stream:  # take part in the gathers and sends

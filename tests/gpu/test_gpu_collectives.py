@@ -12,10 +12,10 @@ def test_cpu_and_cuda_tensors_reduce_in_every_group():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from rlmt_megatron.config import ParallelConfig
+    from rlmt_megatron.config.model_build import ParallelConfig
     from rlmt_megatron.distributed import bootstrap
-    from rlmt_megatron.training.engine import global_counts
-    from rlmt_megatron.training.batching import Sample
+    from rlmt_megatron.runner.model_runner import global_counts
+    from rlmt_megatron.runner.batching import Sample
 
     bootstrap.initialize(ParallelConfig())
     try:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def one_gpu_world():
-    from rlmt_megatron.config import ModelBuildConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
 
     build = ModelBuildConfig(precision=PrecisionConfig(params_dtype="bfloat16"), attention_backend="sdpa")
@@ -31,7 +31,7 @@ def test_bf16_parity(one_gpu_world, tiny_models, test_sequences, name):
     from transformers import AutoModelForCausalLM
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.forward_only import sequence_logprobs
+    from rlmt_megatron.runner.forward_only import sequence_logprobs
 
     _, seqs = test_sequences
     built = load_model(tiny_models / name, "policy", one_gpu_world)
@@ -50,7 +50,7 @@ def test_bf16_parity(one_gpu_world, tiny_models, test_sequences, name):
 def test_8b_shaped_layers_forward_backward(one_gpu_world):
     from rlmt_megatron.models.builder import build_model
     from rlmt_megatron.models.hf_config import parse_hf_config
-    from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
+    from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
@@ -86,9 +86,9 @@ def test_bf16_train_steps_reduce_the_loss(one_gpu_world, tiny_models):
     from train_worker import global_batch, nll_token_mean
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
 
-    engine = TrainEngine(load_model(tiny_models / "llama-policy", "policy", one_gpu_world), OptimConfig(lr=1e-3))
+    engine = ModelRunner(load_model(tiny_models / "llama-policy", "policy", one_gpu_world), OptimConfig(lr=1e-3))
     losses = [engine.train_step(global_batch(1024), nll_token_mean)["loss"] for _ in range(5)]
     print("bf16 losses", losses)
     assert losses[-1] < losses[0]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def one_gpu():
-    from rlmt_megatron.config import ModelBuildConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig
     from rlmt_megatron.distributed import bootstrap
 
     bootstrap.initialize(ModelBuildConfig().parallel)
@@ -24,7 +24,7 @@ def one_gpu():
 
 
 def _build(perf, backend="auto"):
-    from rlmt_megatron.config import ModelBuildConfig, PerformanceConfig, PrecisionConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, PerformanceConfig, PrecisionConfig
 
     return ModelBuildConfig(precision=PrecisionConfig(params_dtype="bfloat16"), attention_backend=backend,
                             performance=PerformanceConfig(**perf))
@@ -38,15 +38,15 @@ def test_fusions_keep_logprobs_and_training(one_gpu, tiny_models):
     from train_worker import global_batch, nll_token_mean
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.training.engine import OptimConfig, TrainEngine
-    from rlmt_megatron.training.forward_only import sequence_logprobs
+    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.runner.forward_only import sequence_logprobs
 
     seqs = [list(range(5, 60)), list(range(100, 180, 2))]
     results = {}
     for fusions in ("off", "auto"):
         built = load_model(tiny_models / "llama-policy", "policy", _build(dict(fusions=fusions)))
         logp = torch.cat(sequence_logprobs(built, seqs))
-        engine = TrainEngine(built, OptimConfig(lr=1e-3))
+        engine = ModelRunner(built, OptimConfig(lr=1e-3))
         losses = [engine.train_step(global_batch(1024), nll_token_mean)["loss"] for _ in range(3)]
         results[fusions] = (logp, losses)
     (lp_off, loss_off), (lp_on, loss_on) = results["off"], results["auto"]
@@ -58,7 +58,7 @@ def test_fusions_keep_logprobs_and_training(one_gpu, tiny_models):
 def _train_peak(perf, batch, seq):
     from rlmt_megatron.models.builder import build_model
     from rlmt_megatron.models.hf_config import parse_hf_config
-    from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
+    from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,

@@ -14,7 +14,7 @@ def train(a):
     import torch.distributed as dist
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+    from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
     from rlmt_megatron.checkpoint.hf_export import buckets_at

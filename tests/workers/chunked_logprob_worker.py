@@ -8,9 +8,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training.chunked_logprobs import sequence_logprobs_chunked
+from rlmt_megatron.runner.chunked_logprobs import sequence_logprobs_chunked
 
 LAYOUTS = {"tp2": ParallelConfig(tp=2), "tp2sp": ParallelConfig(tp=2, sequence_parallel=True), "pp2": ParallelConfig(pp=2)}
 

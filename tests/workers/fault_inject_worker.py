@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 from rlmt_megatron.cli.train import cli
-from rlmt_megatron.trainer import roles, steps
+from rlmt_megatron.rollout import factory
+from rlmt_megatron.trainer import updates
 
-roles.HF_ENGINE = "faulty_engines.FaultyHFEngine"  # importable in the engine process: sys.path travels with spawn
+factory.HF_ENGINE = "faulty_engines.FaultyHFEngine"  # importable in the engine process: sys.path travels with spawn
 
 
 def _pause_training(at_step: int, folder: Path) -> None:
-    real = steps.UPDATES["grpo"]
+    real = updates.UPDATES["grpo"]
     calls = []
 
     def update(cfg, roles_, rollouts):
@@ -31,7 +32,7 @@ def _pause_training(at_step: int, folder: Path) -> None:
                 time.sleep(0.05)
         return real(cfg, roles_, rollouts)
 
-    steps.UPDATES["grpo"] = update
+    updates.UPDATES["grpo"] = update
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ import sys
 
 import torch
 
-from rlmt_megatron.config import ParallelConfig
+from rlmt_megatron.config.model_build import ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs_and_entropy
 
 case_path, out_dir, true_vocab, temperature = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 bootstrap.initialize(ParallelConfig(tp=2))

@@ -13,11 +13,11 @@ import torch
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
 from rlmt_megatron.checkpoint.hf_export import gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training import losses
-from rlmt_megatron.training.batching import Sample
-from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+from rlmt_megatron.runner import losses
+from rlmt_megatron.runner.batching import Sample
+from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
 
 POLICY = PolicyLossConfig(clip_low=0.2, clip_high=0.28, dual_clip_c=3.0, kl_in_loss=True, kl_coef=0.1,
                           kl_estimator="k3", entropy_coef=0.01)
@@ -75,7 +75,7 @@ def main():
         units = [batch[k:k + unit] for k in range(0, len(batch), unit)]
         mine = [s for u in units[rank::dp] for s in u]
         for mbs in map(int, a.mbs.split(",")):
-            engine = TrainEngine(load_model(a.model, role, build),
+            engine = ModelRunner(load_model(a.model, role, build),
                                  OptimConfig(lr=0.05, adam_eps=1.0, weight_decay=0.0, clip_grad=0.0,
                                              max_samples_per_microbatch=max(mbs, unit), max_tokens_per_microbatch=1 << 20))
             metrics = engine.train_step(mine, loss_fn, unit_size=unit)

@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training.forward_only import sequence_logprobs, sequence_scores, token_values
+from rlmt_megatron.runner.forward_only import sequence_logprobs, sequence_scores, token_values
 
 
 def main():

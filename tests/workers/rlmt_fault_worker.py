@@ -10,7 +10,7 @@ import argparse
 import math
 
 from rlmt_megatron.cli.common import run_main
-from rlmt_megatron.reward.scorer import RewardScorer
+from rlmt_megatron.reward.rm_scorer import RewardScorer
 from rlmt_megatron.rollout.hf_engine import HFEngine
 
 

@@ -8,15 +8,15 @@ import torch.distributed as dist
 
 from rlmt_megatron.checkpoint.hf_export import buckets_at, gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
 from rlmt_megatron.rollout.hf_engine import HFEngine
 from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport
-from rlmt_megatron.training.engine import OptimConfig, TrainEngine
-from rlmt_megatron.training.forward_only import sequence_logprobs
+from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.runner.forward_only import sequence_logprobs
 from train_worker import global_batch, nll_token_mean
 
 TEMPERATURE = 0.8
@@ -33,7 +33,7 @@ def main():
     build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp))
     bootstrap.initialize(build.parallel)
     rank = dist.get_rank()
-    engine = TrainEngine(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
+    engine = ModelRunner(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
     engine.train_step(global_batch(1024), nll_token_mean)  # world = tp * pp here: one DP rank
 
     rollout = None

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from rlmt_megatron.checkpoint.hf_export import gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.checkpoint.train_state import latest_checkpoint, load_train_state, save_train_state
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training.engine import OptimConfig, TrainEngine
+from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
 from train_worker import global_batch, nll_token_mean
 
 
@@ -60,7 +60,7 @@ def main():
     rank = dist.get_rank()
 
     def engine():
-        return TrainEngine(load_model(a.model, "policy", build), optim)
+        return ModelRunner(load_model(a.model, "policy", build), optim)
 
     out = {}
     if a.mode == "first":

@@ -12,11 +12,11 @@ import torch
 
 from rlmt_megatron.checkpoint.hf_export import gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.training.batching import Sample
-from rlmt_megatron.training.engine import OptimConfig, TrainEngine
-from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
+from rlmt_megatron.runner.batching import Sample
+from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
 
 def global_batch(vocab: int) -> list[Sample]:
@@ -58,7 +58,7 @@ def main():
     dp = bootstrap.initialize(build.parallel)
     from megatron.core import parallel_state
 
-    engine = TrainEngine(
+    engine = ModelRunner(
         load_model(a.model, "policy", build),
         OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=0.0, clip_grad=a.clip, adam_eps=a.adam_eps,
                     use_distributed_optimizer=not a.no_distributed_optimizer,

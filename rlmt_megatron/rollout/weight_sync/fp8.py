@@ -53,7 +53,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from rlmt_megatron.checkpoint.hf_export import Bucket
-from rlmt_megatron.config import StrictModel
+from rlmt_megatron.config.base import StrictModel
 from rlmt_megatron.errors import RLMTError
 
 FP8_DTYPE = torch.float8_e4m3fn

@@ -22,7 +22,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from rlmt_megatron.config import StrictModel
+from rlmt_megatron.config.base import StrictModel
+from rlmt_megatron.distributed.collectives import free_port
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport, WeightTransport
 
@@ -78,12 +79,6 @@ def resolve_transport(kind: str, placement: str, requested: str = "auto") -> str
     return requested
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def make_transport(config: WeightSyncConfig, engine, placement: str, *, base_dir: Optional[str] = None,
                    disk_dir: Optional[str] = None) -> WeightTransport:
     """The transport for ``engine`` (its ``name`` is the kind: hf, vllm, sglang) at ``placement``.
@@ -103,7 +98,7 @@ def make_transport(config: WeightSyncConfig, engine, placement: str, *, base_dir
         from rlmt_megatron.rollout.weight_sync.nccl_broadcast import NCCLBroadcastTransport
 
         address = config.master_address or socket.gethostbyname(socket.gethostname())
-        return NCCLBroadcastTransport(engine, address, config.master_port or _free_port(), config.engine_tp_size,
+        return NCCLBroadcastTransport(engine, address, config.master_port or free_port(), config.engine_tp_size,
                                       backend=config.nccl_backend, timeout_s=config.timeout_s)
     from rlmt_megatron.rollout.weight_sync.disk import DiskTransport
 

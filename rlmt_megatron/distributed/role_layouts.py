@@ -14,15 +14,15 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from rlmt_megatron.config import ParallelConfig
-from rlmt_megatron.distributed.layout import check_world_size
+from rlmt_megatron.config.model_build import ParallelConfig
+from rlmt_megatron.distributed.layout_checks import check_world_size
 
 
 def _state_names(ps) -> list[str]:
     return [n for n in vars(ps) if n.startswith("_") and n.isupper() and not n.startswith("__")]
 
 
-class ParallelLayouts:
+class RoleLayouts:
     """The layout initialised by ``bootstrap.initialize`` is "default"; ``add`` makes more."""
 
     def __init__(self):

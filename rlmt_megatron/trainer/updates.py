@@ -28,9 +28,9 @@ from rlmt_megatron.trainer.experience import (
     response_mask,
     sequence_of,
 )
-from rlmt_megatron.training.batching import Sample
-from rlmt_megatron.training.forward_only import sequence_logprobs, token_values
-from rlmt_megatron.training.losses import dpo_loss_fn, policy_loss_fn, value_loss_fn
+from rlmt_megatron.runner.batching import Sample
+from rlmt_megatron.runner.forward_only import sequence_logprobs, token_values
+from rlmt_megatron.runner.losses import dpo_loss_fn, policy_loss_fn, value_loss_fn
 
 
 def _dp_sum(values: list[float], op=None) -> list[float]:

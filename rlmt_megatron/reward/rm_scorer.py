@@ -14,16 +14,16 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 from rlmt_megatron.distributed.collectives import dp_gather, dp_shard
 from rlmt_megatron.reward.rm_template import rm_input_ids
-from rlmt_megatron.training.engine import TrainEngine
-from rlmt_megatron.training.forward_only import sequence_scores
+from rlmt_megatron.runner.model_runner import ModelRunner
+from rlmt_megatron.runner.forward_only import sequence_scores
 
 
 class RewardScorer:
-    def __init__(self, engine: TrainEngine, tokenizer, max_tokens_per_microbatch: int = 8192,
+    def __init__(self, engine: ModelRunner, tokenizer, max_tokens_per_microbatch: int = 8192,
                  max_length: Optional[int] = None,
                  layout: Callable[[], ContextManager] = contextlib.nullcontext):
         self.engine = engine
-        self.layout = layout  # activates the RM's own parallel layout (distributed/layouts.py)
+        self.layout = layout  # activates the RM's own parallel layout (distributed/role_layouts.py)
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens_per_microbatch
         self.max_length = max_length

@@ -37,7 +37,7 @@ from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.weight_sync.select import make_transport
 from rlmt_megatron.trainer import rollout_phase
-from rlmt_megatron.trainer.roles import make_rollout_engine
+from rlmt_megatron.rollout.factory import make_rollout_engine
 from rlmt_megatron.trainer.stop import StepAbandoned, StopSignals
 from rlmt_megatron.trainer.sync import PolicySync, fp8_quantizer
 from rlmt_megatron.trainer.watchdog import activity
@@ -68,23 +68,7 @@ class _DrainOnError:
 
 
 
-def collective_timeout_minutes(cfg) -> float:
-    """``run.collective_timeout_minutes``, or when unset 10 minutes more than ``rollout.timeout_s``
-    (at least 30): ranks other than 0 wait in a collective while rank 0 waits for the engine, so
-    the engine's own timeout must fire first for a slow engine to be restarted, not the job killed."""
-    engine_wait = cfg.rollout.timeout_s / 60.0
-    minutes = cfg.run.collective_timeout_minutes
-    if minutes is None:
-        return max(30.0, engine_wait + 10.0)
-    if minutes <= engine_wait:
-        raise RLMTError(
-            f"run.collective_timeout_minutes={minutes:g} is not longer than rollout.timeout_s={cfg.rollout.timeout_s:g} s "
-            f"({engine_wait:g} min): ranks other than 0 wait in a collective while rank 0 waits for the engine, so a "
-            "slow engine would end the job instead of being restarted; raise the first or lower the second")
-    return minutes
-
-
-class EngineSupervisor:
+class RolloutSupervisor:
     def __init__(self, cfg, model_dir: str, policy, out_dir, stop: Optional[StopSignals], restarts: int = 0):
         self.cfg = cfg
         self.model_dir = model_dir
@@ -135,7 +119,9 @@ class EngineSupervisor:
 
     def _build(self) -> None:
         """Rank 0: a new engine and transport."""
-        engine = make_rollout_engine(self.cfg, self.model_dir)
+        engine = make_rollout_engine(self.cfg.rollout, self.model_dir, dtype=self.cfg.engine_dtype(),
+                                     max_model_len=self.cfg.data.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
+                                     seed=self.cfg.run.seed)
         try:
             transport = make_transport(self.cfg.weight_sync, engine, self.cfg.rollout.placement, base_dir=self.model_dir,
                                        disk_dir=str(self.out_dir / "weight_sync"))

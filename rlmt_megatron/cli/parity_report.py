@@ -1,6 +1,6 @@
 """Compare Megatron outputs with transformers: the check a user runs after converting a model.
 
-  python -m rlmt_megatron.tools.parity_report --hf ORIGINAL_DIR [--exported DIR] [--logprobs OUT.jsonl]
+  python -m rlmt_megatron.cli.parity_report --hf ORIGINAL_DIR [--exported DIR] [--logprobs OUT.jsonl]
 
 - ``--exported``: every tensor of the exported HF folder must equal the original bit for bit.
 - ``--logprobs``: rows written by ``rlmt-logprobs`` are re-scored with transformers'

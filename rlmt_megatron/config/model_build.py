@@ -1,21 +1,16 @@
-"""Typed configuration shared by every role (policy, critic, reference, reward model).
+"""How a Megatron model is built from an HF folder: layout, precision, speed/memory options.
 
-Configs are pydantic models: unknown keys and wrong types fail at load with the field's path,
-which is what a user editing a YAML recipe needs. Later issues add the training sections; this
-module holds what the model builders and the distributed bootstrap consume.
+Shared by every role (policy, critic, reference, reward model); consumed by the model builders
+and the distributed bootstrap.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
-
-class StrictModel(BaseModel):
-    """Base for every config section: no unknown keys, validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+from rlmt_megatron.config.base import StrictModel
 
 
 class ParallelConfig(StrictModel):
@@ -29,12 +24,6 @@ class ParallelConfig(StrictModel):
     sequence_parallel: bool = Field(
         False, description="shard activations along the sequence inside TP regions (needs tp > 1)"
     )
-
-    def data_parallel_size(self, world_size: int) -> int:
-        from rlmt_megatron.distributed.layout import check_world_size
-
-        check_world_size(self, world_size)
-        return world_size // (self.tp * self.pp)
 
 
 class PrecisionConfig(StrictModel):

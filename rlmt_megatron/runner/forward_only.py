@@ -1,6 +1,6 @@
 """Forward-only passes: per-token logprobs (policy), scores (reward model), values (critic).
 
-All three run through :meth:`TrainEngine.forward`, i.e. Megatron's own pipeline schedule over
+All three run through :meth:`ModelRunner.forward`, i.e. Megatron's own pipeline schedule over
 token-budget micro-batches, so one code path serves PP=1, PP>1 and interleaved PP. Sequences are
 right-padded; with causal attention padded positions come after every real token and cannot
 influence it, so no attention mask is needed.
@@ -11,41 +11,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 from rlmt_megatron.models.builder import BuiltModel
-
-
-def broadcast_from_last_stage(obj: Any) -> Any:
-    """Send a picklable object from the last pipeline stage to every stage of this pipeline."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(
-        box,
-        src=parallel_state.get_pipeline_model_parallel_last_rank(),
-        group=parallel_state.get_pipeline_model_parallel_group(),
-    )
-    return box[0]
-
-
-def _engine(model):
-    from rlmt_megatron.training.engine import TrainEngine
-
-    return model if isinstance(model, TrainEngine) else TrainEngine(model, None)
-
-
-def _samples(sequences: Sequence[Sequence[int]]):
-    from rlmt_megatron.training.batching import Sample
-
-    out = []
-    for i, seq in enumerate(sequences):
-        if len(seq) < 2:
-            raise ValueError(f"sequence {i} has {len(seq)} token(s); at least 2 are needed")
-        out.append(Sample(torch.as_tensor(list(seq), dtype=torch.long)))
-    return out
+from rlmt_megatron.runner.batching import samples_from_sequences
+from rlmt_megatron.runner.chunked_logprobs import sequence_logprobs_chunked
+from rlmt_megatron.runner.model_runner import as_runner
 
 
 def sequence_logprobs(
@@ -57,8 +27,6 @@ def sequence_logprobs(
     [tokens, V/tp] logits never exist at once: with a 128K vocabulary they, not the decoder,
     dominated the old/reference pass's memory (benchmarks/logprob_pass.py).
     """
-    from rlmt_megatron.training.chunked_logprobs import sequence_logprobs_chunked
-
     return sequence_logprobs_chunked(model, sequences, max_tokens, temperature)
 
 
@@ -67,16 +35,16 @@ def sequence_logprobs_from_logits(
 ) -> list[torch.Tensor]:
     """``sequence_logprobs`` from GPTModel's full logits (fused vocab-parallel logprobs on them):
     the previous path, kept as the benchmark's comparison and a second implementation in tests."""
-    from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
+    from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
-    engine = _engine(model)
+    engine = as_runner(model)
     vocab = engine.built.spec.vocab_size
 
     def reduce(logits, mb):
         lp = vocab_parallel_logprobs(logits[:, :-1], mb.targets, vocab, temperature).cpu()  # one copy
         return [lp[row, : n - 1] for row, n in enumerate(mb.lengths[: len(mb.indices)].tolist())]
 
-    return engine.forward(_samples(sequences), reduce, max_tokens)
+    return engine.forward(samples_from_sequences(sequences), reduce, max_tokens)
 
 
 def sequence_scores(model, sequences: Sequence[Sequence[int]], max_tokens: int = 8192) -> list[torch.Tensor]:
@@ -87,7 +55,7 @@ def sequence_scores(model, sequences: Sequence[Sequence[int]], max_tokens: int =
         rows = torch.arange(n, device=out.device)
         return list(out[rows, mb.lengths[:n] - 1, 0].float().cpu())
 
-    return _engine(model).forward(_samples(sequences), reduce, max_tokens)
+    return as_runner(model).forward(samples_from_sequences(sequences), reduce, max_tokens)
 
 
 def token_values(model, sequences: Sequence[Sequence[int]], max_tokens: int = 8192) -> list[torch.Tensor]:
@@ -97,4 +65,4 @@ def token_values(model, sequences: Sequence[Sequence[int]], max_tokens: int = 81
         values = out[: len(mb.indices), :, 0].float().cpu()  # one copy per micro-batch, not per row
         return [values[row, :n] for row, n in enumerate(mb.lengths[: len(mb.indices)].tolist())]
 
-    return _engine(model).forward(_samples(sequences), reduce, max_tokens)
+    return as_runner(model).forward(samples_from_sequences(sequences), reduce, max_tokens)

@@ -25,6 +25,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from rlmt_megatron.errors import RLMTError
+from rlmt_megatron.runner.batching import samples_from_sequences
+from rlmt_megatron.runner.model_runner import as_runner
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -109,7 +111,7 @@ def chunked_head_logprobs(
     """log p(targets) from final hidden states ``[..., h]`` and this rank's vocab-parallel head
     ``weight`` [V/tp, h]; float32 with the shape of ``targets``. Collective over the TP group
     (every TP rank must call it with the same tokens)."""
-    from rlmt_megatron.training.logprobs import vocab_parallel_logprobs
+    from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
@@ -137,12 +139,10 @@ def sequence_logprobs_chunked(
 ) -> list[torch.Tensor]:
     """Same contract as ``forward_only.sequence_logprobs`` (per sequence, log p(token_t |
     tokens_<t) for t = 1..len-1, float32 CPU, on every rank), computed with the chunked head.
-    ``model``: a BuiltModel or a TrainEngine of the policy."""
-    from rlmt_megatron.training.forward_only import _engine, _samples
-
+    ``model``: a BuiltModel or a ModelRunner of the policy."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-    engine = _engine(model)
+    engine = as_runner(model)
     vocab = engine.built.spec.vocab_size
     last = _gpt_models(engine.built.chunks)[-1]
     weight = head_weight(last) if getattr(last, "post_process", False) else None
@@ -157,4 +157,4 @@ def sequence_logprobs_chunked(
         return list(lp.cpu().split(counts.tolist()))
 
     with final_hidden_states(engine.built.chunks):
-        return engine.forward(_samples(sequences), reduce, max_tokens)
+        return engine.forward(samples_from_sequences(sequences), reduce, max_tokens)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rlmt_megatron.errors import LayoutError
 
 if TYPE_CHECKING:
-    from rlmt_megatron.config import ParallelConfig
+    from rlmt_megatron.config.model_build import ParallelConfig
     from rlmt_megatron.models.hf_config import HFModelSpec
 
 

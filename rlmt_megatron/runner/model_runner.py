@@ -30,10 +30,10 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.algorithms.checks import validated_on_host
-from rlmt_megatron.config import StrictModel
-from rlmt_megatron.distributed.collectives import any_rank
+from rlmt_megatron.config.base import StrictModel
+from rlmt_megatron.distributed.collectives import any_rank, broadcast_from_last_stage
 from rlmt_megatron.models.builder import BuiltModel
-from rlmt_megatron.training.batching import Sample, TrainMicroBatch, make_train_micro_batches
+from rlmt_megatron.runner.batching import Sample, TrainMicroBatch, make_train_micro_batches
 
 
 class OptimConfig(StrictModel):
@@ -139,7 +139,7 @@ def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int)
     return out + [filler] * ((-len(out)) % pp)
 
 
-class TrainEngine:
+class ModelRunner:
     """Owns a role's DDP-wrapped chunks, optimizer and LR schedule (or none: forward-only)."""
 
     def __init__(self, built: BuiltModel, optim: Optional[OptimConfig]):
@@ -309,7 +309,6 @@ class TrainEngine:
 
     def _reduce_metrics(self, results: Optional[list]) -> dict[str, float]:
         """Sum per-micro-batch metric dicts over micro-batches and DP ranks; share over PP."""
-        from megatron.core import parallel_state
 
         # Summed where the metrics live (the device) and copied to the host once: one sync,
         # not one per metric and micro-batch.
@@ -322,13 +321,7 @@ class TrainEngine:
                 sums[k] = sums[k] + v if k in sums else v
         names = sorted(sums)
         local: dict[str, float] = dict(zip(names, torch.stack([sums[k] for k in names]).cpu().tolist())) if names else {}
-        if dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            box = [local]
-            dist.broadcast_object_list(
-                box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-            local = box[0]
+        local = broadcast_from_last_stage(local)
         keys = sorted(local)
         if dist.is_initialized() and keys:
             t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
@@ -347,8 +340,6 @@ class TrainEngine:
         ``mb`` (``mb.indices``; rows past them are padding). Results come back in the order of
         ``samples`` on every rank of the pipeline.
         """
-        from rlmt_megatron.training.forward_only import broadcast_from_last_stage
-
         if not samples:
             return []
         for chunk in self.model:
@@ -360,3 +351,8 @@ class TrainEngine:
         for mb, values in zip(micro_batches, per_batch):
             out.update(zip(mb.indices, values))
         return [out[i] for i in range(len(samples))]
+
+
+def as_runner(model: "BuiltModel | ModelRunner") -> "ModelRunner":
+    """A runner for forward-only passes: ``model`` itself, or a forward-only runner around a BuiltModel."""
+    return model if isinstance(model, ModelRunner) else ModelRunner(model, None)

@@ -1,4 +1,4 @@
-"""Loss functions for :meth:`TrainEngine.train_step`: the algorithms applied to model outputs.
+"""Loss functions for :meth:`ModelRunner.train_step`: the algorithms applied to model outputs.
 
 Each factory returns ``loss_fn(output, micro_batch, norms) -> (loss share, metrics)``. The share
 is this micro-batch's part of the global loss (see ``algorithms/aggregation.py``); metrics are
@@ -25,8 +25,8 @@ import torch
 from rlmt_megatron.algorithms import aggregate, bradley_terry, clipped_value_loss, nll, policy_objective, require_finite, sigmoid_dpo
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
-from rlmt_megatron.training.batching import TrainMicroBatch
-from rlmt_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+from rlmt_megatron.runner.batching import TrainMicroBatch
+from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs_and_entropy
 
 
 def _token_mean_share(x: torch.Tensor, mask: torch.Tensor, norms: GlobalNormalizers) -> torch.Tensor:

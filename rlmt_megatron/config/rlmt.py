@@ -10,19 +10,17 @@ the shipped example configs under ``examples/`` restate them for each method.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from rlmt_megatron.config import ModelBuildConfig, ParallelConfig, StrictModel
-from rlmt_megatron.errors import InputFileError
+from rlmt_megatron.config.base import StrictModel, load_config
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.monitoring.metrics import MonitoringConfig
 from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
 from rlmt_megatron.thinking.templates import ThinkingFormatConfig
-from rlmt_megatron.training.engine import OptimConfig
+from rlmt_megatron.runner.model_runner import OptimConfig
 
 
 class RunConfig(StrictModel):
@@ -34,7 +32,7 @@ class RunConfig(StrictModel):
     resume: str = Field("auto", description="auto: latest complete checkpoint in out_dir if any; never; or a path")
     export_hf: bool = Field(True, description="write the final policy as an HF folder (out_dir/final_hf)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (tests, debugging)")
-    # Fault handling (trainer/stop.py, trainer/watchdog.py, trainer/engine_supervisor.py)
+    # Fault handling (trainer/stop.py, trainer/watchdog.py, trainer/rollout_supervisor.py)
     collective_timeout_minutes: Optional[PositiveFloat] = Field(
         None, description="torch.distributed timeout: a collective waiting longer fails instead of hanging; must "
         "exceed rollout.timeout_s (the other ranks wait for rank 0's engine); null: rollout.timeout_s + 10 min, at least 30")
@@ -83,6 +81,16 @@ class RolloutConfig(StrictModel):
     gpu_memory_utilization: float = Field(
         0.5, gt=0.0, lt=1.0, description="vllm on GPU: the share of the GPU's memory vLLM may take (weights + KV "
         "cache); colocated, what the trainer's roles leave free when vLLM starts must cover it")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.engine == "sglang" and self.engine_process is not None:
+            raise ValueError("rollout.engine_process applies to the hf and vllm engines; an sglang engine is its own "
+                             "server (rollout.sglang_url): leave it unset")
+        if self.engine == "vllm" and self.engine_process == "inline":
+            raise ValueError("rollout.engine_process=inline is impossible with the vllm engine: vLLM must not join the "
+                             "trainer's torch.distributed world; leave it unset (subprocess)")
+        return self
 
 
 class AlgorithmConfig(StrictModel):
@@ -156,6 +164,12 @@ class RLMTConfig(StrictModel):
             raise ValueError(str(e)) from None
         if self.weight_sync.checksum and self.rollout.engine == "sglang":
             raise ValueError("weight_sync.checksum needs an engine that reports what it holds (hf or vllm), not sglang")
+        minutes, engine_wait = self.run.collective_timeout_minutes, self.rollout.timeout_s / 60.0
+        if minutes is not None and minutes <= engine_wait:
+            raise ValueError(
+                f"run.collective_timeout_minutes={minutes:g} is not longer than rollout.timeout_s={self.rollout.timeout_s:g} s "
+                f"({engine_wait:g} min): ranks other than 0 wait in a collective while rank 0 waits for the engine, so a "
+                "slow engine would end the job instead of being restarted; raise the first or lower the second")
         # Decaying schedules run over the whole run unless the recipe says otherwise.
         for optim in (self.optim, self.critic_optim):
             if "total_steps" not in optim.model_fields_set:
@@ -166,76 +180,23 @@ class RLMTConfig(StrictModel):
     def needs_reference(self) -> bool:
         return self.algorithm.name == "dpo" or self.algorithm.kl_coef > 0
 
+    def collective_timeout_minutes(self) -> float:
+        """``run.collective_timeout_minutes``, or when unset 10 minutes more than ``rollout.timeout_s``
+        (at least 30): ranks other than 0 wait in a collective while rank 0 waits for the engine, so
+        the engine's own timeout must fire first for a slow engine to be restarted, not the job
+        killed (checked at load)."""
+        if self.run.collective_timeout_minutes is not None:
+            return self.run.collective_timeout_minutes
+        return max(30.0, self.rollout.timeout_s / 60.0 + 10.0)
 
-# ---------------------------------------------------------------------------------------- loading
+    def engine_dtype(self) -> str:
+        """The rollout engine's weight dtype: on GPU the trainer's (bf16 in every recipe, as SGLang
+        serves); on CPU float32, the tested path (the CPU bf16 kernels are slow and not compared)."""
+        import torch
 
-
-def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise InputFileError(f"{source}: cannot set {dotted}: {k} is a value, not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise InputFileError(f"override {item!r}: expected key.sub=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise InputFileError(f"override {item!r}: value is not valid YAML ({e})") from None
-        if isinstance(value, str) and _SCIENTIFIC.match(value):
-            value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean a number
-        out.append((key, value))
-    return out
+        return self.build.precision.params_dtype if torch.cuda.is_available() else "float32"
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
-        lines.append(f"  {path}: {e['msg']}{got}")
-    return "\n".join(lines)
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
-                base: Optional[dict] = None, cls: type[StrictModel] = RLMTConfig):
-    """Read ``path`` (YAML), apply ``overrides``, validate as ``cls``. Errors name the file and the field."""
-    tree: dict = dict(base or {})
-    source = "<overrides>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise InputFileError(f"{path}: cannot read config ({e.strerror})") from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise InputFileError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(loaded, dict):
-            raise InputFileError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        tree.update(loaded)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, source)
-    try:
-        return cls.model_validate(tree)
-    except ValidationError as e:
-        raise InputFileError(format_validation_error(e, source)) from None
-
-
-def dump_config(cfg: StrictModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def load_rlmt_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RLMTConfig:
+    """``rlmt-train``'s config: ``path`` (YAML) with ``overrides``, validated; errors name the file and field."""
+    return load_config(path, overrides, cls=RLMTConfig)

@@ -15,7 +15,7 @@ the SDPA spec we use right padding, which needs no mask under causal attention.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -110,3 +110,14 @@ def make_train_micro_batches(
                 continue
         groups.append([u])
     return [_collate(samples, [i for u in g for i in units[u]], pad_multiple) for g in groups]
+
+
+def samples_from_sequences(sequences: Sequence[Sequence[int]]) -> list[Sample]:
+    """Field-less samples for forward-only passes; every sequence needs at least 2 tokens (one
+    to predict from, one predicted)."""
+    out = []
+    for i, seq in enumerate(sequences):
+        if len(seq) < 2:
+            raise ValueError(f"sequence {i} has {len(seq)} token(s); at least 2 are needed")
+        out.append(Sample(torch.as_tensor(list(seq), dtype=torch.long)))
+    return out
