@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from rlmt_megatron.distributed.collectives import all_ranks_ok, barrier, world_rank, world_size
 from rlmt_megatron.checkpoint.safetensors_io import fsync_path
@@ -103,7 +102,7 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int) -> list[Path]:
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-    if dist.is_initialized() and dist.getworld_rank() != 0:
+    if world_rank() != 0:
         return []
     doomed = [p for _, p in list_checkpoints(ckpt_root)[:-keep_last]]
     for p in doomed:
