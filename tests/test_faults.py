@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from helpers import REPO, free_port, read_metrics, torchrun, write_train_config
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.config.rlmt import RLMTConfig
-from rlmt_megatron.trainer.rollout_supervisor import _DrainOnError
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline
 from rlmt_megatron.trainer.stop import Interrupted, StopSignals
 from rlmt_megatron.trainer.watchdog import Watchdog, activity
 
@@ -82,7 +82,7 @@ def test_a_failed_weight_push_still_reads_the_whole_export_stream():
             raise EngineError("engine process died while syncing")
 
     with pytest.raises(EngineError, match="died while syncing"):
-        _DrainOnError(DyingTransport()).push(stream(), 3)
+        SyncPipeline(DyingTransport()).push(stream(), 3)
     assert read == [0, 1, 2, 3, 4]
 
 

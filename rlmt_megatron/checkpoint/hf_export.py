@@ -24,11 +24,15 @@ import torch.distributed as dist
 from rlmt_megatron.distributed.collectives import device_tensors_device
 from rlmt_megatron.checkpoint.hf_loader import global_layer_numbers
 from rlmt_megatron.checkpoint.mapping import HF_ARCHITECTURES, ResolvedRule, layer_index, resolve, unfuse
-from rlmt_megatron.checkpoint.safetensors_io import copy_tokenizer_files, pack_buckets, write_safetensors_folder
+from rlmt_megatron.checkpoint.safetensors_io import (
+    DEFAULT_BUCKET_BYTES,
+    Bucket,
+    copy_tokenizer_files,
+    pack_buckets,
+    write_safetensors_folder,
+)
 from rlmt_megatron.models.builder import BuiltModel
 
-Bucket = list[tuple[str, torch.Tensor]]
-DEFAULT_BUCKET_BYTES = 512 * 2**20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

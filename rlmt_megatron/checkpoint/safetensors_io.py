@@ -17,6 +17,10 @@ from safetensors.torch import save_file
 
 from rlmt_megatron.errors import CheckpointError
 
+# The unit of every weight stream (export, sync, disk folders): HF-named tensors, in order.
+Bucket = list[tuple[str, torch.Tensor]]
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 

@@ -11,10 +11,12 @@ forward/backward inside the replica sees consistent inputs.
 from __future__ import annotations
 
 import socket
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from rlmt_megatron.errors import RLMTError
 
 T = TypeVar("T")
 
@@ -111,6 +113,42 @@ def broadcast_from_rank0(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class Rank0Failed(RLMTError):
+    """Raised on every rank but 0 when rank 0 failed with an error nobody expected (rank 0 raises
+    its own, with its traceback)."""
+
+
+def rank0_decides(fn: Callable[[], T], doing: str, shared: tuple[type[BaseException], ...] = ()) -> T:
+    """Run ``fn`` on global rank 0 only; every rank returns its result or raises alike. Collective.
+
+    The one protocol for "rank 0 decides, every rank follows" (the rollout engine lives on rank
+    0; the other ranks must not wait forever in a collective rank 0 left):
+
+    * ``fn`` returns: its value (picklable) is broadcast and returned on every rank;
+    * ``fn`` raises one of ``shared`` (e.g. ``EngineError``, ``StepAbandoned``): that exception
+      (picklable) is raised on every rank, so all take the same branch;
+    * anything else: rank 0 re-raises its own exception, the others raise :class:`Rank0Failed`
+      naming ``doing`` and the error, so the job ends on every rank instead of hanging.
+    """
+    outcome: Any = None
+    fatal: BaseException | None = None
+    if is_rank0():
+        try:
+            outcome = ("value", fn())
+        except shared as e:
+            outcome = ("shared", e)
+        except Exception as e:
+            fatal, outcome = e, ("fatal", f"{type(e).__name__}: {e}")
+    kind, payload = broadcast_from_rank0(outcome)
+    if fatal is not None:
+        raise fatal
+    if kind == "shared":
+        raise payload
+    if kind == "fatal":
+        raise Rank0Failed(f"rank 0 failed while {doing}: {payload}")
+    return payload
 
 
 def is_rank0() -> bool:

@@ -1,6 +1,6 @@
 """The interface every rollout engine implements (embedded HF, vLLM, SGLang).
 
-Weights arrive as an iterator of buckets of HF-named tensors (see ``checkpoint/hf_export.py``), with
+Weights arrive as an iterator of buckets of HF-named tensors (``checkpoint/hf_export.py`` exports them, ``rollout/weight_sync/pipeline.py`` delivers them), with
 the trainer's weight version; every generation records the version it was sampled under.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from typing import Iterable, Sequence
 
-from rlmt_megatron.checkpoint.hf_export import Bucket
+from rlmt_megatron.checkpoint.safetensors_io import Bucket
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.types import Generation, SamplingParams
 

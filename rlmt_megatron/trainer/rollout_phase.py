@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from rlmt_megatron.distributed.collectives import broadcast_from_rank0
-from rlmt_megatron.errors import RLMTError
+from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.thinking import build_prompt_ids, parse_response, stop_settings
@@ -44,47 +42,31 @@ def generate(engine: Optional[RolloutEngine], prompt_ids: list[list[int]], param
              stop: Optional[StopSignals] = None) -> list[Rollout]:
     """Rank 0 generates; every rank returns the same rollouts (prompt-major, n per prompt).
 
-    Rank 0 decides and every rank acts alike: an ``EngineError`` is raised everywhere; a stop
-    signal while rank 0 waits for the engine (or an engine failure after one, since SLURM's
-    SIGTERM reaches the engine's process too) raises ``StepAbandoned`` everywhere; any other
-    failure on rank 0 is raised there and reported on the others instead of leaving them waiting.
+    Rank 0 decides and every rank acts alike (``rank0_decides``): an ``EngineError`` is raised
+    everywhere; a stop signal while rank 0 waits for the engine (or an engine failure after one,
+    since SLURM's SIGTERM reaches the engine's process too) raises ``StepAbandoned`` everywhere;
+    any other failure on rank 0 is raised there and reported on the others.
     """
-    payload, failure = None, None
-    if engine is not None:
+
+    def on_rank0():
         try:
             with activity("engine generate"), (stop.interruptible() if stop is not None else contextlib.nullcontext()):
                 gens = engine.generate(prompt_ids, params)
-            payload = [(g.prompt_index, g.token_ids, g.logprobs, g.finish_reason, g.weight_version)
-                       for per_prompt in gens for g in per_prompt]
         except Interrupted:
-            payload = _Abandoned()
-        except EngineError as e:
-            payload = _Abandoned() if stop is not None and stop.requested else e
-        except Exception as e:
-            failure, payload = e, _Rank0Failed(f"{type(e).__name__}: {e}")
-    with activity("broadcast of rank 0's rollouts"):
-        payload = broadcast_from_rank0(payload)
-    if failure is not None:
-        raise failure
-    if isinstance(payload, _Rank0Failed):
-        raise RLMTError(f"rank 0 failed while generating rollouts: {payload.message}")
-    if isinstance(payload, _Abandoned):
-        raise StepAbandoned()
-    if isinstance(payload, Exception):
-        raise payload
+            raise StepAbandoned() from None
+        except EngineError:
+            if stop is not None and stop.requested:
+                raise StepAbandoned() from None
+            raise
+        return [(g.prompt_index, g.token_ids, g.logprobs, g.finish_reason, g.weight_version)
+                for per_prompt in gens for g in per_prompt]
+
+    # rank 0's watchdog path shows "engine generate"; the others show what they wait for
+    with contextlib.nullcontext() if is_rank0() else activity("waiting for rank 0's rollouts"):
+        payload = rank0_decides(on_rank0, "generating rollouts", shared=(EngineError, StepAbandoned))
     if len(payload) != len(prompt_ids) * params.n:
         raise EngineError(f"rollout engine returned {len(payload)} samples for {len(prompt_ids)} prompts x n={params.n}")
     return [Rollout(p, list(prompt_ids[p]), list(ids), list(lps), fin, ver) for p, ids, lps, fin, ver in payload]
-
-
-@dataclass(frozen=True)
-class _Abandoned:
-    """Rank 0's answer when it abandoned the rollout for a stop request."""
-
-
-@dataclass(frozen=True)
-class _Rank0Failed:
-    message: str
 
 
 def parse_and_score(cfg, tokenizer, scorer, rollouts: list[Rollout], conversations: Sequence[list[dict]]) -> None:

@@ -28,44 +28,22 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from rlmt_megatron.distributed.collectives import broadcast_from_rank0, is_rank0
-from rlmt_megatron.errors import RLMTError
+from rlmt_megatron.checkpoint.hf_export import buckets_at
+from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
-from rlmt_megatron.rollout.weight_sync.select import make_transport
-from rlmt_megatron.trainer import rollout_phase
 from rlmt_megatron.rollout.factory import make_rollout_engine
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline, drain, make_sync_pipeline
+from rlmt_megatron.trainer import rollout_phase
 from rlmt_megatron.trainer.stop import StepAbandoned, StopSignals
-from rlmt_megatron.trainer.sync import PolicySync, fp8_quantizer
 from rlmt_megatron.trainer.watchdog import activity
-
-_ABANDON = "abandon"
 
 
 class EngineGaveUp(EngineError):
     """The engine failed more than ``rollout.max_restarts`` times in a row (every rank)."""
-
-
-class _DrainOnError:
-    """Wraps a transport: if pushing fails part-way, read the rest of the bucket stream anyway.
-    The stream is collective (TP gathers, PP sends to rank 0): the other ranks only get through
-    it if rank 0 consumes every bucket."""
-
-    def __init__(self, transport):
-        self.transport = transport
-
-    def push(self, buckets: Iterable, version: int) -> None:
-        stream = iter(buckets)
-        try:
-            self.transport.push(stream, version)
-        except Exception:
-            for _ in stream:
-                pass
-            raise
-
 
 
 class RolloutSupervisor:
@@ -84,9 +62,7 @@ class RolloutSupervisor:
         self.version = 0
         self.engine: Optional[RolloutEngine] = None  # rank 0 only
         self._bucket_bytes = cfg.weight_sync.bucket_mb * 2**20
-        self._walk = PolicySync(None, None, self._bucket_bytes)  # takes part in the export without an engine
-        self._sync = self._walk
-        self._transport = None  # rank 0: the engine's transport (process groups, files to release)
+        self._sync: Optional[SyncPipeline] = None  # rank 0: the engine's sync pipeline (its transport holds groups, files)
         self._broken: Optional[str] = None  # agreed on every rank: why the engine must be restarted
         self._local_error: Optional[str] = None  # rank 0: a failure the others learn at the next collective
 
@@ -94,45 +70,29 @@ class RolloutSupervisor:
 
     def _agree(self, doing: str, fn: Callable[[], None]) -> Optional[str]:
         """Run ``fn`` on rank 0; every rank returns rank 0's EngineError message (or None), or
-        raises StepAbandoned when rank 0 saw a stop request. Any other exception is raised on
-        every rank (rank 0 keeps its traceback)."""
-        outcome, fatal = None, None
-        if is_rank0():
-            try:
-                fn()
-            except _Abandon:
-                outcome = (_ABANDON, "")
-            except EngineError as e:
-                outcome = str(e)
-            except Exception as e:  # a bug or setup error: stop every rank, not only this one
-                fatal, outcome = e, ("fatal", f"{type(e).__name__}: {e}")
-        outcome = broadcast_from_rank0(outcome)
-        if fatal is not None:
-            raise fatal
-        if isinstance(outcome, tuple):
-            if outcome[0] == _ABANDON:
-                raise StepAbandoned()
-            raise RLMTError(f"rank 0 failed while {doing}: {outcome[1]}")
-        return outcome
+        raises StepAbandoned when rank 0 saw a stop request (``rank0_decides``)."""
+        try:
+            rank0_decides(fn, doing, shared=(EngineError, StepAbandoned))
+        except EngineError as e:
+            return str(e)
+        return None
 
     # ---------------------------------------------------------------- life cycle
 
     def _build(self) -> None:
-        """Rank 0: a new engine and transport."""
-        engine = make_rollout_engine(self.cfg.rollout, self.model_dir, dtype=self.cfg.engine_dtype(),
-                                     max_model_len=self.cfg.data.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
-                                     seed=self.cfg.run.seed)
+        """Rank 0: a new engine and its sync pipeline."""
+        cfg = self.cfg
+        engine = make_rollout_engine(cfg.rollout, self.model_dir, dtype=cfg.engine_dtype(),
+                                     max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                     seed=cfg.run.seed)
         try:
-            transport = make_transport(self.cfg.weight_sync, engine, self.cfg.rollout.placement, base_dir=self.model_dir,
-                                       disk_dir=str(self.out_dir / "weight_sync"))
-            quantize = fp8_quantizer(self.cfg.weight_sync.fp8, self.cfg.rollout.engine)
-            self._sync = PolicySync(engine, _DrainOnError(transport), self._bucket_bytes, self.cfg.weight_sync.checksum,
-                                    quantize=quantize)
+            sync = make_sync_pipeline(cfg.weight_sync, engine, cfg.rollout.engine, cfg.rollout.placement,
+                                      base_dir=self.model_dir, disk_dir=str(self.out_dir / "weight_sync"))
         except BaseException:
             with contextlib.suppress(Exception):  # the original error is the one to report
                 engine.close()
             raise
-        self.engine, self._transport, self._local_error = engine, transport, None
+        self.engine, self._sync, self._local_error = engine, sync, None
 
     def start(self, version: int, push: bool) -> None:
         """Start the engine (and push ``version`` of the policy). Collective. A first start that
@@ -150,10 +110,10 @@ class RolloutSupervisor:
     def _dispose(self) -> None:
         """Rank 0: end the engine whatever its state (a process is killed, then closed)."""
         engine, self.engine = self.engine, None
-        transport, self._transport = self._transport, None
-        if transport is not None:
+        sync, self._sync = self._sync, None
+        if sync is not None:
             with contextlib.suppress(Exception):
-                transport.close()
+                sync.close()
         if engine is None:
             return
         pid = getattr(engine, "pid", None)  # SubprocessEngine: its child process
@@ -184,7 +144,7 @@ class RolloutSupervisor:
 
         def rebuild():
             if self.stop is not None and self.stop.requested:
-                raise _Abandon()
+                raise StepAbandoned()
             self._dispose()
             self._build()
 
@@ -211,10 +171,11 @@ class RolloutSupervisor:
         (restarted before the next generation); it does not raise."""
         self._release_cached_memory()
         with activity(f"weight sync v{version}"):
+            stream = buckets_at(self.policy.built, dst=0, bucket_bytes=self._bucket_bytes)
             if is_rank0() and self.engine is not None and self._broken is None and self._local_error is None:
-                error = self._agree(f"syncing weights v{version}", lambda: self._sync.push(self.policy, version))
+                error = self._agree(f"syncing weights v{version}", lambda: self._sync.push(stream, version))
             else:
-                self._walk.push(self.policy, version)  # every rank takes part in the gathers
+                drain(stream)  # every rank takes part in the gathers
                 error = self._agree(f"syncing weights v{version}", self._raise_local_error)
         if error is not None:
             self._mark_broken(error)
@@ -266,15 +227,11 @@ class RolloutSupervisor:
             return
         try:
             self.engine.close()
-            if self._transport is not None:
-                self._transport.close()
+            if self._sync is not None:
+                self._sync.close()
         except Exception:  # closing must not hide why the run ends
             self._dispose()
-        self.engine = self._transport = None
-
-
-class _Abandon(Exception):
-    """Rank 0 saw a stop request instead of restarting the engine."""
+        self.engine = self._sync = None
 
 
 class _FailedEngine(RolloutEngine):

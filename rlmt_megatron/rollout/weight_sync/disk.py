@@ -32,8 +32,9 @@ from typing import Iterable, Iterator, Optional
 import torch
 from safetensors.torch import save_file
 
-from rlmt_megatron.checkpoint.hf_export import DEFAULT_BUCKET_BYTES, Bucket
 from rlmt_megatron.checkpoint.safetensors_io import (
+    DEFAULT_BUCKET_BYTES,
+    Bucket,
     INDEX_NAME, SINGLE_NAME, SafetensorsReader, copy_tokenizer_files, fsync_path, pack_buckets,
 )
 from rlmt_megatron.errors import CheckpointError

@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Iterator, Literal, Optional
 import torch
 from pydantic import Field, PositiveInt
 
-from rlmt_megatron.checkpoint.hf_export import Bucket
+from rlmt_megatron.checkpoint.safetensors_io import Bucket
 from rlmt_megatron.config.base import StrictModel
 from rlmt_megatron.errors import RLMTError
 
@@ -192,7 +192,7 @@ def quantize_buckets(buckets: Iterable[Bucket], config: Fp8ExportConfig) -> Iter
 
 
 def make_quantizer(config: Fp8ExportConfig) -> Callable[[Iterable[Bucket]], Iterator[Bucket]]:
-    """A bucket-stream wrapper (``PolicySync(quantize=...)``)."""
+    """A bucket-stream wrapper (the FP8 stage of ``weight_sync/pipeline.py``)."""
     return functools.partial(quantize_buckets, config=config)
 
 
