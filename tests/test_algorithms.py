@@ -34,6 +34,7 @@ from rlmt_megatron.algorithms import (
     get_value_loss,
     global_normalizers,
     grpo,
+    masked_whiten,
     nll,
     outcome_to_token_rewards,
     policy_objective,
@@ -106,23 +107,30 @@ def ref_rloo(rewards, ids):
     return [r - (sum(groups[g]) - r) / (len(groups[g]) - 1) for r, g in zip(rewards, ids)]
 
 
-def ref_reinforce_pp(rewards, lengths, T, kl, kl_coef, gamma, eps=1e-8):
+def ref_token_rewards(rewards, lengths, T, kl, kl_coef):
+    """Outcome reward on the last valid token, minus kl_coef * KL on every valid token."""
+    return [[(-kl_coef * kl[b][t] + (rewards[b] if t == n - 1 else 0.0)) if t < n else 0.0 for t in range(T)]
+            for b, n in enumerate(lengths)]
+
+
+def ref_whiten(rows, lengths, eps=1e-8):
+    """verl's masked_whiten: mean and unbiased variance over the valid entries, eps inside the root."""
+    valid = [rows[b][t] for b, n in enumerate(lengths) for t in range(n)]
+    mean = sum(valid) / len(valid)
+    var = sum((x - mean) ** 2 for x in valid) / max(len(valid) - 1, 1)
+    scale = 1.0 / math.sqrt(var + eps)
+    return [[(rows[b][t] - mean) * scale if t < n else 0.0 for t in range(len(rows[b]))] for b, n in enumerate(lengths)]
+
+
+def ref_reinforce_pp(token_rewards, lengths, T, gamma):
     returns = []
     for b, n in enumerate(lengths):
-        tok = [0.0] * T
-        for t in range(n):
-            tok[t] = -kl_coef * kl[b][t] + (rewards[b] if t == n - 1 else 0.0)
         row, run = [0.0] * T, 0.0
         for t in range(n - 1, -1, -1):
-            run = tok[t] + gamma * run
+            run = token_rewards[b][t] + gamma * run
             row[t] = run
         returns.append(row)
-    valid = [returns[b][t] for b, n in enumerate(lengths) for t in range(n)]
-    mean = sum(valid) / len(valid)
-    var = sum((x - mean) ** 2 for x in valid) / len(valid)
-    scale = 1.0 / math.sqrt(max(var, eps))
-    adv = [[(returns[b][t] - mean) * scale if t < n else 0.0 for t in range(T)] for b, n in enumerate(lengths)]
-    return adv, returns
+    return ref_whiten(returns, lengths), returns
 
 
 def ref_gae(rewards, values, lengths, T, gamma, lam):
@@ -229,11 +237,93 @@ def test_rloo_matches_reference(dtype, tol):
 def test_reinforce_pp_matches_reference(dtype, tol, kl_coef, gamma):
     lengths, mask, rnd = make_batch(dtype, seed=3)
     rewards, kl = rnd(len(lengths)), rnd(len(lengths), 7, scale=0.1).abs()
-    adv, ret = reinforce_pp(rewards, mask, token_kl=kl, kl_coef=kl_coef, gamma=gamma)
-    e_adv, e_ret = ref_reinforce_pp(rewards.double().tolist(), lengths, 7, kl.double().tolist(), kl_coef, gamma)
+    tokens = ref_token_rewards(rewards.double().tolist(), lengths, 7, kl.double().tolist(), kl_coef)
+    adv, ret = reinforce_pp(torch.tensor(tokens, dtype=dtype), mask, gamma=gamma)
+    e_adv, e_ret = ref_reinforce_pp(tokens, lengths, 7, gamma)
     close(ret, e_ret, tol)
     close(adv, e_adv, tol)
     assert_zero_on_padding(adv, mask)
+
+
+def test_reinforce_pp_token_rewards_from_the_helpers():
+    """The pipeline the trainer runs: outcome reward placed on the last token, KL folded in."""
+    lengths, mask, rnd = make_batch(torch.float64, seed=15)
+    B = len(lengths)
+    rewards, old = rnd(B), -rnd(B, 7).abs()
+    ref = old + rnd(B, 7, scale=0.2)
+    tokens = fold_kl_into_rewards(outcome_to_token_rewards(rewards, mask), old, ref, mask, 0.05, "k1")
+    adv, _ = reinforce_pp(tokens, mask, gamma=0.95)
+    kl = (old - ref).tolist()
+    e_adv, _ = ref_reinforce_pp(ref_token_rewards(rewards.tolist(), lengths, 7, kl, 0.05), lengths, 7, 0.95)
+    close(adv, e_adv, 1e-10)
+
+
+class FakeAllReduce:
+    """The other rank's half of a two-rank all-reduce, added by hand: masked_whiten asks first for
+    [sum, count], then for [sum of squared deviations from the global mean]."""
+
+    def __init__(self, other_rows, other_lengths):
+        self.rows, self.lengths, self.calls, self.mean = other_rows, other_lengths, [], None
+
+    def __call__(self, local):
+        valid = [self.rows[b][t] for b, n in enumerate(self.lengths) for t in range(n)]
+        if not self.calls:
+            out = [local[0] + sum(valid), local[1] + len(valid)]
+            self.mean = out[0] / out[1]
+        else:
+            out = [local[0] + sum((x - self.mean) ** 2 for x in valid)]
+        self.calls.append(list(local))
+        return out
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_masked_whiten_matches_reference_on_one_rank_and_split_over_two(dtype, tol):
+    lengths, mask, rnd = make_batch(dtype, seed=16)
+    x = rnd(len(lengths), 7, scale=3.0) + 5.0  # a mean far from 0, as returns have
+    x[~mask] = 1e6  # padding must not leak into the statistics
+    expected = ref_whiten(x.double().tolist(), lengths)
+    close(masked_whiten(x, mask), expected, tol)
+    # ragged rows as a list (one tensor per sequence, no padding)
+    rows = masked_whiten([x[b, :n] for b, n in enumerate(lengths)], [mask[b, :n] for b, n in enumerate(lengths)])
+    for b, n in enumerate(lengths):
+        close(rows[b], expected[b][:n], tol)
+    # two "ranks", each whitening its half with the other half's sums added by the callback
+    halves = [(slice(0, 4), slice(4, None)), (slice(4, None), slice(0, 4))]
+    for mine, other in halves:
+        reduce = FakeAllReduce(x[other].double().tolist(), lengths[other])
+        close(masked_whiten(x[mine], mask[mine], reduce=reduce), expected[mine], tol)
+        assert len(reduce.calls) == 2
+    # a rank whose entries are all masked still takes part and gets zeros
+    reduce = FakeAllReduce(x.double().tolist(), lengths)
+    empty = masked_whiten(x[:2], torch.zeros(2, 7, dtype=torch.bool), reduce=reduce)
+    assert torch.equal(empty, torch.zeros_like(empty)) and reduce.calls[0] == [0.0, 0.0]
+
+
+def test_masked_whiten_edge_cases():
+    one = masked_whiten(torch.tensor([[3.0, 9.0]], dtype=torch.float64), torch.tensor([[True, False]]))
+    assert one.tolist() == [[0.0, 0.0]]  # a single valid entry: x - mean = 0
+    with pytest.raises(ValueError, match="no valid tokens"):
+        masked_whiten(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="no valid tokens"):  # every rank empty
+        masked_whiten(torch.zeros(2, 3), torch.zeros(2, 3), reduce=lambda v: [2 * x for x in v])
+    with pytest.raises(ValueError, match=r"values\[0\] contains NaN/inf"):
+        masked_whiten(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 2))
+
+
+def test_estimators_of_one_kind_take_their_arguments_in_one_order():
+    import inspect
+
+    def params(fn, k):
+        return list(inspect.signature(fn).parameters)[:k]
+
+    for fn in (grpo, dr_grpo, rloo):
+        assert params(fn, 3) == ["rewards", "group_ids", "group_size"], fn.__name__
+    assert params(reinforce_pp, 2) == ["token_rewards", "mask"]
+    assert params(gae, 3) == ["token_rewards", "values", "mask"]
+    rewards = torch.tensor([0.3, 1.0, -0.2, 0.7], dtype=torch.float64)
+    ids = [0, 1, 0, 1]
+    assert torch.equal(rloo(rewards, ids), rloo(rewards, group_ids=ids))  # positional = group_ids
+    assert torch.equal(grpo(rewards, ids), grpo(rewards, group_ids=ids))
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
@@ -532,9 +622,13 @@ def test_nan_rewards_and_advantages_are_rejected_with_positions():
     bad = torch.tensor([1.0, float("nan"), 0.0, 2.0])
     mask = torch.ones(4, 3, dtype=torch.bool)
     for call in (lambda: grpo(bad, group_size=2), lambda: rloo(bad, group_size=2),
-                 lambda: reinforce_pp(bad, mask), lambda: outcome_to_token_rewards(bad, mask)):
+                 lambda: outcome_to_token_rewards(bad, mask)):
         with pytest.raises(ValueError, match=r"rewards contains NaN/inf at positions \(1,\)"):
             call()
+    bad_tokens = torch.zeros(4, 3)
+    bad_tokens[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"token_rewards contains NaN/inf at positions \(1, 2\)"):
+        reinforce_pp(bad_tokens, mask)
     adv = torch.zeros(2, 3)
     adv[1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"advantages contains NaN/inf at positions \(1, 2\)"):
@@ -552,7 +646,7 @@ def test_nan_rewards_and_advantages_are_rejected_with_positions():
 def test_empty_batch_is_rejected():
     empty = torch.empty(0)
     for call in (lambda: grpo(empty, group_size=1), lambda: rloo(empty, group_size=2),
-                 lambda: reinforce_pp(empty, torch.empty(0, 4, dtype=torch.bool))):
+                 lambda: reinforce_pp(torch.empty(0, 4), torch.empty(0, 4, dtype=torch.bool))):
         with pytest.raises(ValueError, match="rewards is empty"):
             call()
     with pytest.raises(ValueError, match="token_rewards is empty"):

@@ -108,3 +108,17 @@ def test_impossible_engine_setups_fail_at_load_on_every_rank():
         load_rlmt_config(None, base + ["weight_sync.transport=cuda_ipc"])
     with pytest.raises(InputFileError, match="checksum"):
         load_rlmt_config(None, base + ["rollout.engine=sglang", "rollout.sglang_url=http://x", "weight_sync.checksum=true"])
+
+
+def test_kl_in_and_advantage_combinations_that_cannot_work_are_refused():
+    base = ["models.policy=a", "models.reward=b", "data.prompts=[p]"]
+    assert load_rlmt_config(None, base).algorithm.kl_in == "loss"
+    for ok in (["algorithm.kl_in=reward", "algorithm.kl_coef=0"], ["algorithm.name=ppo", "algorithm.kl_in=reward"],
+               ["algorithm.advantage=reinforce_pp", "algorithm.kl_in=reward"]):
+        load_rlmt_config(None, base + ok)
+    with pytest.raises(InputFileError, match="kl_in=reward .* dpo has neither"):
+        load_rlmt_config(None, base + ["algorithm.name=dpo", "algorithm.kl_in=reward"])
+    with pytest.raises(InputFileError, match="advantage=reinforce_pp applies to name=grpo only"):
+        load_rlmt_config(None, base + ["algorithm.name=ppo", "algorithm.advantage=reinforce_pp"])
+    with pytest.raises(InputFileError, match="samples_per_prompt must be >= 2"):
+        load_rlmt_config(None, base + ["algorithm.advantage=rloo", "rollout.samples_per_prompt=1"])

@@ -1,17 +1,24 @@
 """Advantage estimators for outcome rewards (one scalar per sequence) and token-level rewards.
 
 Shapes: ``N``/``B`` sequences, ``T`` response tokens, masks ``[B, T]`` (bool or 0/1) marking the
-valid response tokens; padding may sit anywhere but is usually on the right. Sequence-level
-estimators (``grpo``, ``dr_grpo``, ``rloo``) return ``[N]``; spread them over tokens with
-``broadcast_to_tokens``. Token-level estimators (``reinforce_pp``, ``gae``) return
-``(advantages, returns)``, both ``[B, T]`` and 0 at masked positions.
+valid response tokens; padding may sit anywhere but is usually on the right.
 
-Batch-level statistics (REINFORCE++ whitening) are over the tensors passed in: call these on
-the whole global batch, not on one data-parallel shard, or the result depends on the split.
+Argument order, the same for every estimator of a kind:
+
+- sequence-level (outcome) estimators ``grpo``, ``dr_grpo``, ``rloo``:
+  ``(rewards [N], group_ids=None, group_size=None, ...)``; they return ``[N]``, spread over
+  tokens with ``broadcast_to_tokens``. Group statistics need the whole group: call them on the
+  whole global batch, before it is split over data-parallel ranks.
+- token-level estimators ``reinforce_pp``, ``gae``: ``(token_rewards [B, T], [values,] mask, ...)``;
+  they return ``(advantages, returns)``, both ``[B, T]`` and 0 at masked positions. Build the
+  token rewards with ``outcome_to_token_rewards`` (and ``fold_kl_into_rewards`` for a KL
+  penalty in the reward). Their batch statistics (``masked_whiten``) may be taken over every
+  data-parallel rank through a ``reduce`` callback, so each rank can pass only its shard.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -27,6 +34,9 @@ from .checks import (
 )
 
 GroupIds = torch.Tensor | Sequence[Hashable]
+# Sums a list of floats element-wise over the ranks that share a batch (data-parallel ranks);
+# the identity for one process.
+Reduce = Callable[[list[float]], list[float]]
 
 
 def _check_rewards(rewards: torch.Tensor, name: str = "rewards") -> torch.Tensor:
@@ -117,7 +127,7 @@ def dr_grpo(rewards: torch.Tensor, group_ids: GroupIds | None = None, group_size
     return grpo(rewards, group_ids=group_ids, group_size=group_size, normalize_std=False)
 
 
-def rloo(rewards: torch.Tensor, group_size: int | None = None, group_ids: GroupIds | None = None) -> torch.Tensor:
+def rloo(rewards: torch.Tensor, group_ids: GroupIds | None = None, group_size: int | None = None) -> torch.Tensor:
     """RLOO advantage ``A_i = r_i - (1/(k-1)) * sum_{j != i in group} r_j``.
 
     The leave-one-out baseline is independent of sample i, so the estimator stays unbiased.
@@ -158,20 +168,55 @@ def outcome_to_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch
     return out.scatter_(1, last_valid_index(m)[:, None], rewards[:, None])
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mu) / sqrt(max(var, eps))`` over the masked entries, 0 elsewhere.
+def masked_whiten(
+    values: torch.Tensor | Sequence[torch.Tensor],
+    masks: torch.Tensor | Sequence[torch.Tensor],
+    reduce: Reduce | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor | list[torch.Tensor]:
+    """``(x - mean) * rsqrt(var + eps)`` on the valid entries, 0 elsewhere.
 
-    ``mu`` and ``var`` are the mean and *population* variance of ``x`` over all valid tokens of
-    the batch (OpenRLHF's REINFORCE++ normalisation, ``var.clamp(min=eps).rsqrt()``).
+    ``values``/``masks``: one tensor and its mask, or lists of them (e.g. one per sequence, of
+    different lengths); the result has the same form. ``mean`` and ``var`` are over every valid
+    entry of every tensor and, with ``reduce``, of every rank: ``reduce`` sums a list of floats
+    over the ranks (``dp_all_reduce`` for data parallelism). It is called twice, with
+    ``[sum, count]`` and then ``[sum of squared deviations]``, so every rank must call this,
+    also one whose entries are all masked; the result is then the same as one rank whitening
+    the whole batch.
+
+    Definition: the mean, and the *unbiased* variance ``sum (x - mean)^2 / (n - 1)``, eps added
+    inside the square root. This is verl's ``masked_whiten`` (``masked_var(unbiased=True)``,
+    ``rsqrt(var + 1e-8)``), which verl applies to both its PPO (GAE) and its REINFORCE++
+    advantages: the trainer follows verl's recipes, and one definition serves both
+    estimators. (OpenRLHF's population variance differs by a factor ``sqrt((n-1)/n)``, well
+    under 0.1% for a batch of thousands of tokens.) Statistics are accumulated in float64; a
+    single valid entry whitens to 0. No valid entry on any rank: ValueError.
     """
-    m = as_bool_mask("mask", mask)
-    n = m.sum()
-    if int(n) == 0:
+    single = torch.is_tensor(values)
+    vals = [values] if single else list(values)
+    ms = [masks] if torch.is_tensor(masks) else list(masks)
+    if len(vals) != len(ms):
+        raise ValueError(f"shape mismatch: {len(vals)} value tensors but {len(ms)} masks")
+    bools = []
+    for i, (v, m) in enumerate(zip(vals, ms)):
+        require_same_shape(f"values[{i}]", v, mask=m)
+        bools.append(as_bool_mask(f"masks[{i}]", m))
+        require_finite(f"values[{i}]", torch.where(bools[-1], v, torch.zeros((), dtype=v.dtype, device=v.device)))
+    reduce = reduce or list
+
+    def masked_sum(x: torch.Tensor, m: torch.Tensor) -> float:
+        return float(torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum())
+
+    total, count = reduce([sum(masked_sum(v.double(), m) for v, m in zip(vals, bools)),
+                           float(sum(int(m.sum()) for m in bools))])
+    if count == 0:
         raise ValueError("mask has no valid tokens: cannot whiten an all-masked batch")
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    mu = torch.where(m, x, zero).sum() / n
-    var = torch.where(m, (x - mu) ** 2, zero).sum() / n
-    return torch.where(m, (x - mu) * var.clamp(min=eps).rsqrt(), zero)
+    mean = total / count
+    (squares,) = reduce([sum(masked_sum((v.double() - mean) ** 2, m) for v, m in zip(vals, bools))])
+    scale = 1.0 / math.sqrt(squares / max(count - 1.0, 1.0) + eps)
+    out = [torch.where(m, ((v.double() - mean) * scale).to(v.dtype), torch.zeros((), dtype=v.dtype, device=v.device))
+           for v, m in zip(vals, bools)]
+    return out[0] if single else out
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
@@ -190,34 +235,33 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
 
 
 def reinforce_pp(
-    rewards: torch.Tensor,
+    token_rewards: torch.Tensor,
     mask: torch.Tensor,
-    token_kl: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
     gamma: float = 1.0,
+    reduce: Reduce | None = None,
     eps: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE++ (OpenRLHF): ``(advantages, returns)``, both [B, T].
+    """REINFORCE++ (OpenRLHF; verl's ``reinforce_plus_plus``): ``(advantages, returns)``, both [B, T].
 
-    1. token rewards ``r_t = R * [t == last valid token] - kl_coef * token_kl_t`` (KL folded in as
-       a per-token penalty, usually k1 of the rollout policy vs the reference);
-    2. returns ``G_t = sum_{s >= t} gamma^(s-t) r_s`` over valid tokens (gamma=1: plain sum);
-    3. advantages = ``masked_whiten(G)``: mean / population std over *all* valid tokens of the
-       batch (no per-prompt baseline; the batch statistics stand in for a critic).
+    1. ``token_rewards``: usually the outcome reward on the last valid token
+       (``outcome_to_token_rewards``), with the KL penalty folded in per token
+       (``fold_kl_into_rewards``, the REINFORCE++ convention);
+    2. returns ``G_t = sum_{s >= t, s valid} gamma^(#valid tokens in (t, s]) r_s`` (gamma=1: plain sum);
+    3. advantages = ``masked_whiten(G)`` over *all* valid tokens of the batch (no per-prompt
+       baseline: the batch statistics stand in for a critic). With ``reduce`` (see
+       ``masked_whiten``) the batch is the global one, over every data-parallel rank, and this
+       rank's share may be empty.
     """
-    _check_rewards(rewards)
-    m = _check_token_mask(mask, rewards.shape[0])
+    require_ndim("token_rewards", token_rewards, 2)
+    if reduce is None:
+        require_nonempty("token_rewards", token_rewards)
+    require_same_shape("token_rewards", token_rewards, mask=mask)
+    require_finite("token_rewards", token_rewards)
+    m = as_bool_mask("mask", mask)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    token_rewards = outcome_to_token_rewards(rewards, m)
-    if token_kl is not None:
-        require_same_shape("mask", m, token_kl=token_kl)
-        require_finite("token_kl", token_kl)
-        token_rewards = token_rewards - kl_coef * torch.where(m, token_kl, torch.zeros_like(token_kl))
-    elif kl_coef != 0.0:
-        raise ValueError("kl_coef is non-zero but token_kl is None")
     returns = discounted_returns(token_rewards, m, gamma)
-    return masked_whiten(returns, m, eps), returns
+    return masked_whiten(returns, m, reduce, eps), returns
 
 
 def gae(

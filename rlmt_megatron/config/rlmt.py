@@ -95,16 +95,21 @@ class RolloutConfig(StrictModel):
 
 class AlgorithmConfig(StrictModel):
     name: Literal["grpo", "ppo", "dpo"] = "grpo"
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="outcome estimator for name=grpo")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="name=grpo: grpo, dr_grpo, rloo (outcome estimators over the samples of one prompt) or "
+        "reinforce_pp (REINFORCE++: discounted returns whitened over the global batch, no groups)")
     clip_low: NonNegativeFloat = 0.2
     clip_high: NonNegativeFloat = 0.2
     dual_clip_c: Optional[float] = Field(3.0, description="dual-clip constant (> 1) or null")
-    kl_coef: NonNegativeFloat = Field(0.001, description="KL(policy || reference) loss coefficient; 0 = no reference model")
+    kl_coef: NonNegativeFloat = Field(0.001, description="KL(policy || reference) coefficient; 0 = no reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss", description="loss: kl_coef * KL is a term of the policy loss (GRPO style); reward: kl_coef * KL of "
+        "the rollout policy is subtracted from every response token's reward before the advantages (PPO style)")
     entropy_coef: NonNegativeFloat = 0.001
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     updates_per_rollout: PositiveInt = Field(1, description="optimizer steps per rollout batch (mini-batches, 1 epoch)")
-    # PPO
+    # PPO (gamma also REINFORCE++)
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     lam: float = Field(1.0, ge=0.0, le=1.0)
     value_clip: Optional[PositiveFloat] = 0.5
@@ -119,6 +124,13 @@ class AlgorithmConfig(StrictModel):
     def _check(self):
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"dual_clip_c must be > 1 (or null), got {self.dual_clip_c}")
+        if self.name != "grpo" and self.advantage != "grpo":
+            raise ValueError(f"algorithm.advantage={self.advantage} applies to name=grpo only ({self.name} "
+                             f"{'uses GAE' if self.name == 'ppo' else 'computes no advantages'}): remove it")
+        if self.kl_in == "reward" and self.name == "dpo":
+            raise ValueError("algorithm.kl_in=reward folds the KL penalty into the rewards that advantages are "
+                             "computed from; dpo has neither (dpo_beta already ties it to the reference): "
+                             "remove kl_in or set it to loss")
         return self
 
 
@@ -148,7 +160,7 @@ class RLMTConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self):
         a = self.algorithm
-        if a.name == "grpo" and self.rollout.samples_per_prompt < 2:
+        if a.name == "grpo" and a.advantage != "reinforce_pp" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algorithm.name=grpo compares samples of one prompt: rollout.samples_per_prompt must be >= 2")
         if a.name == "dpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algorithm.name=dpo pairs best vs worst: rollout.samples_per_prompt must be >= 2")

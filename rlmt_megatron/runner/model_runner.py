@@ -25,13 +25,12 @@ from functools import partial
 from typing import Any, Callable, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.algorithms.checks import validated_on_host
 from rlmt_megatron.config.base import StrictModel
-from rlmt_megatron.distributed.collectives import any_rank, broadcast_from_last_stage
+from rlmt_megatron.distributed.collectives import any_rank, broadcast_from_last_stage, dp_all_reduce
 from rlmt_megatron.models.builder import BuiltModel
 from rlmt_megatron.runner.batching import Sample, TrainMicroBatch, make_train_micro_batches
 
@@ -61,24 +60,15 @@ class OptimConfig(StrictModel):
 LossFn = Callable[[torch.Tensor, TrainMicroBatch, GlobalNormalizers], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _dp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group()
-
-
 def global_counts(samples: list[Sample]) -> tuple[GlobalNormalizers, int, int]:
     """Loss tokens and sequences with at least one loss token, summed over all DP ranks; plus
     the total number of samples and the fewest samples any DP rank holds."""
     masks = [s.fields["loss_mask"] for s in samples]
     tokens = sum(float(m.sum()) for m in masks)
     seqs = sum(1 for m in masks if m.sum() > 0)
-    counts = torch.tensor([tokens, seqs, len(samples)], dtype=torch.float64)
-    fewest = torch.tensor([len(samples)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts, group=_dp_group())
-        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=_dp_group())
-    return GlobalNormalizers(num_tokens=float(counts[0]), num_seqs=float(counts[1])), int(counts[2]), int(fewest[0])
+    tokens, seqs, total = dp_all_reduce([tokens, seqs, len(samples)])
+    (fewest,) = dp_all_reduce([len(samples)], op="min")
+    return GlobalNormalizers(num_tokens=tokens, num_seqs=seqs), int(total), int(fewest)
 
 
 def check_finite_fields(samples: list[Sample]) -> None:
@@ -323,11 +313,7 @@ class ModelRunner:
         local: dict[str, float] = dict(zip(names, torch.stack([sums[k] for k in names]).cpu().tolist())) if names else {}
         local = broadcast_from_last_stage(local)
         keys = sorted(local)
-        if dist.is_initialized() and keys:
-            t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(t, group=_dp_group())
-            local = dict(zip(keys, t.tolist()))
-        return local
+        return dict(zip(keys, dp_all_reduce([local[k] for k in keys]))) if keys else local
 
     @torch.no_grad()
     def forward(

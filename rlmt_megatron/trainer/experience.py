@@ -82,15 +82,20 @@ def check_trainable(rollouts: Sequence[Rollout]) -> None:
 OUTCOME_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
-def group_advantages(rollouts: Sequence[Rollout], estimator: str = "grpo") -> torch.Tensor:
-    """Outcome advantages (one per rollout) from rewards grouped by prompt; 0 for dropped rollouts.
+def group_advantages(rollouts: Sequence[Rollout], estimator: str = "grpo",
+                     scores: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Outcome advantages (one per rollout) from scores grouped by prompt; 0 for dropped rollouts.
 
     ``estimator``: ``grpo`` ((r - mean) / std per group), ``dr_grpo`` (r - mean) or ``rloo``
-    (leave-one-out mean). A group left with fewer than two trainable members gets advantage 0:
-    there is no baseline to compare with.
+    (leave-one-out mean). ``scores``: what is compared, one per rollout; default each rollout's
+    reward (with the KL penalty in the reward, the reward minus the sequence's summed penalty).
+    Which rollouts are dropped is decided by ``trainable`` either way. A group left with fewer
+    than two trainable members gets advantage 0: there is no baseline to compare with.
     """
     if estimator not in OUTCOME_ESTIMATORS:
         raise ValueError(f"advantage estimator {estimator!r} is not an outcome estimator; choose one of {OUTCOME_ESTIMATORS}")
+    if scores is not None and len(scores) != len(rollouts):
+        raise ValueError(f"{len(scores)} scores for {len(rollouts)} rollouts")
     sizes: dict[int, int] = {}
     for r in rollouts:
         if r.trainable:
@@ -98,9 +103,9 @@ def group_advantages(rollouts: Sequence[Rollout], estimator: str = "grpo") -> to
     keep = [i for i, r in enumerate(rollouts) if r.trainable and sizes[r.prompt_index] >= 2]
     out = torch.zeros(len(rollouts), dtype=torch.float64)
     if keep:
-        rewards = torch.tensor([rollouts[i].reward for i in keep], dtype=torch.float64)
+        values = [rollouts[i].reward if scores is None else scores[i] for i in keep]
         groups = [rollouts[i].prompt_index for i in keep]
-        out[keep] = get_advantage_estimator(estimator)(rewards, group_ids=groups)
+        out[keep] = get_advantage_estimator(estimator)(torch.tensor(values, dtype=torch.float64), groups)
     return out
 
 

@@ -6,6 +6,12 @@ global batch is exactly the step's rollouts. Returns the metrics of the step (id
 ranks), with the finer phases inside the loop's ``timing/train``: ``timing/old_logprobs``,
 ``timing/ref_logprobs``, ``timing/values`` (PPO), ``timing/critic_update`` (PPO),
 ``timing/update``.
+
+Where the KL penalty goes (``algorithm.kl_in``): ``loss`` adds ``kl_coef * KL`` to the policy
+loss; ``reward`` subtracts ``kl_coef * KL(old policy, reference)`` from each response token's
+reward before the advantages (``fold_kl_into_rewards``): GAE (PPO) and REINFORCE++ carry it to
+earlier tokens, the outcome estimators (GRPO, Dr.GRPO, RLOO) compare the sequences' summed token
+rewards ``r - kl_coef * sum_t KL_t``, as verl does with ``use_kl_in_reward``.
 """
 
 from __future__ import annotations
@@ -13,11 +19,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from rlmt_megatron.algorithms import gae
+from rlmt_megatron.algorithms import fold_kl_into_rewards, gae, masked_whiten, reinforce_pp
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
-from rlmt_megatron.distributed.collectives import dp_rank_and_size, dp_shard, shard_bounds
+from rlmt_megatron.distributed.collectives import dp_all_reduce, dp_gather, dp_rank_and_size, dp_shard, shard_bounds
 from rlmt_megatron.monitoring.progress import PhaseTimer
 from rlmt_megatron.trainer.experience import (
     Rollout,
@@ -33,15 +38,6 @@ from rlmt_megatron.runner.forward_only import sequence_logprobs, token_values
 from rlmt_megatron.runner.losses import dpo_loss_fn, policy_loss_fn, value_loss_fn
 
 
-def _dp_sum(values: list[float], op=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        from megatron.core import parallel_state
-
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=parallel_state.get_data_parallel_group())
-    return t.tolist()
-
-
 def _logprob_diff(local: Sequence[Rollout], old_logp: Sequence[torch.Tensor]) -> dict[str, float]:
     """Engine vs trainer log p of the sampled tokens, over the global batch."""
     total, count, worst = 0.0, 0, 0.0
@@ -50,8 +46,8 @@ def _logprob_diff(local: Sequence[Rollout], old_logp: Sequence[torch.Tensor]) ->
             continue
         d = (torch.tensor(r.engine_logprobs, dtype=torch.float64) - lp[len(r.prompt_ids) - 1:].double()).abs()
         total, count, worst = total + float(d.sum()), count + d.numel(), max(worst, float(d.max()))
-    total, count = _dp_sum([total, count])
-    (worst,) = _dp_sum([worst], dist.ReduceOp.MAX if dist.is_initialized() else None)
+    total, count = dp_all_reduce([total, count])
+    (worst,) = dp_all_reduce([worst], op="max")
     return {"rollout/logprob_diff_mean": total / max(count, 1.0), "rollout/logprob_diff_max": worst}
 
 
@@ -76,7 +72,7 @@ def _policy_loss(cfg, vocab: int):
     a = cfg.algorithm
     return policy_loss_fn(
         PolicyLossConfig(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c,
-                         kl_in_loss=a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                         kl_in_loss=a.kl_in == "loss" and a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                          entropy_coef=a.entropy_coef),
         vocab, a.aggregation, temperature=_temperature(cfg),
         # Dr.GRPO's constant normaliser: the longest possible response
@@ -100,40 +96,80 @@ def _old_and_ref_logp(cfg, roles, sequences, timer: PhaseTimer):
     return old, ref
 
 
+def _token_rewards(a, local: Sequence[Rollout], old, ref) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per local rollout, over its actions [P + R - 1]: the loss mask and the token rewards
+    (float64): the outcome reward on the last response action and, with ``kl_in: reward``,
+    ``- kl_coef * KL(old, ref)`` on every response action. Untrainable rollouts: all zero."""
+    masks, rewards = [], []
+    for i, r in enumerate(local):
+        n = len(r.prompt_ids) + len(r.response_ids) - 1
+        mask = response_mask(len(r.prompt_ids), len(r.response_ids)) if r.trainable else torch.zeros(n)
+        tokens = torch.zeros(n, dtype=torch.float64)
+        if r.trainable:
+            tokens[n - 1] = r.reward
+            if a.kl_in == "reward" and a.kl_coef > 0:
+                tokens = fold_kl_into_rewards(tokens[None], old[i][None].double(), ref[i][None].double(),
+                                              mask[None], a.kl_coef, a.kl_estimator)[0]
+        masks.append(mask), rewards.append(tokens)
+    return masks, rewards
+
+
+def _token_samples(local: Sequence[Rollout], masks, advantages, old, ref) -> list[Sample]:
+    out = []
+    for i, r in enumerate(local):
+        fields = {"loss_mask": masks[i], "old_logp": old[i].float(), "advantages": advantages[i].float()}
+        if ref is not None:
+            fields["ref_logp"] = ref[i].float()
+        out.append(Sample(torch.tensor(sequence_of(r), dtype=torch.long), fields))
+    return out
+
+
+def _reinforce_pp_advantages(a, masks, token_rewards) -> list[torch.Tensor]:
+    """REINFORCE++ on this rank's rollouts, whitened over the global batch (all DP ranks)."""
+    width = max(m.numel() for m in masks)
+    tokens = torch.zeros(len(masks), width, dtype=torch.float64)
+    mask = torch.zeros(len(masks), width, dtype=torch.bool)
+    for i, (m, t) in enumerate(zip(masks, token_rewards)):
+        tokens[i, :t.numel()], mask[i, :m.numel()] = t, m.bool()
+    adv, _ = reinforce_pp(tokens, mask, a.gamma, reduce=dp_all_reduce)
+    return [adv[i, :m.numel()] for i, m in enumerate(masks)]
+
+
 def grpo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
-    advantages = group_advantages(rollouts, cfg.algorithm.advantage)
+    """Critic-free policy update: outcome advantages per prompt group (``grpo``, ``dr_grpo``,
+    ``rloo``) spread over the response, or REINFORCE++ token advantages (``reinforce_pp``)."""
+    a = cfg.algorithm
     rank, size = dp_rank_and_size()
     lo, hi = shard_bounds(len(rollouts), rank, size)
     local = rollouts[lo:hi]
     timer = PhaseTimer()
     old, ref = _old_and_ref_logp(cfg, roles, [sequence_of(r) for r in local], timer)
-    samples = [policy_sample(r, float(advantages[lo + i]), old[i], None if ref is None else ref[i]) for i, r in enumerate(local)]
     metrics = _logprob_diff(local, old)
+    if a.advantage == "reinforce_pp":
+        masks, token_rewards = _token_rewards(a, local, old, ref)
+        samples = _token_samples(local, masks, _reinforce_pp_advantages(a, masks, token_rewards), old, ref)
+    else:
+        scores = None
+        if a.kl_in == "reward" and a.kl_coef > 0:
+            # A group may span DP ranks: every rank needs every rollout's penalised score.
+            scores = dp_gather([float(t.sum()) for t in _token_rewards(a, local, old, ref)[1]])
+        advantages = group_advantages(rollouts, a.advantage, scores)
+        samples = [policy_sample(r, float(advantages[lo + i]), old[i], None if ref is None else ref[i])
+                   for i, r in enumerate(local)]
+        trained = advantages[[i for i, r in enumerate(rollouts) if r.trainable]]
+        metrics["advantages/mean"] = float(trained.mean()) if trained.numel() else 0.0
+        metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
     vocab = roles.policy.built.spec.vocab_size
     with timer.phase("update"):
-        metrics.update(_train(roles.policy, samples, _policy_loss(cfg, vocab), cfg.algorithm.updates_per_rollout))
+        metrics.update(_train(roles.policy, samples, _policy_loss(cfg, vocab), a.updates_per_rollout))
     metrics.update(timer.metrics())
-    trained = advantages[[i for i, r in enumerate(rollouts) if r.trainable]]
-    metrics["advantages/mean"] = float(trained.mean()) if trained.numel() else 0.0
-    metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
     return metrics
 
 
-def _global_whiten(values: list[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Whiten token advantages with mean/variance over the *global* batch (all DP ranks)."""
-    s = sum(float((v * m).sum()) for v, m in zip(values, masks))
-    n = sum(float(m.sum()) for m in masks)
-    s, n = _dp_sum([s, n])
-    mean = s / max(n, 1.0)
-    sq = sum(float((((v - mean) ** 2) * m).sum()) for v, m in zip(values, masks))
-    (sq,) = _dp_sum([sq])
-    std = (sq / max(n - 1.0, 1.0)) ** 0.5
-    return [((v - mean) / (std + 1e-8)) * m for v, m in zip(values, masks)]
-
-
 def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
-    """PPO with a critic: outcome reward on the last response token, GAE(γ, λ), advantages
-    whitened over the global batch, clipped value loss on the critic."""
+    """PPO with a critic: outcome reward on the last response token (minus the per-token KL
+    penalty with ``kl_in: reward``), GAE(γ, λ), advantages whitened over the global batch
+    (``masked_whiten`` over all DP ranks), clipped value loss on the critic."""
     a = cfg.algorithm
     local = dp_shard(rollouts)
     seqs = [sequence_of(r) for r in local]
@@ -141,26 +177,16 @@ def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
     old, ref = _old_and_ref_logp(cfg, roles, seqs, timer)
     with timer.phase("values"):
         values = token_values(roles.critic, seqs, cfg.critic_optim.max_tokens_per_microbatch)
-    advs, returns, masks, old_values = [], [], [], []
-    for r, v in zip(local, values):
-        n = len(r.prompt_ids) + len(r.response_ids) - 1
-        mask = response_mask(len(r.prompt_ids), len(r.response_ids)) if r.trainable else torch.zeros(n)
+    masks, token_rewards = _token_rewards(a, local, old, ref)
+    advs, returns, old_values = [], [], []
+    for mask, tokens, v in zip(masks, token_rewards, values):
         v_act = v[:-1].double()  # value of action t = critic output at position t
-        token_rewards = torch.zeros(n, dtype=torch.float64)
-        if r.trainable:
-            token_rewards[n - 1] = r.reward
-        adv, ret = gae(token_rewards[None], v_act[None], mask[None].bool(), a.gamma, a.lam)
-        advs.append(adv[0]), returns.append(ret[0]), masks.append(mask), old_values.append(v_act)
-    advs = _global_whiten(advs, masks)
-    policy_samples, critic_samples = [], []
-    for i, r in enumerate(local):
-        seq = torch.tensor(sequence_of(r), dtype=torch.long)
-        fields = {"loss_mask": masks[i], "old_logp": old[i].float(), "advantages": advs[i].float()}
-        if ref is not None:
-            fields["ref_logp"] = ref[i].float()
-        policy_samples.append(Sample(seq, fields))
-        critic_samples.append(Sample(seq, {"loss_mask": masks[i], "returns": returns[i].float(),
-                                           "old_values": old_values[i].float()}))
+        adv, ret = gae(tokens[None], v_act[None], mask[None].bool(), a.gamma, a.lam)
+        advs.append(adv[0]), returns.append(ret[0]), old_values.append(v_act)
+    advs = masked_whiten(advs, masks, reduce=dp_all_reduce)
+    policy_samples = _token_samples(local, masks, advs, old, ref)
+    critic_samples = [Sample(s.input_ids, {"loss_mask": masks[i], "returns": returns[i].float(),
+                                           "old_values": old_values[i].float()}) for i, s in enumerate(policy_samples)]
     metrics = _logprob_diff(local, old)
     k = a.updates_per_rollout
     with timer.phase("critic_update"):
