@@ -81,7 +81,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
         restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
     saved = {step: resume_dir} if resume_dir is not None else {}
-    rollout = RolloutSupervisor(cfg, model_dir, roles.policy, out, stop, restarts)
+    supervisor = RolloutSupervisor(cfg, model_dir, roles.policy, out, stop, restarts)
 
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
@@ -89,7 +89,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             with activity("checkpoint"):
                 saved[at] = save_train_state(ckpt_root, at, engines, {
                     "step": at, "weight_version": version, "sampler": sampler.state_dict(),
-                    "engine_restarts": rollout.restarts})
+                    "engine_restarts": supervisor.restarts})
             if is_rank0():
                 prune_checkpoints(ckpt_root, cfg.run.keep_last)
         return saved.get(at)
@@ -97,7 +97,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     logger = progress = None
     try:
         # the engine starts from exactly the trainer's weights (one_round DPO: the initial ones)
-        rollout.start(version, push=rollout.follows_policy or step == 0)
+        supervisor.start(version, push=supervisor.follows_policy or step == 0)
         if is_rank0():
             resolved = cfg.model_dump(mode="json")
             write_resolved_config(out, resolved)
@@ -113,17 +113,17 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                     conversations = [p.messages for p in batch]
                     with activity("rollout"), timer.phase("rollout"):
                         prompt_ids, truncated = prompt_token_ids(cfg, roles.tokenizer, conversations)
-                        rollouts = rollout.generate(prompt_ids, sampling_params(cfg, roles.tokenizer, step))
-                    rollout.sleep()  # colocated engines free their GPU memory for training
+                        rollouts = supervisor.generate(prompt_ids, sampling_params(cfg, roles.tokenizer, step))
+                    supervisor.sleep()  # colocated engines free their GPU memory for training
                     with activity("reward"), timer.phase("reward"):
                         parse_and_score(cfg, roles.tokenizer, roles.scorer, rollouts, conversations)
                         check_trainable(rollouts)
                     with activity("train"), timer.phase("train"):
                         metrics = update(cfg, roles, rollouts) or {"skipped_update": 1.0}
-                    if rollout.follows_policy:
+                    if supervisor.follows_policy:
                         with timer.phase("sync"):
                             version += 1
-                            rollout.push(version)
+                            supervisor.push(version)
             except (StepAbandoned, EngineGaveUp) as e:
                 # Nothing of the step was kept: back to its start, and the checkpoint is the previous step's.
                 sampler.load_state_dict(at_start[0])
@@ -133,7 +133,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 _engine_failed(out, e, step - 1, checkpoint(step - 1))
             metrics.update(rollout_metrics(rollouts, roles.tokenizer, truncated), **timer.metrics())
             metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
-            metrics["rollout/restarts"] = float(rollout.restarts)
+            metrics["rollout/restarts"] = float(supervisor.restarts)
             metrics.update(peak_memory_metrics())
             if is_rank0():
                 logger.log(step, metrics)
@@ -152,7 +152,7 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                               checkpoint=saved.get(cfg.run.total_steps), message="the run finished")
     finally:
         if is_rank0():
-            for closing in (logger, progress, rollout):
+            for closing in (logger, progress, supervisor):
                 if closing is not None:
                     closing.close()
     return out
