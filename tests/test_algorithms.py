@@ -690,6 +690,52 @@ def test_bad_hyperparameters_are_rejected():
         aggregate(z, z, GlobalNormalizers(2, 1, None), "seq_mean_token_sum_norm")
 
 
+def registry_checks():
+    """Per registry entry: (call on a small float64 input, the hand formula's value). Each entry
+    must compute the estimator its name says, not merely exist."""
+    lengths, mask, rnd = make_batch(torch.float64, B=6, T=5, seed=17)
+    B = len(lengths)
+    rewards, ids = rnd(B), [0, 1, 0, 1, 0, 1]
+    rl, tokens, values, old, ref = rewards.tolist(), rnd(B, 5), rnd(B, 5), -rnd(B, 5).abs(), -rnd(B, 5).abs()
+    logp, adv, ret, ent = old + rnd(B, 5, scale=0.3), rnd(B, 5), rnd(B, 5), rnd(B, 5).abs()
+    rows = {k: v.tolist() for k, v in dict(tokens=tokens, values=values, old=old, ref=ref, logp=logp, adv=adv,
+                                           ret=ret, ent=ent).items()}
+    pairs = [-rnd(3).abs() * 10 for _ in range(4)]
+    loss = rnd(B, 5)
+
+    def masked(fn, *names):
+        return per_token(fn, lengths, 5, *(rows[n] for n in names))
+
+    def kl(name):
+        return (lambda: get_kl_estimator(name)(logp, ref)), [[ref_kl("k3" if name == "low_var_kl" else name, a, b)
+                                                                for a, b in zip(r1, r2)] for r1, r2 in zip(rows["logp"], rows["ref"])]
+
+    def dpo():
+        z = [0.1 * ((a - c) - (b - d)) for a, b, c, d in zip(*(x.tolist() for x in pairs))]
+        return (lambda: DPO_LOSSES["sigmoid"](*pairs, beta=0.1)[0]), [-ref_logsigmoid(v) for v in z]
+
+    return {
+        "advantage estimator": {
+            "grpo": ((lambda: ADVANTAGE_ESTIMATORS["grpo"](rewards, ids)), ref_grpo(rl, ids)),
+            "dr_grpo": ((lambda: ADVANTAGE_ESTIMATORS["dr_grpo"](rewards, ids)), ref_grpo(rl, ids, normalize_std=False)),
+            "rloo": ((lambda: ADVANTAGE_ESTIMATORS["rloo"](rewards, ids)), ref_rloo(rl, ids)),
+            "reinforce_pp": ((lambda: ADVANTAGE_ESTIMATORS["reinforce_pp"](tokens, mask, 0.9)[0]),
+                             ref_reinforce_pp(rows["tokens"], lengths, 5, 0.9)[0]),
+            "gae": ((lambda: ADVANTAGE_ESTIMATORS["gae"](tokens, values, mask, 0.9, 0.8)[0]),
+                    ref_gae(rows["tokens"], rows["values"], lengths, 5, 0.9, 0.8)[0]),
+        },
+        "KL estimator": {name: kl(name) for name in ("k1", "k2", "k3", "low_var_kl")},
+        "policy loss": {"ppo_clip": ((lambda: POLICY_LOSSES["ppo_clip"](logp, old, adv, mask)[0]),
+                                     masked(lambda a, b, c: ref_ppo(a, b, c, 0.2, 0.2, 3.0), "logp", "old", "adv"))},
+        "value loss": {"clipped_mse": ((lambda: VALUE_LOSSES["clipped_mse"](values, old, ret, mask)[0]),
+                                       masked(lambda v, vo, r: ref_value(v, vo, r, 0.2), "values", "old", "ret"))},
+        "SFT loss": {"nll": ((lambda: SFT_LOSSES["nll"](logp, mask)), masked(lambda x: -x, "logp"))},
+        "DPO loss": {"sigmoid": dpo()},
+        "aggregation": {mode: ((lambda mode=mode: AGGREGATIONS[mode](loss, mask, global_normalizers([mask], 7.0))),
+                               ref_aggregate(mode, loss.tolist(), lengths, 7.0)) for mode in AGGREGATIONS},
+    }
+
+
 @pytest.mark.parametrize("getter,registry,kind", [
     (get_advantage_estimator, ADVANTAGE_ESTIMATORS, "advantage estimator"),
     (get_kl_estimator, KL_ESTIMATORS, "KL estimator"),
@@ -700,8 +746,12 @@ def test_bad_hyperparameters_are_rejected():
     (get_aggregation, AGGREGATIONS, "aggregation"),
 ])
 def test_registries(getter, registry, kind):
+    checks = registry_checks()[kind]
+    assert set(checks) == set(registry), f"a {kind} without a check against its formula (or a stale check)"
     for name, fn in registry.items():
         assert getter(name) is fn
+        call, expected = checks[name]
+        close(call(), expected, 1e-10)
     with pytest.raises(ValueError, match=f"unknown {kind} 'nope'; valid names: " + ", ".join(sorted(registry))):
         getter("nope")
 

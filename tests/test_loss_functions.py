@@ -40,24 +40,37 @@ def test_every_loss_is_split_and_layout_invariant(layout, tiny_models, tmp_path_
     assert {k.split("/")[0] for k in got} == set(LOSSES)
 
 
-def test_ppo_step_matches_transformers_reference(tiny_models, tmp_path_factory):
-    from rlmt_megatron.algorithms import aggregate, policy_objective
-    from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
+def reference_ppo_loss(model, batch):
+    """The worker's token-mean PPO objective (``POLICY``), written out by hand in float64: logits
+    / 0.7; ratio clipped to [1 - 0.2, 1 + 0.28]; dual clip at 3 |A| for negative advantages; k3
+    KL to the reference (log-ratio clamped to ±20, value to ±10) with coefficient 0.1 in the
+    loss; entropy bonus 0.01; the sum over loss tokens divided by the batch's loss tokens."""
+    count = sum(float(s.fields["loss_mask"].sum()) for s in batch)
+    total = 0.0
+    for s in batch:
+        ids = s.input_ids[None]
+        z = torch.log_softmax(model(ids).logits[0, :-1].double() / 0.7, -1)
+        logp = z.gather(-1, ids[0, 1:, None])[:, 0]
+        entropy = -(z.exp() * z).sum(-1)
+        f = {k: v.double() for k, v in s.fields.items()}
+        a, m = f["advantages"], f["loss_mask"]
+        ratio = torch.exp((logp - f["old_logp"]).clamp(-20, 20))
+        pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - 0.2, 1 + 0.28))
+        pg = torch.where(a < 0, torch.minimum(pg, -3.0 * a), pg)
+        d = (f["ref_logp"] - logp).clamp(-20, 20)
+        k3 = (torch.exp(d) - d - 1).clamp(-10, 10)
+        total = total + ((pg + 0.1 * k3 - 0.01 * entropy) * m).sum() / count
+    return total
 
+
+def test_ppo_step_matches_transformers_reference(tiny_models, tmp_path_factory):
+    # the constants reference_ppo_loss writes out are the worker's
+    assert (POLICY.loss, POLICY.clip_low, POLICY.clip_high, POLICY.dual_clip_c, POLICY.kl_in_loss, POLICY.kl_coef,
+            POLICY.kl_estimator, POLICY.entropy_coef) == ("ppo_clip", 0.2, 0.28, 3.0, True, 0.1, "k3", 0.01)
     got = run("base", tiny_models, tmp_path_factory)["token_mean/8"]
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models / "llama-policy"), dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=0.05, eps=1.0)
-    batch = global_batch()
-    norms = GlobalNormalizers(sum(float(s.fields["loss_mask"].sum()) for s in batch), len(batch))
-    loss = 0.0
-    for s in batch:
-        ids = s.input_ids[None]
-        logp_all = torch.log_softmax(model(ids).logits[0, :-1] / 0.7, -1)
-        logp = logp_all.gather(-1, ids[0, 1:, None])[:, 0]
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        f = {k: v[None] for k, v in s.fields.items()}
-        total, _ = policy_objective(logp[None], f["old_logp"], f["ref_logp"], entropy[None], f["advantages"], f["loss_mask"], POLICY)
-        loss = loss + aggregate(total, f["loss_mask"], norms, "token_mean")
+    loss = reference_ppo_loss(model, global_batch())
     loss.backward()
     opt.step()
     assert got["metrics"]["loss"] == pytest.approx(loss.item(), abs=1e-5)
