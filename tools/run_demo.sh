@@ -17,6 +17,8 @@ out="${1:-$repo/runs/demo}"
 rm -rf "$out"
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore WANDB_SILENT=true
+# torchrun's standalone rendezvous binds a port the OS picks, so two demos run side by side.
+run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 "$@"; }
 quiet() { grep -vE "^(\s|Setting up optimizer|> |Loading weights|Implicit initialization|RerunStateMachine|Params for bucket|Number of buckets|Total number of)" || true; }
 
 echo "== 1/5 tiny HF models and synthetic demo data"
@@ -37,8 +39,7 @@ rlmt-sft "$repo/examples/demo/sft.yaml" model="$out/models/llama-policy" \
   "data=[$out/data/sft_thinking.jsonl]" out_dir="$out/sft" 2>&1 | quiet
 
 echo "== 4/5 RLMT: GRPO against the reward model (TP=2, two processes)"
-python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29521 \
-  -m rlmt_megatron.cli.train "$repo/examples/demo/grpo.yaml" run.out_dir="$out/grpo" \
+run2 -m rlmt_megatron.cli.train "$repo/examples/demo/grpo.yaml" run.out_dir="$out/grpo" \
   models.policy="$out/sft/hf" models.reward="$out/rm/hf" "data.prompts=[$prompts]" \
   build.parallel.tp=2 2>&1 | quiet
 

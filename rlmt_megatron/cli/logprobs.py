@@ -2,7 +2,9 @@
 
 Input rows (jsonl) hold the context as ``messages`` (rendered with the model's chat template and
 a generation prompt) or ``prompt_ids``, and the response as ``response`` text (tokenised without
-special tokens being added) or ``response_ids``. Each output row is the input row plus
+special tokens being added) or ``response_ids``. The model folder's tokenizer is loaded only
+when some row has text (``messages`` or ``response``): a folder without tokenizer files serves
+rows given as ids. Each output row is the input row plus
 ``prompt_ids``, ``prompt_len``, ``response_ids``, ``logprobs`` (one per response token) and ``sum_logprob``.
 Comparing these with the rollout engine's logprobs is how train/rollout mismatch is debugged.
 """
@@ -27,6 +29,27 @@ def load_tokenizer(model_dir: str | Path):
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from None
+
+
+class TokenizerOnDemand:
+    """The model folder's tokenizer, loaded by the first row that has text: rows given entirely
+    as ``prompt_ids``/``response_ids`` never load it, so a folder without tokenizer files serves
+    them. A text row and no tokenizer: ``load_tokenizer``'s CheckpointError, naming the folder."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = model_dir
+        self._tokenizer = None
+
+    def get(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return self._tokenizer
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.get().apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.get()(*args, **kwargs)
 
 
 def encode_rows(path: str, tokenizer, vocab_size: int) -> list[dict]:
@@ -67,7 +90,7 @@ def main(argv=None) -> None:
     from rlmt_megatron.checkpoint.load import load_model
     from rlmt_megatron.runner.forward_only import sequence_logprobs
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = TokenizerOnDemand(args.model)
     with cli_session(build.parallel):
         built = load_model(args.model, "policy", build)
         rows = encode_rows(args.input, tokenizer, built.spec.vocab_size)
