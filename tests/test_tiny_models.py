@@ -1,10 +1,14 @@
-"""tools/make_tiny_models.py: deterministic, loadable by transformers, shaped for the tests."""
+"""rlmt_megatron.testing.tiny_models: deterministic, loadable by transformers, shaped for the
+tests; tools/make_tiny_models.py, its command line, writes the same bytes."""
 
 import hashlib
 import json
+import subprocess
+import sys
 
 from transformers import AutoConfig, AutoTokenizer
 
+from helpers import REPO
 from rlmt_megatron.testing.tiny_models import build_tiny_models
 
 
@@ -34,3 +38,10 @@ def test_shapes_the_parallel_tests_rely_on(tiny_models):
     assert len(tok) == llama.vocab_size == 1024
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_command_line_writes_the_same_models(tiny_models, tmp_path):
+    proc = subprocess.run([sys.executable, "tools/make_tiny_models.py", "--out", str(tmp_path / "cli")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert digests(tmp_path / "cli") == digests(tiny_models)

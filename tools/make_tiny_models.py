@@ -1,6 +1,9 @@
-"""Build tiny local HF checkpoints (tokenizer, Llama/Qwen2 policies, Llama RM) for tests.
+"""Build tiny local HF checkpoints (tokenizer, Llama/Qwen2 policies, Llama RM) for tests and demos.
 
-Usage: python tools/make_tiny_models.py --out DIR [--seed S] [--vocab-size N]
+    python tools/make_tiny_models.py --out DIR [--seed S] [--vocab-size N]
+
+The builder is ``rlmt_megatron.testing.tiny_models`` (``python -m`` it, or call
+``build_tiny_models``); this is its command line for a plain checkout.
 """
 
 import sys

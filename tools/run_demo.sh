@@ -22,7 +22,7 @@ run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 "$@"; }
 quiet() { grep -vE "^(\s|Setting up optimizer|> |Loading weights|Implicit initialization|RerunStateMachine|Params for bucket|Number of buckets|Total number of)" || true; }
 
 echo "== 1/5 tiny HF models and synthetic demo data"
-python "$repo/tools/make_tiny_models.py" --out "$out/models" | tail -1
+python -m rlmt_megatron.testing.tiny_models --out "$out/models" | tail -1
 python -m rlmt_megatron.testing.demo_data --out "$out/data"
 prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
 if [ ! -f "$prompts" ]; then

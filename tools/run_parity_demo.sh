@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 "$@"; }
 
 echo "== 1/5 building tiny HF models"
-python "$repo/tools/make_tiny_models.py" --out "$out/models"
+python -m rlmt_megatron.testing.tiny_models --out "$out/models"
 echo "== 2/5 HF -> Megatron distributed checkpoint (TP=2, 2 processes)"
 run2 -m rlmt_megatron.cli.convert hf-to-mcore --hf "$out/models/llama-policy" --out "$out/mcore/llama-policy" --tp 2
 echo "== 3/5 Megatron -> HF (1 process)"
