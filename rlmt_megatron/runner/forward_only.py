@@ -34,7 +34,7 @@ def sequence_logprobs_from_logits(
     model: "BuiltModel | Any", sequences: Sequence[Sequence[int]], max_tokens: int = 8192, temperature: float = 1.0
 ) -> list[torch.Tensor]:
     """``sequence_logprobs`` from GPTModel's full logits (fused vocab-parallel logprobs on them):
-    the previous path, kept as the benchmark's comparison and a second implementation in tests."""
+    the previous path, kept as the "fused" comparison of benchmarks/logprob_pass.py."""
     from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
     engine = as_runner(model)
