@@ -1,6 +1,7 @@
 """Weight sync into the embedded HF engine after a real training step, at TP x PP layouts.
 
-The trainer takes one optimizer step, exports HF-named buckets (several per pipeline stage,
+One 4-rank job runs every layout in turn against one engine (tests/workers/rollout_worker.py).
+At each, the trainer takes one optimizer step, exports HF-named buckets (several per pipeline stage,
 256 KiB budget) to rank 0, where the HF engine loads them. Then:
 - the engine holds exactly the trainer's weights: equal checksums, and tensor by tensor;
 - the weights really changed (the sync did not just keep the start-up folder's);
@@ -17,13 +18,14 @@ from safetensors.torch import load_file
 
 from helpers import run_worker_once
 
-RUNS = {"1x1": (1, []), "2x1": (2, ["--tp", "2"]), "1x2": (2, ["--pp", "2"]), "2x2": (4, ["--tp", "2", "--pp", "2"])}
+LAYOUTS = ["1x1", "2x1", "1x2", "2x2"]
+RUNS = {"all": (4, ["--engine", "hf", "--layouts", ",".join(LAYOUTS)])}
 _cache: dict = {}
 
 
-@pytest.mark.parametrize("layout", list(RUNS))
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_hf_engine_holds_trainer_weights_and_agrees_on_logprobs(layout, tiny_models, tmp_path_factory):
-    got = run_worker_once(_cache, "rollout_worker.py", RUNS, layout, tiny_models / "llama-policy", tmp_path_factory)
+    got = run_worker_once(_cache, "rollout_worker.py", RUNS, "all", tiny_models / "llama-policy", tmp_path_factory)[layout]
     assert got["engine_checksum"] == got["trainer_checksum"]
     engine, trainer = got["engine_state"], got["trainer_state"]
     assert set(trainer) <= set(engine)
@@ -32,7 +34,7 @@ def test_hf_engine_holds_trainer_weights_and_agrees_on_logprobs(layout, tiny_mod
     start = load_file(str(tiny_models / "llama-policy" / "model.safetensors"))
     assert not torch.equal(trainer["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
     assert len(got["logprob_diffs"]) == 4 and max(got["logprob_diffs"]) <= 1e-4
-    assert got["versions"] == [1, 1, 1, 1]
+    assert got["versions"] == [got["version"]] * 4  # the layout's own sync
     assert all(n >= 1 for n in got["lengths"])
 
 

