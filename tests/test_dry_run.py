@@ -12,10 +12,11 @@ import pytest
 
 from rlmt_megatron.cli.common import run_main
 from rlmt_megatron.cli.train import main as train_main
-from rlmt_megatron.config.model_build import ParallelConfig
+from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.models.hf_config import parse_hf_config
-from rlmt_megatron.trainer import dry_run as dr
+from rlmt_megatron.planner import memory, model_shapes, rank_layout, run_plan
+from rlmt_megatron.planner.report import estimate
 from rlmt_megatron.config.rlmt import load_rlmt_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,9 +69,9 @@ def test_every_shipped_recipe_passes_its_dry_run(path, capsys):
 def test_parameter_counts_equal_the_published_ones():
     # Llama-3.1-8B: 8,030,261,248 parameters; Qwen2.5-7B: 7,615,616,512 (model cards / safetensors index)
     for name, published in (("llama3.1-8b", 8_030_261_248), ("qwen2.5-7b", 7_615_616_512)):
-        spec = parse_hf_config(dr.KNOWN_SHAPES[name], name)
-        assert dr.hf_model_params(spec) == published
-        assert dr.stage_params(spec, "policy", ParallelConfig(), spec.vocab_size, 0) == published
+        spec = parse_hf_config(model_shapes.KNOWN_SHAPES[name], name)
+        assert model_shapes.hf_model_params(spec) == published
+        assert model_shapes.stage_params(spec, "policy", ParallelConfig(), spec.vocab_size, 0) == published
 
 
 BASE = ["models.policy=/nonexistent/Llama-3.1-8B-Instruct", "models.reward=/nonexistent/Skywork-Reward-Llama-3.1-8B-v0.2",
@@ -86,7 +87,7 @@ def _lines(est, phase=None) -> dict[str, float]:
 
 
 def test_estimate_of_llama_8b_grpo_at_tp2_dp4_matches_hand_arithmetic():
-    report = dr.estimate(load_rlmt_config(None, BASE), dr.DryRunOptions(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
+    report = estimate(load_rlmt_config(None, BASE), run_plan.DryRunOptions(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
     assert report.ok and len(report.stages) == 1
     est = report.stages[0]
     # Parameters on one TP=2 rank of Llama-3.1-8B (h 4096, q 32x128, kv 8x128, ffn 14336, vocab 128256):
@@ -110,8 +111,14 @@ def test_estimate_of_llama_8b_grpo_at_tp2_dp4_matches_hand_arithmetic():
     assert _lines(est, "train") == {
         "activations": 32 * T * per_layer, "final norm": T * (8 * 4096 + 4),
         "logits": logits, "logits grad": logits, "chunk buffers": 2 * 256 * 2**20}
-    assert _lines(est, "logprobs") == {"forward (no grad)": T * per_layer, "logits": logits,
-                                       "chunk buffers": 2 * 256 * 2**20}
+    # The old/reference logprob pass never holds the [T, V/TP] logits: GPTModel returns the final
+    # hidden states (plus the copy of their real tokens), and the output layer is applied 1024
+    # tokens at a time (runner/chunked_logprobs.py DEFAULT_CHUNK_TOKENS): 1024 x 64128 x 2 B of
+    # logits per chunk, whose float32 work (1024 x 64128 x 4 B = 250.5 MiB) is under the 256 MiB
+    # chunk of runner/logprobs.py, two alive.
+    chunk_logits = 1024 * (128_256 // 2) * 2
+    assert _lines(est, "logprobs") == {"forward (no grad)": T * per_layer, "final hidden states": 2 * T * 4096 * 2,
+                                       "head chunk logits": chunk_logits, "chunk buffers": 2 * chunk_logits * 2}
     assert _lines(est, "reward") == {"RM forward (no grad)": 4096 * per_layer}
     assert _lines(est, "sync") == {"engine weights": 8_030_261_248 * 2 / 2, "sync buffers": 2 * 256 * 2**20}
     # Engine on GPUs 0-1: weights 8.03B x 2 B / TP 2; KV per token 32 layers x 2 x 4 KV heads x 128 x 2 B;
@@ -125,9 +132,45 @@ def test_estimate_of_llama_8b_grpo_at_tp2_dp4_matches_hand_arithmetic():
     assert "holds 64 of 64 sequences" in next(x.formula for x in est.phases["rollout"] if x.name == "KV cache")
 
 
+def test_vllm_engine_takes_rollout_gpu_memory_utilization_of_the_gpu():
+    vllm = [x for x in BASE if not x.startswith(("rollout.engine=", "rollout.sglang_url="))] + ["rollout.engine=vllm"]
+
+    def rollout_total(share: float) -> float:
+        cfg = load_rlmt_config(None, vllm + [f"rollout.gpu_memory_utilization={share}"])
+        est = estimate(cfg, run_plan.DryRunOptions(gpu_mem_gib=80)).stages[0]
+        assert _lines(est, "rollout") == {"vllm engine": share * 80 * GiB}  # vLLM is started with this share
+        return est.total("rollout")
+
+    # 0.5 -> 0.25 of an 80 GiB GPU: the engine's budget, and with it the rollout phase, shrink by
+    # 0.25 x 80 GiB = 20 GiB (both shares are exact in binary, so the difference is exact too)
+    assert rollout_total(0.5) - rollout_total(0.25) == 20 * GiB
+
+
+@pytest.mark.parametrize("overrides, roles", [
+    ([], ("policy", "reference", "reward")),
+    (["algorithm.kl_coef=0"], ("policy", "reward")),
+    (["algorithm.name=ppo", "algorithm.kl_coef=0"], ("policy", "critic", "reward")),
+    (["algorithm.name=dpo", "algorithm.kl_coef=0"], ("policy", "reference", "reward")),  # DPO always has one
+])
+def test_the_estimate_counts_the_models_the_config_builds(overrides, roles):
+    cfg = load_rlmt_config(None, BASE + overrides)
+    assert cfg.roles() == roles  # what trainer/roles.py builds
+    assert tuple(run_plan.make_plan(cfg, run_plan.DryRunOptions()).models) == roles
+
+
+def test_padded_vocabulary_is_the_builders_for_each_roles_layout():
+    from rlmt_megatron.models.builder import padded_vocab_size
+
+    cfg = load_rlmt_config(None, BASE + ["reward.parallel.tp=4"])
+    plan = run_plan.make_plan(cfg, run_plan.DryRunOptions())
+    # Llama's 128,256 rows: a multiple of 128 x 2 already at the policy's TP 2; 128 x 4 = 512 -> 128,512 for the RM
+    assert plan.V == 128_256 == padded_vocab_size(128_256, cfg.build)
+    assert plan.vocab("reward", cfg.reward.parallel) == 128_512
+
+
 def test_engine_mem_fraction_sets_the_kv_pool_and_sequence_parallel_divides_the_norms():
     cfg = load_rlmt_config(None, BASE + ["build.parallel.sequence_parallel=true"])
-    report = dr.estimate(cfg, dr.DryRunOptions(engine_mem_fraction=0.2))
+    report = estimate(cfg, run_plan.DryRunOptions(engine_mem_fraction=0.2))
     est = report.stages[0]
     assert _lines(est, "rollout")["KV cache"] == pytest.approx(0.2 * 80 * GiB - 8_030_261_248)
     # with SP the norm tensors are sharded too: (65,544) / 2
@@ -138,7 +181,7 @@ def test_engine_mem_fraction_sets_the_kv_pool_and_sequence_parallel_divides_the_
 def test_four_nodes_disaggregated_engine_has_its_own_node():
     cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "weight_sync.engine_tp_size=8",
                                     "reward.parallel.tp=4"])
-    report = dr.estimate(cfg, dr.DryRunOptions(nodes=4))
+    report = estimate(cfg, run_plan.DryRunOptions(nodes=4))
     text = report.render()
     assert "trainer world 24" in text and "TP=2 PP=1 DP=12" in text and "reward: TP=4 PP=1 DP=6" in text
     assert "rollout" not in report.stages[0].phases  # the trainer's GPUs never hold the engine
@@ -149,13 +192,13 @@ def test_four_nodes_disaggregated_engine_has_its_own_node():
 
 def test_pipeline_stages_hold_the_1f1b_in_flight_micro_batches():
     # PP 4: stage 0 holds min(pp, m) micro-batches of 8 layers, the last stage 1 (Megatron's warm-up count)
-    assert dr.inflight_chunks(4, None, 0, 100) == (4, 4)
-    assert dr.inflight_chunks(4, None, 3, 100) == (1, 4)
-    assert dr.inflight_chunks(4, None, 0, 2) == (2, 4)
+    assert memory.inflight_chunks(4, None, 0, 100) == (4, 4)
+    assert memory.inflight_chunks(4, None, 3, 100) == (1, 4)
+    assert memory.inflight_chunks(4, None, 0, 2) == (2, 4)
     # interleaved, vpp 2: stage 0 warm-up 2*(4-1) + (2-1)*4 = 10 chunk micro-batches, +1 in steady state
-    assert dr.inflight_chunks(4, 2, 0, 100) == (11, 8)
+    assert memory.inflight_chunks(4, 2, 0, 100) == (11, 8)
     cfg = load_rlmt_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2"])
-    report = dr.estimate(cfg, dr.DryRunOptions())
+    report = estimate(cfg, run_plan.DryRunOptions())
     first, last = report.stages
     assert "PP stage 0 (ranks 0-1)" in first.title and "PP stage 3 (ranks 6-7)" in last.title
     # DP 1: 64 rollouts of 2048 tokens, 2 per 4096-token micro-batch = 32 micro-batches; stage 0 holds 4
@@ -169,7 +212,7 @@ def test_full_recompute_activation_lines():
     # batches x 4 chunk inputs (2 h = 8192 B per token) and recomputes one 2-layer chunk at a time.
     cfg = load_rlmt_config(None, BASE + ["build.parallel.pp=4", "build.parallel.tp=2",
                                     "build.performance.recompute=full", "build.performance.recompute_layers=2"])
-    first = dr.estimate(cfg, dr.DryRunOptions()).stages[0]
+    first = estimate(cfg, run_plan.DryRunOptions()).stages[0]
     assert _lines(first, "train")["activations"] == 4 * 4 * 4096 * 8192
     assert _lines(first, "train")["recomputed chunk"] == 2 * 4096 * 153_672
 
@@ -179,7 +222,7 @@ def test_rank_groups_follow_megatrons_default_order():
 
     for tp, dp, pp in ((2, 2, 2), (4, 6, 1), (1, 3, 4), (2, 1, 4), (8, 3, 1)):
         ref = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
-        ours = dr.rank_groups(tp, dp, pp)
+        ours = rank_layout.rank_groups(tp, dp, pp)
         for kind in ("tp", "dp", "pp"):
             assert sorted(ours[kind]) == sorted(ref.get_ranks(kind)), (tp, dp, pp, kind)
 
@@ -242,7 +285,7 @@ def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path
 
 
 def test_kv_cache_that_cannot_hold_one_sequence_fails():
-    report = dr.estimate(load_rlmt_config(None, BASE), dr.DryRunOptions(gpu_mem_gib=64))
+    report = estimate(load_rlmt_config(None, BASE), run_plan.DryRunOptions(gpu_mem_gib=64))
     assert any("less than one sequence of 2048 tokens" in p for p in report.problems)
     with pytest.raises(RLMTError, match="raise weight_sync.engine_tp_size"):
         report.check()
@@ -252,18 +295,18 @@ def test_kv_cache_that_cannot_hold_one_sequence_fails():
 
 
 def test_shapes_from_names_flags_and_errors():
-    assumed = dr._assumed(dr.DryRunOptions(assume_shapes=["qwen2.5-7b", "reward=llama3.1-8b"]))
-    assert dr.resolve_model("/ckpt/mine", "policy", "models.policy", assumed).spec.model_type == "qwen2"
-    assert dr.resolve_model("/ckpt/mine", "critic", "models.critic", assumed).spec.model_type == "qwen2"
-    assert dr.resolve_model("/ckpt/rm", "reward", "models.reward", assumed).spec.model_type == "llama"
-    assert dr.resolve_model("/x/Meta-Llama-3.1-8B-Instruct", "policy", "p", {}).spec.hidden_size == 4096
-    assert dr.resolve_model("/x/Qwen2.5-7B-Instruct", "policy", "p", {}).spec.num_hidden_layers == 28
+    assumed = model_shapes.assumed_shapes(["qwen2.5-7b", "reward=llama3.1-8b"])
+    assert model_shapes.resolve_model("/ckpt/mine", "policy", "models.policy", assumed).spec.model_type == "qwen2"
+    assert model_shapes.resolve_model("/ckpt/mine", "critic", "models.critic", assumed).spec.model_type == "qwen2"
+    assert model_shapes.resolve_model("/ckpt/rm", "reward", "models.reward", assumed).spec.model_type == "llama"
+    assert model_shapes.resolve_model("/x/Meta-Llama-3.1-8B-Instruct", "policy", "p", {}).spec.hidden_size == 4096
+    assert model_shapes.resolve_model("/x/Qwen2.5-7B-Instruct", "policy", "p", {}).spec.num_hidden_layers == 28
     with pytest.raises(RLMTError, match=r"models.reward=/ckpt/rm: .*--assume-shape reward=NAME"):
-        dr.resolve_model("/ckpt/rm", "reward", "models.reward", dr._assumed(dr.DryRunOptions(assume_shapes=["qwen2.5-7b"])))
+        model_shapes.resolve_model("/ckpt/rm", "reward", "models.reward", model_shapes.assumed_shapes(["qwen2.5-7b"]))
     with pytest.raises(RLMTError, match="unknown shape 'gpt2'"):
-        dr._assumed(dr.DryRunOptions(assume_shapes=["gpt2"]))
+        model_shapes.assumed_shapes(["gpt2"])
     with pytest.raises(RLMTError, match="role must be one of"):
-        dr._assumed(dr.DryRunOptions(assume_shapes=["actor=qwen2.5-7b"]))
+        model_shapes.assumed_shapes(["actor=qwen2.5-7b"])
 
 
 def test_dry_run_of_tiny_models_reads_their_config_json(tiny_models, tmp_path, capsys):
@@ -279,7 +322,7 @@ def test_dry_run_of_tiny_models_reads_their_config_json(tiny_models, tmp_path, c
     assert "dry run: OK" in out and "rollout engine: hf" in out and "hf engine weights" in out
     # parameter counting against transformers' own models (float32 here: 4 bytes each)
     cfg = load_rlmt_config(path)
-    report = dr.estimate(cfg, dr.DryRunOptions(gpus_per_node=2, gpu_mem_gib=8))
+    report = estimate(cfg, run_plan.DryRunOptions(gpus_per_node=2, gpu_mem_gib=8))
     policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_models / "qwen2-policy"))
     rm = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(tiny_models / "llama-rm"))
     n_policy = sum(p.numel() for p in policy.parameters())
@@ -299,11 +342,13 @@ def test_rlmt_checkpoint_meta_gives_shape_and_padded_vocab(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "rlmt_model.json").write_text(json.dumps(
-        {"role": "policy", "padded_vocab_size": 128_512, "hf_config": dr.KNOWN_SHAPES["llama3.1-8b"]}))
-    res = dr.resolve_model(str(ckpt), "policy", "models.policy", {})
-    assert res.padded_vocab == 128_512 and dr.padded_vocab(res, 2, 128) == 128_512
+        {"role": "policy", "padded_vocab_size": 128_512, "hf_config": model_shapes.KNOWN_SHAPES["llama3.1-8b"]}))
+    res = model_shapes.resolve_model(str(ckpt), "policy", "models.policy", {})
+    # the checkpoint's padding wins over the builder's (128 x TP 2 would give 128,256 -> 128,256)
+    build = ModelBuildConfig(make_vocab_size_divisible_by=128, parallel=ParallelConfig(tp=2))
+    assert res.padded_vocab == 128_512 and model_shapes.padded_vocab(res, build) == 128_512
     with pytest.raises(RLMTError, match="holds a policy model, but the run loads it as a reward"):
-        dr.resolve_model(str(ckpt), "reward", "models.reward", {})
+        model_shapes.resolve_model(str(ckpt), "reward", "models.reward", {})
 
 
 # ------------------------------------------------------------------------------ the activation formula
@@ -342,10 +387,10 @@ def test_local_spec_activation_formula_equals_autograd_saved_tensors(world_of_on
     T = 256
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randint(0, 512, (1, T)), torch.arange(T)[None], None)
-    per_token = dr.layer_activation_bytes_per_token(spec, ParallelConfig(), te=False)
+    per_token = model_shapes.layer_activation_bytes_per_token(spec, ParallelConfig(), te=False)
     for i in range(2):
         assert sum(saved[f"layer{i}"].values()) == T * per_token
-    assert sum(saved["final_norm"].values()) == T * dr.final_norm_bytes_per_token(spec, ParallelConfig(), te=False)
+    assert sum(saved["final_norm"].values()) == T * model_shapes.final_norm_bytes_per_token(spec, ParallelConfig(), te=False)
 
 
 def test_full_recompute_keeps_only_chunk_inputs(world_of_one):
@@ -379,4 +424,4 @@ def test_full_recompute_keeps_only_chunk_inputs(world_of_one):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randint(0, 512, (1, T)), torch.arange(T)[None], None)
     rope_table = 4 * spec.head_dim * T  # float32 [T, 1, 1, d], one storage shared by every chunk
-    assert sum(saved.values()) == 4 * T * dr.recompute_input_bytes_per_token(spec, ParallelConfig()) + rope_table
+    assert sum(saved.values()) == 4 * T * model_shapes.recompute_input_bytes_per_token(spec, ParallelConfig()) + rope_table

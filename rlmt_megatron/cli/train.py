@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the parallel layout of every role and a GPU memory estimate "
                         "per rank, then exit (no GPU needed); exit status 2 if it cannot fit")
-    d = p.add_argument_group("dry run (rlmt_megatron/trainer/dry_run.py)")
+    d = p.add_argument_group("dry run (rlmt_megatron/planner/, docs/dry_run.md)")
     d.add_argument("--nodes", type=int, default=1, help="nodes of the job, engine nodes included (default 1)")
     d.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
     d.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
         print(dump_config(cfg), end="")
         return
     if args.dry_run:
-        from rlmt_megatron.trainer.dry_run import DryRunOptions, run_dry_run
+        from rlmt_megatron.planner.report import DryRunOptions, run_dry_run
 
         run_dry_run(cfg, DryRunOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                        gpu_mem_gib=args.gpu_mem_gib, assume_shapes=args.assume_shape,

@@ -192,6 +192,12 @@ class RLMTConfig(StrictModel):
     def needs_reference(self) -> bool:
         return self.algorithm.name == "dpo" or self.algorithm.kl_coef > 0
 
+    def roles(self) -> tuple[str, ...]:
+        """The models a run builds, in build order: the policy, the reference when
+        ``needs_reference``, the critic for PPO, the reward model."""
+        return (("policy",) + (("reference",) if self.needs_reference else ())
+                + (("critic",) if self.algorithm.name == "ppo" else ()) + ("reward",))
+
     def collective_timeout_minutes(self) -> float:
         """``run.collective_timeout_minutes``, or when unset 10 minutes more than ``rollout.timeout_s``
         (at least 30): ranks other than 0 wait in a collective while rank 0 waits for the engine, so

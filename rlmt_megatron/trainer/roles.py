@@ -57,10 +57,10 @@ def build_roles(cfg) -> Roles:
     policy_src = _exists(m.policy, "models.policy")
     policy = ModelRunner(load_model(policy_src, "policy", build), cfg.optim)
     reference = None
-    if cfg.needs_reference:
+    if "reference" in cfg.roles():
         reference = ModelRunner(load_model(_exists(m.reference or m.policy, "models.reference"), "policy", build), None)
     critic = None
-    if cfg.algorithm.name == "ppo":
+    if "critic" in cfg.roles():
         critic = ModelRunner(load_model(_exists(m.critic or m.policy, "models.critic"), "critic", build), cfg.critic_optim)
     rm_src = _exists(m.reward, "models.reward")
     layout = contextlib.nullcontext
