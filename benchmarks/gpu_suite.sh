@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The issue-7 benchmark suite on one lent GPU machine (H100/H200; Python 3.12, torch with CUDA,
-# no network, no Megatron-Core), one stage per device call so each stays inside the 10-minute
-# limit. Results go to $OUT (the device tool's return folder): OUT/results.md (the sections the
-# benchmarks append; merge them into docs/benchmarks.md here), OUT/<stage>.log, OUT/<stage>.json.
+# The GPU benchmark suite on one GPU machine (H100/H200; Python 3.12, torch with CUDA, no network,
+# no Megatron-Core installed), one stage per command so each stays within 10 minutes. Results go
+# to $OUT (default gpu_results/): OUT/results.md (the sections the benchmarks append; merge them
+# into docs/benchmarks.md), OUT/<stage>.log, OUT/<stage>.json.
 #
 #   bash benchmarks/gpu_suite.sh STAGE [extra args for the stage's benchmark]
 #
-# Stages (each installs what it needs first; idempotent while the machine stays warm):
+# Stages (each installs what it needs first; idempotent while the machine stays up):
 #   tests     pytest tests/gpu (bf16 parity, 8B-shaped layers, fusions, recompute, CUDA IPC)
 #   train     benchmarks/train_step.py        policy step vs transformers + AdamW (SDPA; TE rows
 #                                             too once TE is installed, see te_setup/README.md)
@@ -15,12 +15,17 @@
 #   grpo      benchmarks/grpo_step.py         one RLMT GRPO step on one GPU, by phase
 #   fp8       benchmarks/fp8_parity.py        FP8 vs bf16 loss parity (needs TE: te_setup first)
 #
-# Device calls (carry .whl/base, made here by benchmarks/te_setup/fetch_wheels.sh, ~6.6 MB):
-#   run(command="bash benchmarks/gpu_suite.sh tests", carry=[".whl/base"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_suite.sh train", carry=[".whl/base"], timeout_s=600)
-#   ... then the same for logprobs, sync, grpo. For the TE/FP8 rows: the five stash calls of
+# Before the first stage, copy .whl/base (made on a machine with network access by
+# benchmarks/te_setup/fetch_wheels.sh, ~6.6 MB) into the checkout on the GPU machine, then run
+#   bash benchmarks/gpu_suite.sh tests
+#   bash benchmarks/gpu_suite.sh train
+#   ... then the same for logprobs, sync, grpo. For the TE/FP8 rows: the five stash steps of
 #   te_setup/README.md, then `bash benchmarks/gpu_suite.sh train` (now with the TE rows) and `... fp8`
-#   in the warm machine (install_on_gpu.sh runs first when TE pieces are stashed).
+#   on the same machine (install_on_gpu.sh runs first when TE pieces are stashed).
+#
+# Settings: OUT (results folder), PYTHON (interpreter for everything after the CUDA check,
+# default python3), TE_SITE (install target, default /tmp/site), BASE_WHEELS (default
+# .whl/base), TE_PIECES (stashed TE pieces, default /tmp/te_pieces).
 set -euo pipefail
 
 stage=${1:?usage: gpu_suite.sh tests|train|logprobs|sync|grpo|fp8 [args...]}
@@ -32,13 +37,14 @@ mkdir -p "$out"
 site=${TE_SITE:-/tmp/site}
 base=${BASE_WHEELS:-$repo/.whl/base}
 py=${PYTHON:-python3}
+pieces=${TE_PIECES:-/tmp/te_pieces}
 log() { printf 'gpu_suite: %s\n' "$*" >&2; }
 
 python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
   || { log "no CUDA device here: this suite is for the GPU machine (the CPU runs are the tests)"; exit 2; }
 
 install() {
-  if [[ -d /tmp/te_pieces ]] && compgen -G "/tmp/te_pieces/*.part-*" >/dev/null; then
+  if [[ -d $pieces ]] && compgen -G "$pieces/*.part-*" >/dev/null; then
     # TE pieces were stashed: the full install (TE + Megatron-Core + pydantic + this package)
     bash benchmarks/te_setup/install_on_gpu.sh "$base" >/dev/null
   elif PYTHONPATH=$site "$py" -c "import megatron.core, pydantic" 2>/dev/null; then

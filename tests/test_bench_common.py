@@ -1,6 +1,8 @@
 """benchmarks/common.py: the FLOP count against independent figures, the peak probes, the header."""
 
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -39,9 +41,39 @@ def test_cpu_peak_memory_sees_a_large_allocation():
     assert 60 * 2**20 < grown < 200 * 2**20
 
 
-def test_matmul_peak_is_positive_and_finite():
-    rate = common.matmul_peak_tflops("cpu", torch.float32, n=128, repeats=2)
-    assert math.isfinite(rate) and rate > 0
+def test_matmul_peak_is_the_flops_of_one_product_over_the_median_time(monkeypatch):
+    # The clock faked: what is timed must be one n x n x n product in the given dtype, and the
+    # rate 2 n^3 FLOPs over the median of the timed calls, in TFLOP/s.
+    seen = {}
+
+    def fake_time_calls(fn, repeats, warmup, device):
+        result = fn()
+        seen.update(shape=tuple(result.shape), dtype=result.dtype, repeats=repeats, warmup=warmup, device=device)
+        return [0.5, 4.0, 2.0, 8.0, 1.0]  # median 2.0 s
+
+    monkeypatch.setattr(common, "time_calls", fake_time_calls)
+    rate = common.matmul_peak_tflops("cpu", torch.float64, n=96, repeats=5)
+    assert rate == pytest.approx(2 * 96**3 / 2.0 / 1e12, rel=1e-12)
+    assert seen == {"shape": (96, 96), "dtype": torch.float64, "repeats": 5, "warmup": 3, "device": "cpu"}
+
+
+def test_matmul_peak_agrees_with_a_product_timed_here():
+    # Independent figure: a (192 x 384) @ (384 x 320) product timed with perf_counter here,
+    # 2 m k n FLOPs over its median time. Another size, so only the order of magnitude can
+    # agree on a shared machine: within 10x either way (a FLOP count off by n, or seconds taken
+    # for milliseconds, would be out by far more).
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(192, 384, generator=g), torch.randn(384, 320, generator=g)
+    for _ in range(3):
+        a @ b
+    seconds = []
+    for _ in range(9):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    mine = 2 * 192 * 384 * 320 / statistics.median(seconds) / 1e12
+    rate = common.matmul_peak_tflops("cpu", torch.float32, n=256, repeats=9)
+    assert mine / 10 < rate < mine * 10, (rate, mine)
 
 
 def test_header_names_the_command_without_write(tmp_path):

@@ -1,5 +1,8 @@
 """The rlmt-train config: shipped recipes validate, overrides parse as YAML, errors name the field."""
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,34 +32,51 @@ def test_shipped_recipes_validate(path):
 RL_RECIPES = [p for p in RECIPES if not p.name.startswith("sft")]
 
 
-@pytest.mark.parametrize("path", RL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_recipes_carry_the_papers_hyperparameters(path):
-    """The paper's table (/work/shared/ARCHITECTURE.md) and the authors' released configs, restated."""
-    algo, rest = path.stem.split("_", 1)
-    start = "zero" if rest.endswith("_zero") else ("instruct" if "-instruct_" in rest else "base")
-    think = not rest.endswith("_nothink")
+def _load_make_recipes():
+    spec = importlib.util.spec_from_file_location("make_recipes", EXAMPLES.parent / "tools" / "make_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MAKE_RECIPES = _load_make_recipes()  # the one table of the paper's hyperparameters and layouts
+TABLE = [(layout, model, start, thinking, algo) for layout in MAKE_RECIPES.LAYOUTS for model in MAKE_RECIPES.MODELS
+         for start, (variants, _, _) in MAKE_RECIPES.STARTS.items() for thinking in variants
+         for algo in MAKE_RECIPES.ALGORITHMS]
+
+
+def _leaves(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+@pytest.mark.parametrize("layout, model, start, thinking, algo", TABLE, ids=lambda v: str(v))
+def test_recipes_carry_the_papers_hyperparameters(layout, model, start, thinking, algo):
+    """Each shipped recipe, read by the trainer's config loader, holds every value the table in
+    tools/make_recipes.py gives it (nothing dropped, renamed or defaulted on the way)."""
+    path = EXAMPLES / "rlmt" / layout / MAKE_RECIPES.recipe_name(algo, model, start, thinking)
     cfg = load_rlmt_config(path)
-    a, r, f = cfg.algorithm, cfg.rollout, cfg.format
-    assert a.name == algo and cfg.models.reward.endswith("Skywork-Reward-Llama-3.1-8B-v0.2")
-    assert f.kind == ("zero" if start == "zero" else "warm_start" if think else "no_think")
-    assert f.strict == (start == "instruct")  # strict answer extraction for instruct runs only
-    assert cfg.optim.weight_decay == (1e-4 if algo == "dpo" else 0.01) and cfg.optim.clip_grad == 1.0
-    if algo == "grpo":
-        headline = start == "instruct" and think
-        assert cfg.optim.lr == (3e-7 if start == "instruct" else 1e-6) and cfg.optim.lr_schedule == "constant"
-        assert cfg.data.prompts_per_step == (128 if headline else 64) and r.samples_per_prompt == 8
-        assert a.updates_per_rollout == (2 if headline else 1)  # authors: mini-batches of 64 prompts
-        assert (a.kl_coef, a.kl_estimator, a.entropy_coef, a.clip_low, a.clip_high, a.dual_clip_c) == (
-            0.001, "k3", 0.001, 0.2, 0.2, 3.0)
-        assert a.advantage == "grpo" and a.aggregation == "token_mean" and cfg.run.total_steps == 120
-    elif algo == "ppo":
-        assert cfg.optim.lr == (3e-7 if start == "instruct" else 1e-6) and r.samples_per_prompt == 1
-        assert (a.gamma, a.lam, a.value_clip, a.kl_coef) == (1.0, 1.0, 0.5, 0.0) and not cfg.needs_reference
-        assert cfg.critic_optim.lr == 1e-5 and cfg.data.prompts_per_step == 64
-    else:
-        assert cfg.optim.lr == 3e-7 and cfg.optim.lr_schedule == "cosine" and cfg.optim.warmup_steps == 12
-        assert (a.dpo_beta, a.dpo_mode, r.samples_per_prompt) == (0.1, "one_round", 8)
-        assert cfg.run.total_steps == 234 and cfg.optim.total_steps == 234  # 2 epochs of 7.5K prompts / 64
+    wanted = list(_leaves(MAKE_RECIPES.build(algo, model, start, thinking, layout)))
+    assert len(wanted) > 30
+    for keys, value in wanted:
+        got = cfg
+        for key in keys:
+            got = got[key] if isinstance(got, dict) else getattr(got, key)
+        assert got == value, f"{path.name}: {'.'.join(keys)} = {got!r}, the table says {value!r}"
+
+
+def test_recipe_files_are_exactly_what_the_table_writes():
+    written = MAKE_RECIPES.recipes()
+    assert {p.resolve() for p in written} == {p.resolve() for p in RL_RECIPES}  # no file missing, none extra
+    assert len(written) == len(TABLE)
+    for path, text in written.items():
+        assert path.read_bytes() == text.encode(), path.name
+    proc = subprocess.run([sys.executable, "tools/make_recipes.py", "--check"], capture_output=True, text=True,
+                          cwd=EXAMPLES.parent)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_demo_configs_validate_with_the_demo_overrides():
