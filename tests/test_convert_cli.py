@@ -7,24 +7,30 @@ a third layout (TP1 x PP2) by rlmt-logprobs and checked against transformers.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import run_cli, torchrun
+from helpers import REPO, run_cli, torchrun
 
 
 @pytest.fixture(scope="module")
 def converted(tiny_models, tmp_path_factory):
+    # One 4-process job writes the three checkpoints, one plain process reads them back
+    # (tests/workers/convert_worker.py runs rlmt-convert's main once per model).
     root = tmp_path_factory.mktemp("convert")
-    for name in ("llama-policy", "qwen2-policy", "llama-rm"):
-        torchrun(4, ["-m", "rlmt_megatron.cli.convert", "hf-to-mcore", "--hf", str(tiny_models / name),
-                     "--out", str(root / "mcore" / name), "--tp", "2", "--pp", "2"])
-        proc = run_cli("rlmt_megatron.cli.convert", ["mcore-to-hf", "--ckpt", str(root / "mcore" / name),
-                                                     "--out", str(root / "hf" / name)])
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    names = ("llama-policy", "qwen2-policy", "llama-rm")
+    torchrun(4, ["tests/workers/convert_worker.py", *(
+        f"hf-to-mcore --hf {tiny_models / name} --out {root / 'mcore' / name} --tp 2 --pp 2" for name in names)])
+    proc = subprocess.run([sys.executable, "tests/workers/convert_worker.py", *(
+        f"mcore-to-hf --ckpt {root / 'mcore' / name} --out {root / 'hf' / name}" for name in names)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 
 
