@@ -254,7 +254,8 @@ def train_recipe(recipe: str, model_dir: Path, a: argparse.Namespace) -> dict:
     from rlmt_megatron.config.model_build import ModelBuildConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.runner.batching import Sample
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
     from rlmt_megatron.runner.losses import sft_loss_fn
 
     r = RECIPES[recipe]
@@ -271,7 +272,7 @@ def train_recipe(recipe: str, model_dir: Path, a: argparse.Namespace) -> dict:
         built = load_model(model_dir, "policy", build)
         engine = ModelRunner(built, OptimConfig(
             lr=a.lr, min_lr=a.lr / 10, lr_schedule="cosine", warmup_steps=a.warmup, total_steps=a.steps,
-            weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0, max_tokens_per_microbatch=a.batch * a.seq))
+            weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0), BatchingConfig(train_tokens_per_microbatch=a.batch * a.seq))
         loss_fn = sft_loss_fn(built.spec.vocab_size)
         source = MarkovSource(a.vocab, a.branching, a.seed)
         mask = torch.ones(a.seq - 1)

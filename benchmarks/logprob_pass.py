@@ -140,6 +140,7 @@ def measure(spec: dict) -> dict:
 
     from rlmt_megatron.checkpoint.load import load_model
     from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, PrecisionConfig
+    from rlmt_megatron.config.optim import BatchingConfig
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.runner.chunked_logprobs import sequence_logprobs_chunked
     from rlmt_megatron.runner.model_runner import ModelRunner
@@ -151,22 +152,20 @@ def measure(spec: dict) -> dict:
                              precision=PrecisionConfig(params_dtype=spec["params_dtype"]))
     bootstrap.initialize(ParallelConfig())
     built = load_model(spec["model"], "policy", build)
-    engine = ModelRunner(built, None)
-    vocab = built.spec.vocab_size
     b, s = spec["sequences"], spec["seq_len"]
+    engine = ModelRunner(built, None, BatchingConfig(logprob_tokens_per_microbatch=b * s))  # one micro-batch
+    vocab = built.spec.vocab_size
     gen = torch.Generator().manual_seed(spec["seed"])
     seqs = torch.randint(0, vocab, (b, s), generator=gen).tolist()
-    budget = b * s  # the whole batch is one micro-batch
 
     def full_logits_reduce(logits, mb):
         lp = logits[:, :-1, :vocab].float().log_softmax(-1).gather(-1, mb.targets[..., None])[..., 0]
         return [lp[row, : int(n) - 1].cpu() for row, n in enumerate(mb.lengths[: len(mb.indices)])]
 
     passes = {
-        "fused": lambda: sequence_logprobs_from_logits(engine, seqs, max_tokens=budget),
-        "full-logits": lambda: engine.forward(_samples(seqs), full_logits_reduce, budget),
-        "fused-chunked-head": lambda: sequence_logprobs_chunked(engine, seqs, max_tokens=budget,
-                                                                chunk_tokens=spec["chunk_tokens"]),
+        "fused": lambda: sequence_logprobs_from_logits(engine, seqs),
+        "full-logits": lambda: engine.forward(_samples(seqs), full_logits_reduce),
+        "fused-chunked-head": lambda: sequence_logprobs_chunked(engine, seqs, chunk_tokens=spec["chunk_tokens"]),
     }
     run = passes[spec["variant"]]
     result: dict = {}

@@ -94,7 +94,8 @@ def trainer_policy_loss(vocab: int):
     """The trainer's own GRPO loss function for the Megatron engine (trainer/updates.py)."""
     from rlmt_megatron.trainer.updates import _policy_loss
 
-    return _policy_loss(trainer_defaults(), vocab)
+    d = trainer_defaults()
+    return _policy_loss(d.algorithm, vocab, d.rollout.temperature, d.rollout.max_new_tokens)
 
 
 def full_logits_loss(logits: torch.Tensor, mb, norms, vocab: int) -> tuple[torch.Tensor, dict]:
@@ -150,7 +151,8 @@ def run_megatron(cfg: WorkerConfig) -> dict:
     from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, PrecisionConfig
     from rlmt_megatron.distributed import bootstrap
     from rlmt_megatron.runner.batching import make_train_micro_batches
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
     from rlmt_megatron.runner.forward_only import sequence_logprobs
 
     bootstrap.initialize(ParallelConfig(), seed=cfg.seed)
@@ -160,9 +162,10 @@ def run_megatron(cfg: WorkerConfig) -> dict:
                                  precision=PrecisionConfig(params_dtype=cfg.dtype, fp8=cfg.fp8), **extra)
         built = load_model(cfg.model, "policy", build)
         optim = OptimConfig(lr=cfg.lr, weight_decay=0.01, clip_grad=1.0, use_distributed_optimizer=True,
-                            overlap_grad_reduce=cfg.overlap_grad_reduce,
-                            max_tokens_per_microbatch=cfg.micro_batch_tokens)
-        engine = ModelRunner(built, optim)
+                            overlap_grad_reduce=cfg.overlap_grad_reduce)
+        batching = BatchingConfig(train_tokens_per_microbatch=cfg.micro_batch_tokens,
+                                  logprob_tokens_per_microbatch=cfg.micro_batch_tokens)
+        engine = ModelRunner(built, optim, batching)
         vocab = built.spec.vocab_size
         samples = synthetic_samples(cfg.seq_len, cfg.sequences, vocab, cfg.seed)
         loss_fn = trainer_policy_loss(vocab)

@@ -67,7 +67,8 @@ def write_train_config(path: Path, tiny: Path, out: Path, **sections) -> Path:
         "data": {"prompts": [str(PROMPTS)], "max_prompt_tokens": 48, "prompts_per_step": 2},
         "rollout": {"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0},
         "algorithm": {"kl_coef": 0.01, "entropy_coef": 0.001},
-        "optim": {"lr": 1e-3, "max_tokens_per_microbatch": 512},
+        "optim": {"lr": 1e-3},
+        "batching": {"train_tokens_per_microbatch": 512, "logprob_tokens_per_microbatch": 512},
         "weight_sync": {"checksum": True},
         "monitoring": {"wandb": {"mode": "disabled"}},
     }

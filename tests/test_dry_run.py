@@ -79,7 +79,8 @@ BASE = ["models.policy=/nonexistent/Llama-3.1-8B-Instruct", "models.reward=/none
         "rollout.engine=sglang", "rollout.sglang_url=http://x:1", "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=1024", "weight_sync.engine_tp_size=2", "weight_sync.bucket_mb=256",
         "build.parallel.tp=2", "build.precision.params_dtype=bfloat16", "build.attention_backend=sdpa",
-        "optim.max_tokens_per_microbatch=4096", "reward.max_tokens_per_microbatch=4096", "algorithm.kl_coef=0.001"]
+        "batching.train_tokens_per_microbatch=4096", "batching.logprob_tokens_per_microbatch=4096",
+        "reward.max_tokens_per_microbatch=4096", "algorithm.kl_coef=0.001"]
 
 
 def _lines(est, phase=None) -> dict[str, float]:
@@ -106,7 +107,7 @@ def test_estimate_of_llama_8b_grpo_at_tp2_dp4_matches_hand_arithmetic():
     # RoPE 2*4096+2*1024, attention out 2*4096, lse 4*32, MLP 10*14336 -> 174,208 / 2
     per_layer = 1024 + 65_544 + (12_288 + 10_240 + 8192 + 128 + 143_360) // 2
     assert per_layer == 153_672
-    T = 4096  # max(optim.max_tokens_per_microbatch, 1024 + 1024)
+    T = 4096  # max(batching.train_tokens_per_microbatch, 1024 + 1024); the logprob budget is the same
     logits = T * (128_256 // 2) * 2
     assert _lines(est, "train") == {
         "activations": 32 * T * per_layer, "final norm": T * (8 * 4096 + 4),
@@ -272,12 +273,13 @@ def _write(tmp_path: Path, overrides: list[str]) -> Path:
 def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path):
     # The same run with 16K-token micro-batches on 70 GiB GPUs: the activations alone are 75 GiB.
     path = _write(tmp_path, BASE)
-    out, err = _fails([str(path), "--dry-run", "--gpu-mem-gib", "70", "optim.max_tokens_per_microbatch=16384"], capsys)
+    out, err = _fails([str(path), "--dry-run", "--gpu-mem-gib", "70", "batching.train_tokens_per_microbatch=16384"],
+                      capsys)
     assert "every rank (0-7); ranks 0-1 also host the engine: needs" in err
     assert "in phase train" in err and "66.50 GiB usable" in err
     activations = 32 * 16384 * 153_672  # layers x tokens x bytes per token and layer (see above)
     assert f"Biggest items: activations {activations / GiB:.2f} GiB, policy grads (fp32)" in err
-    assert ("To fit: lower optim.max_tokens_per_microbatch (not below the longest sequence); turn on "
+    assert ("To fit: lower batching.train_tokens_per_microbatch (not below the longest sequence); turn on "
             "build.parallel.sequence_parallel; set build.performance.recompute=full (~1/3 more compute); "
             "raise build.parallel.tp or pp; add nodes") in err
     # the whole table is printed before the error
@@ -314,7 +316,8 @@ def test_dry_run_of_tiny_models_reads_their_config_json(tiny_models, tmp_path, c
 
     path = _write(tmp_path, [f"models.policy={tiny_models / 'qwen2-policy'}", f"models.reward={tiny_models / 'llama-rm'}",
                              "data.prompts=[p.jsonl]", "data.max_prompt_tokens=48", "data.prompts_per_step=2",
-                             "rollout.samples_per_prompt=3", "rollout.max_new_tokens=8", "optim.max_tokens_per_microbatch=512"])
+                             "rollout.samples_per_prompt=3", "rollout.max_new_tokens=8",
+                             "batching.train_tokens_per_microbatch=512", "batching.logprob_tokens_per_microbatch=512"])
     train_main([str(path), "--dry-run", "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "8"])
     out = capsys.readouterr().out
     assert f"policy    {tiny_models / 'qwen2-policy' / 'config.json'}" in out

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from benchmarks import logprob_pass as lpb
 from helpers import torchrun
 from rlmt_megatron.checkpoint.load import load_model
+from rlmt_megatron.config.optim import BatchingConfig
 from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.runner.chunked_logprobs import (
     chunked_head_logprobs,
@@ -21,6 +22,7 @@ from rlmt_megatron.runner.chunked_logprobs import (
     head_weight,
     sequence_logprobs_chunked,
 )
+from rlmt_megatron.runner.model_runner import ModelRunner
 
 TOL = 1e-5
 POLICIES = ("llama-policy", "qwen2-policy")  # untied and tied output weights
@@ -73,7 +75,8 @@ def test_sequence_logprobs_chunked_matches_transformers(policies, hf_reference, 
     _, seqs = test_sequences
     # 48-token budget: several right-padded micro-batches; chunks of 5 straddle sequence ends.
     for chunk in (5, 1024):
-        got = sequence_logprobs_chunked(policies[name], seqs, max_tokens=48, chunk_tokens=chunk)
+        runner = ModelRunner(policies[name], None, BatchingConfig(logprob_tokens_per_microbatch=48))
+        got = sequence_logprobs_chunked(runner, seqs, chunk_tokens=chunk)
         assert len(got) == len(seqs)
         for s, lp, ref in zip(seqs, got, hf_reference[name]):
             assert lp.shape == (len(s) - 1,)

@@ -84,7 +84,8 @@ def test_ppo_step_matches_transformers_reference(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_models, world_of_one):
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
 
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, lr_schedule="cosine", warmup_steps=2, total_steps=6, clip_grad=0.0)
     return ModelRunner(load_model(tiny_models / "llama-policy", "policy", world_of_one), optim)

@@ -26,7 +26,8 @@ def test_bradley_terry_step_matches_transformers(tiny_models, world_of_one):
     from rlmt_megatron.checkpoint.hf_export import gather_hf_state_dict
     from rlmt_megatron.checkpoint.load import load_model
     from rlmt_megatron.runner.batching import Sample
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
     from rlmt_megatron.runner.losses import reward_model_loss_fn
 
     rm_dir = tiny_models / "llama-rm"
@@ -41,7 +42,8 @@ def test_bradley_terry_step_matches_transformers(tiny_models, world_of_one):
     states, losses = [], []
     for per_mb in (6, 2):  # whole batch in one micro-batch vs one pair per micro-batch
         engine = ModelRunner(load_model(rm_dir, "reward", world_of_one),
-                             OptimConfig(lr=0.01, adam_eps=1.0, weight_decay=0.0, clip_grad=0.0, max_samples_per_microbatch=per_mb))
+                             OptimConfig(lr=0.01, adam_eps=1.0, weight_decay=0.0, clip_grad=0.0),
+                             BatchingConfig(max_samples_per_microbatch=per_mb))
         m = engine.train_step(samples, reward_model_loss_fn(), unit_size=2)
         losses.append(m["loss"])
         states.append(gather_hf_state_dict(engine.built))

@@ -87,10 +87,12 @@ def test_checkpoint_folder(name, tiny_models, tmp_path_factory):
 
 def _engine(tiny_models, build, role="policy", **optim):
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
 
-    cfg = dict(lr=0.02, weight_decay=0.01, max_tokens_per_microbatch=1 << 20) | optim
-    return ModelRunner(load_model(tiny_models / "llama-policy", role, build), OptimConfig(**cfg))
+    cfg = dict(lr=0.02, weight_decay=0.01) | optim
+    return ModelRunner(load_model(tiny_models / "llama-policy", role, build), OptimConfig(**cfg),
+                       BatchingConfig(train_tokens_per_microbatch=1 << 20))
 
 
 def _roles(tiny_models, build, **optim):

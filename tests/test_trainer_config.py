@@ -142,3 +142,14 @@ def test_kl_in_and_advantage_combinations_that_cannot_work_are_refused():
         load_rlmt_config(None, base + ["algorithm.name=ppo", "algorithm.advantage=reinforce_pp"])
     with pytest.raises(InputFileError, match="samples_per_prompt must be >= 2"):
         load_rlmt_config(None, base + ["algorithm.advantage=rloo", "rollout.samples_per_prompt=1"])
+
+
+def test_micro_batch_budgets_live_in_the_batching_section():
+    base = ["models.policy=a", "models.reward=b", "data.prompts=[p]"]
+    cfg = load_rlmt_config(None, base + ["batching.train_tokens_per_microbatch=4096",
+                                         "batching.logprob_tokens_per_microbatch=16384"])
+    assert (cfg.batching.train_tokens_per_microbatch, cfg.batching.logprob_tokens_per_microbatch) == (4096, 16384)
+    assert cfg.batching.max_samples_per_microbatch is None and cfg.reward.max_tokens_per_microbatch == 8192
+    for moved in ("optim.max_tokens_per_microbatch=4096", "critic_optim.max_samples_per_microbatch=2"):
+        with pytest.raises(InputFileError, match=moved.split("=")[0] + ": Extra inputs are not permitted"):
+            load_rlmt_config(None, base + [moved])

@@ -86,11 +86,12 @@ def stand_ins(monkeypatch):
     rollouts = make_rollouts()
     models = Models(rollouts)
 
-    def sequence_logprobs(runner, sequences, *args, **kwargs):
+    def sequence_logprobs(runner, sequences, temperature=1.0):
+        assert temperature == TEMPERATURE  # old and reference logprobs at the rollout temperature
         table = models.ref if runner.name == "reference" else models.old
         return [table[tuple(s)].clone() for s in sequences]
 
-    def token_values(runner, sequences, *args, **kwargs):
+    def token_values(runner, sequences):
         assert runner.name == "critic"
         return [models.values[tuple(s)].clone() for s in sequences]
 
@@ -111,7 +112,9 @@ def roles(cfg):
 
 
 def run_update(cfg, roles_, rollouts):
-    return updates.UPDATES[cfg.algorithm.name](cfg, roles_, rollouts)
+    """As the loop calls it: the algorithm section and the sampling settings the update needs."""
+    return updates.UPDATES[cfg.algorithm.name](cfg.algorithm, roles_, rollouts, temperature=cfg.rollout.temperature,
+                                               max_new_tokens=cfg.rollout.max_new_tokens)
 
 
 # ------------------------------------------------------------------------------ references

@@ -82,8 +82,7 @@ def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict
     prompts = 128 if headline else 64
     steps = 234 if algo == "dpo" else 120
     optim = {"lr": 3.0e-7 if algo == "dpo" else lr, "lr_schedule": "cosine" if algo == "dpo" else "constant",
-             "weight_decay": 1.0e-4 if algo == "dpo" else 0.01, "clip_grad": 1.0,
-             "max_tokens_per_microbatch": lay["max_tokens"][algo]}
+             "weight_decay": 1.0e-4 if algo == "dpo" else 0.01, "clip_grad": 1.0}
     if algo == "dpo":
         optim["warmup_steps"] = 12  # 5% of 234
     algorithm: dict = {"name": algo}
@@ -109,8 +108,9 @@ def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict
         "optim": optim,
     }
     if algo == "ppo":
-        cfg["critic_optim"] = {"lr": 1.0e-5, "lr_schedule": "constant", "weight_decay": 0.01, "clip_grad": 1.0,
-                               "max_tokens_per_microbatch": lay["max_tokens"][algo]}
+        cfg["critic_optim"] = {"lr": 1.0e-5, "lr_schedule": "constant", "weight_decay": 0.01, "clip_grad": 1.0}
+    tokens = lay["max_tokens"][algo]  # the forward-only passes keep the training budget the layouts were sized with
+    cfg["batching"] = {"train_tokens_per_microbatch": tokens, "logprob_tokens_per_microbatch": tokens}
     if lay["reward_parallel"]:
         cfg["reward"] = {"parallel": dict(lay["reward_parallel"])}
     cfg["monitoring"] = {"wandb": {"project": "rlmt", "group": f"{algo}-{model}-{start}-{thinking}",

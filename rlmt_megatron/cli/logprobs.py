@@ -88,14 +88,17 @@ def main(argv=None) -> None:
     build = build_config_from_args(args)
 
     from rlmt_megatron.checkpoint.load import load_model
+    from rlmt_megatron.config.optim import BatchingConfig
     from rlmt_megatron.runner.forward_only import sequence_logprobs
+    from rlmt_megatron.runner.model_runner import ModelRunner
 
     tokenizer = TokenizerOnDemand(args.model)
     with cli_session(build.parallel):
-        built = load_model(args.model, "policy", build)
-        rows = encode_rows(args.input, tokenizer, built.spec.vocab_size)
+        runner = ModelRunner(load_model(args.model, "policy", build), None,
+                             BatchingConfig(logprob_tokens_per_microbatch=args.max_tokens_per_batch))
+        rows = encode_rows(args.input, tokenizer, runner.built.spec.vocab_size)
         mine = my_share(rows)
-        lps = sequence_logprobs(built, [r["_ids"] for _, r in mine], args.max_tokens_per_batch, args.temperature)
+        lps = sequence_logprobs(runner, [r["_ids"] for _, r in mine], args.temperature)
         results = []
         for (i, row), lp in zip(mine, lps):
             resp = lp[row["prompt_len"] - 1:].tolist()

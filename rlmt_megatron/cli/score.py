@@ -41,14 +41,17 @@ def main(argv=None) -> None:
     build = build_config_from_args(args)
 
     from rlmt_megatron.checkpoint.load import load_model
+    from rlmt_megatron.config.optim import BatchingConfig
     from rlmt_megatron.runner.forward_only import sequence_scores
+    from rlmt_megatron.runner.model_runner import ModelRunner
 
     tokenizer = load_tokenizer(args.rm)
     rows = encode_rows(args.input, tokenizer)
     with cli_session(build.parallel):
-        built = load_model(args.rm, "reward", build)
+        runner = ModelRunner(load_model(args.rm, "reward", build), None,
+                             BatchingConfig(logprob_tokens_per_microbatch=args.max_tokens_per_batch))
         mine = my_share(rows)
-        scores = sequence_scores(built, [ids for _, (_, ids) in mine], args.max_tokens_per_batch)
+        scores = sequence_scores(runner, [ids for _, (_, ids) in mine])
         ordered = gather_to_rank0([(i, {**row, "score": float(s)}) for (i, (row, _)), s in zip(mine, scores)])
         if is_rank0():
             write_jsonl(args.out, ordered)

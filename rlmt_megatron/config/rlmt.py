@@ -17,10 +17,10 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 
 from rlmt_megatron.config.base import StrictModel, load_config
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
 from rlmt_megatron.monitoring.metrics import MonitoringConfig
 from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
 from rlmt_megatron.thinking.templates import ThinkingFormatConfig
-from rlmt_megatron.runner.model_runner import OptimConfig
 
 
 class RunConfig(StrictModel):
@@ -138,7 +138,9 @@ class RewardConfig(StrictModel):
     parallel: Optional[ParallelConfig] = Field(
         None, description="the reward model's own TP/PP (its own Megatron groups in the same world); "
         "null = the policy's layout (build.parallel)")
-    max_tokens_per_microbatch: PositiveInt = 8192
+    max_tokens_per_microbatch: PositiveInt = Field(
+        8192, description="padded tokens per forward-only micro-batch of the reward model (it only scores, so "
+        "this one budget is all it has; the trainer's roles take theirs from the batching section)")
     max_length: Optional[PositiveInt] = Field(None, description="RM inputs longer than this keep BOS + the tail")
 
 
@@ -154,6 +156,8 @@ class RLMTConfig(StrictModel):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig, description="policy optimizer (paper: AdamW 1e-6, wd 0.01, clip 1.0)")
     critic_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5), description="PPO critic optimizer")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="micro-batch token budgets of the "
+                                     "policy, the reference and the critic (training and forward-only passes)")
     reward: RewardConfig = Field(default_factory=RewardConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 

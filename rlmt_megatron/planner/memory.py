@@ -226,12 +226,14 @@ def stage_estimate(plan: RunPlan, eng: EngineLines, stage: int) -> StageEstimate
     phases["reward"] = [Line("RM forward (no grad)", plan.T_rm * rm_layer,
                              f"T_rm {plan.T_rm} x {rm_layer:.0f} B (one layer, {plan.spec_name})", "rm_tokens")]
     per_layer = layer_activation_bytes_per_token(plan.pol, par, plan.te)
-    phases["logprobs"] = [Line("forward (no grad)", T * per_layer, f"T {T} x {per_layer:.0f} B (one layer)", "tokens")]
+    T_lp = plan.T_lp
+    phases["logprobs"] = [Line("forward (no grad)", T_lp * per_layer, f"T_lp {T_lp} x {per_layer:.0f} B (one layer)",
+                               "tokens")]
     if last:
-        phases["logprobs"] += _chunked_head(plan, T)
+        phases["logprobs"] += _chunked_head(plan, T_lp)
     if "critic" in plan.models:
         phases["train critic"] = _train(plan, stage, plan.models["critic"].spec,
-                                        max(cfg.critic_optim.max_tokens_per_microbatch, plan.S), lm_head=False)
+                                        max(cfg.batching.train_tokens_per_microbatch, plan.S), lm_head=False)
     phases["train"] = _train(plan, stage, plan.pol, T, lm_head=True)
     bucket = cfg.weight_sync.bucket_mb
     phases["sync"] = (eng.sync if hosts_engine else []) + [

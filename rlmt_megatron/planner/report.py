@@ -100,7 +100,8 @@ def estimate(cfg, options: DryRunOptions) -> DryRunReport:
               f"{plan.world}; {a.name}, rollout {r.engine} {r.placement}", "models:"]
     header += [f"  {role:<9} {res.how}" for role, res in plan.models.items()]
     header.append(f"tokens: longest sequence S={plan.S}, train micro-batch T={plan.T}, {plan.microbatches} "
-                  f"micro-batch(es) per DP rank and update, RM micro-batch {plan.T_rm}; layer spec {plan.spec_name}")
+                  f"micro-batch(es) per DP rank and update, logprob micro-batch T_lp={plan.T_lp}, RM micro-batch "
+                  f"{plan.T_rm}; layer spec {plan.spec_name}")
     report = DryRunReport(header, _layout_lines(plan), stages, engine_gpu, [], plan.budget, plan.gpu)
     _judge(report, plan, eng)
     return report
@@ -139,14 +140,15 @@ def _judge(report: DryRunReport, plan: RunPlan, eng: EngineLines) -> None:
 
 TP_PP = "raise build.parallel.tp or pp"
 ADVICE: dict[str, tuple[str, ...]] = {  # Line.fix -> what lowers that line
-    "activations": ("lower optim.max_tokens_per_microbatch (not below the longest sequence)",
+    "activations": ("lower batching.train_tokens_per_microbatch (not below the longest sequence)",
                     "turn on build.parallel.sequence_parallel",
                     "set build.performance.recompute=full (~1/3 more compute)", TP_PP),
-    "recomputed": ("lower optim.max_tokens_per_microbatch (not below the longest sequence)",
+    "recomputed": ("lower batching.train_tokens_per_microbatch (not below the longest sequence)",
                    "turn on build.parallel.sequence_parallel", TP_PP),
-    "recomputed chunk": ("lower build.performance.recompute_layers", "lower optim.max_tokens_per_microbatch"),
-    "tokens": ("lower optim.max_tokens_per_microbatch",),
-    "logits": ("lower optim.max_tokens_per_microbatch", "raise build.parallel.tp"),
+    "recomputed chunk": ("lower build.performance.recompute_layers", "lower batching.train_tokens_per_microbatch"),
+    "tokens": ("lower batching.logprob_tokens_per_microbatch",),
+    "logits": ("lower batching.train_tokens_per_microbatch (train) or batching.logprob_tokens_per_microbatch "
+               "(logprobs)", "raise build.parallel.tp"),
     "optimizer": ("add nodes (the distributed optimizer shards over DP)", TP_PP),
     "model": (TP_PP,),
     "reference": (TP_PP, "set algorithm.kl_coef: 0 (no reference model)"),

@@ -55,7 +55,8 @@ class RunPlan:
         self.updates = a.updates_per_rollout if a.name != "dpo" else 1
         S = self.S = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         unit = 2 if a.name == "dpo" else 1  # a DPO pair stays in one micro-batch
-        self.T = max(cfg.optim.max_tokens_per_microbatch, unit * S)
+        self.T = max(cfg.batching.train_tokens_per_microbatch, unit * S)
+        self.T_lp = max(cfg.batching.logprob_tokens_per_microbatch, S)  # forward-only passes: no pairs
         sequences = 2 * min(cfg.data.prompts_per_step, self.samples) if a.name == "dpo" else self.samples
         per_rank = -(-sequences // (self.dp * self.updates))
         self.microbatches = -(-per_rank // (max(1, self.T // (unit * S)) * unit))

@@ -2,7 +2,8 @@
 
 The RM reads the conversation and the answer in its **own** chat template with its own tokenizer
 (``rm_template.py``: re-tokenised from text, no system prompt, one BOS). Sequences are split over
-data-parallel ranks, run through Megatron's forward-only schedule by token budget, and the scores
+data-parallel ranks, run through Megatron's forward-only schedule by the RM runner's token budget
+(its ``batching``, from ``reward.max_tokens_per_microbatch``), and the scores
 gathered back so every rank holds all of them. Non-finite scores are returned as they are; the
 caller applies the documented rule (``trainer/experience.py``) and counts them.
 """
@@ -19,13 +20,11 @@ from rlmt_megatron.runner.forward_only import sequence_scores
 
 
 class RewardScorer:
-    def __init__(self, engine: ModelRunner, tokenizer, max_tokens_per_microbatch: int = 8192,
-                 max_length: Optional[int] = None,
+    def __init__(self, engine: ModelRunner, tokenizer, max_length: Optional[int] = None,
                  layout: Callable[[], ContextManager] = contextlib.nullcontext):
         self.engine = engine
         self.layout = layout  # activates the RM's own parallel layout (distributed/role_layouts.py)
         self.tokenizer = tokenizer
-        self.max_tokens = max_tokens_per_microbatch
         self.max_length = max_length
 
     def input_ids(self, conversation: list[dict], answer: str) -> list[int]:
@@ -41,5 +40,5 @@ class RewardScorer:
             raise ValueError(f"{len(conversations)} conversations but {len(answers)} answers")
         sequences = [self.input_ids(c, a) for c, a in zip(conversations, answers)]
         with self.layout():  # sharded over the RM's DP ranks, run on its TP/PP groups
-            local = sequence_scores(self.engine, dp_shard(sequences), self.max_tokens)
+            local = sequence_scores(self.engine, dp_shard(sequences))
             return [float(s) for s in dp_gather(local)]

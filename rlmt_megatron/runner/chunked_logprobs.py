@@ -133,13 +133,13 @@ def chunked_head_logprobs(
 def sequence_logprobs_chunked(
     model: Any,
     sequences: Sequence[Sequence[int]],
-    max_tokens: int = 8192,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> list[torch.Tensor]:
     """Same contract as ``forward_only.sequence_logprobs`` (per sequence, log p(token_t |
     tokens_<t) for t = 1..len-1, float32 CPU, on every rank), computed with the chunked head.
-    ``model``: a BuiltModel or a ModelRunner of the policy."""
+    ``model``: a BuiltModel or a ModelRunner of the policy (whose batching sets the micro-batch
+    token budget)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     engine = as_runner(model)
@@ -157,4 +157,4 @@ def sequence_logprobs_chunked(
         return list(lp.cpu().split(counts.tolist()))
 
     with final_hidden_states(engine.built.chunks):
-        return engine.forward(samples_from_sequences(sequences), reduce, max_tokens)
+        return engine.forward(samples_from_sequences(sequences), reduce)

@@ -22,38 +22,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
 from rlmt_megatron.algorithms.checks import validated_on_host
-from rlmt_megatron.config.base import StrictModel
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
 from rlmt_megatron.distributed.collectives import any_rank, broadcast_from_last_stage, dp_all_reduce
 from rlmt_megatron.models.builder import BuiltModel
 from rlmt_megatron.runner.batching import Sample, TrainMicroBatch, make_train_micro_batches
-
-
-class OptimConfig(StrictModel):
-    """Optimizer and schedule of one trained role (AdamW; Megatron's distributed optimizer)."""
-
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam = AdamW (decoupled weight decay)")
-    sgd_momentum: NonNegativeFloat = 0.0
-    lr: PositiveFloat = 1e-6
-    min_lr: NonNegativeFloat = 0.0
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: NonNegativeInt = 0
-    total_steps: PositiveInt = Field(1000, description="steps over which cosine/linear decay to min_lr")
-    weight_decay: NonNegativeFloat = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: PositiveFloat = 1e-8
-    clip_grad: NonNegativeFloat = Field(1.0, description="global grad-norm clip; 0 disables")
-    use_distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = Field(False, description="overlap DP grad reduce with backward (GPU)")
-    max_tokens_per_microbatch: PositiveInt = 8192
-    max_samples_per_microbatch: Optional[PositiveInt] = None
 
 
 # loss_fn(model_output, micro_batch, global normalisers) -> (loss share, {metric: share of a global sum})
@@ -130,11 +108,14 @@ def _pad_for_interleaving(micro_batches: list[TrainMicroBatch], num_chunks: int)
 
 
 class ModelRunner:
-    """Owns a role's DDP-wrapped chunks, optimizer and LR schedule (or none: forward-only)."""
+    """Owns a role's DDP-wrapped chunks, optimizer and LR schedule (or none: forward-only), and
+    its micro-batching (``batching``: the training and forward-only token budgets; defaults
+    when not given)."""
 
-    def __init__(self, built: BuiltModel, optim: Optional[OptimConfig]):
+    def __init__(self, built: BuiltModel, optim: Optional[OptimConfig], batching: Optional[BatchingConfig] = None):
         self.built = built
         self.optim_config = optim
+        self.batching = batching or BatchingConfig()
         self.step_count = 0
         if optim is None:  # forward-only (reference model, scoring); forward() runs under no_grad
             self.model = built.chunks
@@ -207,12 +188,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------
 
-    def _micro_batches(self, samples: list[Sample], max_tokens: Optional[int] = None, unit_size: int = 1) -> list[TrainMicroBatch]:
-        cfg = self.optim_config or OptimConfig()
-        return make_train_micro_batches(
-            samples, max_tokens or cfg.max_tokens_per_microbatch, cfg.max_samples_per_microbatch,
-            self.built.sequence_multiple, unit_size,
-        )
+    def _micro_batches(self, samples: list[Sample], max_tokens: int, unit_size: int = 1) -> list[TrainMicroBatch]:
+        return make_train_micro_batches(samples, max_tokens, self.batching.max_samples_per_microbatch,
+                                        self.built.sequence_multiple, unit_size)
 
     def _run(self, micro_batches: list[TrainMicroBatch], collect: Callable, forward_only: bool) -> Optional[list]:
         from megatron.core import parallel_state
@@ -265,7 +243,7 @@ class ModelRunner:
         if counts.num_tokens == 0:
             raise ValueError("every token of the global batch is masked out ('loss_mask' is all zero)")
         check_finite_fields(samples)
-        micro_batches = self._micro_batches(samples, unit_size=unit_size)
+        micro_batches = self._micro_batches(samples, self.batching.train_tokens_per_microbatch, unit_size)
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -316,21 +294,17 @@ class ModelRunner:
         return dict(zip(keys, dp_all_reduce([local[k] for k in keys]))) if keys else local
 
     @torch.no_grad()
-    def forward(
-        self,
-        samples: list[Sample],
-        reduce: Callable[[torch.Tensor, TrainMicroBatch], list[Any]],
-        max_tokens: Optional[int] = None,
-    ) -> list[Any]:
-        """Forward-only over ``samples``; ``reduce(output, mb)`` gives one result per sample of
-        ``mb`` (``mb.indices``; rows past them are padding). Results come back in the order of
-        ``samples`` on every rank of the pipeline.
+    def forward(self, samples: list[Sample], reduce: Callable[[torch.Tensor, TrainMicroBatch], list[Any]]) -> list[Any]:
+        """Forward-only over ``samples`` in micro-batches of ``batching.logprob_tokens_per_microbatch``;
+        ``reduce(output, mb)`` gives one result per sample of ``mb`` (``mb.indices``; rows past
+        them are padding). Results come back in the order of ``samples`` on every rank of the
+        pipeline.
         """
         if not samples:
             return []
         for chunk in self.model:
             chunk.eval()
-        micro_batches = self._micro_batches(samples, max_tokens)
+        micro_batches = self._micro_batches(samples, self.batching.logprob_tokens_per_microbatch)
         per_batch = self._run(micro_batches, lambda output, mb, non_loss_data=True: reduce(output, mb), forward_only=True)
         per_batch = broadcast_from_last_stage(per_batch)
         out: dict[int, Any] = {}
@@ -340,5 +314,6 @@ class ModelRunner:
 
 
 def as_runner(model: "BuiltModel | ModelRunner") -> "ModelRunner":
-    """A runner for forward-only passes: ``model`` itself, or a forward-only runner around a BuiltModel."""
+    """A runner for forward-only passes: ``model`` itself (with its own batching), or a
+    forward-only runner with the default batching around a BuiltModel."""
     return model if isinstance(model, ModelRunner) else ModelRunner(model, None)

@@ -64,7 +64,8 @@ def train(cfg: RLMTConfig) -> Path:
 def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     if is_rank0():
         clear_exit_status(out)
-    roles = build_roles(cfg)
+    roles = build_roles(cfg.roles(), cfg.models, cfg.build, cfg.optim, cfg.critic_optim, cfg.batching, cfg.reward,
+                        cfg.collective_timeout_minutes())
     prompts = load_prompt_set(cfg.data.prompts, cfg.data.prompt_field)
     if is_rank0() and prompts.report.num_skipped:
         print(prompts.report.summary())
@@ -119,7 +120,8 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                         parse_and_score(cfg, roles.tokenizer, roles.scorer, rollouts, conversations)
                         check_trainable(rollouts)
                     with activity("train"), timer.phase("train"):
-                        metrics = update(cfg, roles, rollouts) or {"skipped_update": 1.0}
+                        metrics = update(cfg.algorithm, roles, rollouts, temperature=cfg.rollout.temperature,
+                                         max_new_tokens=cfg.rollout.max_new_tokens) or {"skipped_update": 1.0}
                     if supervisor.follows_policy:
                         with timer.phase("sync"):
                             version += 1

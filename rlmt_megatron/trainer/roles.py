@@ -16,10 +16,13 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import is_megatron_checkpoint, load_model
+from rlmt_megatron.config.model_build import ModelBuildConfig
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+from rlmt_megatron.config.rlmt import ModelsConfig, RewardConfig
 from rlmt_megatron.distributed.collectives import is_rank0
 from rlmt_megatron.distributed.role_layouts import RoleLayouts
 from rlmt_megatron.errors import InputFileError
@@ -51,29 +54,35 @@ def _exists(path: str, field: str) -> str:
     return path
 
 
-def build_roles(cfg) -> Roles:
-    """Load every role the algorithm needs. Collective over the trainer's ranks."""
-    m, build = cfg.models, cfg.build
-    policy_src = _exists(m.policy, "models.policy")
-    policy = ModelRunner(load_model(policy_src, "policy", build), cfg.optim)
+def build_roles(which: Sequence[str], models: ModelsConfig, build: ModelBuildConfig, optim: OptimConfig,
+                critic_optim: OptimConfig, batching: BatchingConfig, reward: RewardConfig,
+                collective_timeout_minutes: float) -> Roles:
+    """Load the roles named in ``which`` (``RLMTConfig.roles()``: policy and reward model always,
+    reference and critic when the algorithm needs them). The policy, reference and critic are
+    micro-batched by ``batching``; the reward model by ``reward.max_tokens_per_microbatch``.
+    Collective over the trainer's ranks."""
+    policy_src = _exists(models.policy, "models.policy")
+    policy = ModelRunner(load_model(policy_src, "policy", build), optim, batching)
     reference = None
-    if "reference" in cfg.roles():
-        reference = ModelRunner(load_model(_exists(m.reference or m.policy, "models.reference"), "policy", build), None)
+    if "reference" in which:
+        src = _exists(models.reference or models.policy, "models.reference")
+        reference = ModelRunner(load_model(src, "policy", build), None, batching)
     critic = None
-    if "critic" in cfg.roles():
-        critic = ModelRunner(load_model(_exists(m.critic or m.policy, "models.critic"), "critic", build), cfg.critic_optim)
-    rm_src = _exists(m.reward, "models.reward")
+    if "critic" in which:
+        src = _exists(models.critic or models.policy, "models.critic")
+        critic = ModelRunner(load_model(src, "critic", build), critic_optim, batching)
+    rm_src = _exists(models.reward, "models.reward")
     layout = contextlib.nullcontext
-    rm_parallel = cfg.reward.parallel
+    rm_parallel = reward.parallel
     if rm_parallel is not None and rm_parallel != build.parallel:
         layouts = RoleLayouts()
-        layouts.add("reward", rm_parallel, timeout_minutes=cfg.collective_timeout_minutes())
+        layouts.add("reward", rm_parallel, timeout_minutes=collective_timeout_minutes)
         layout = functools.partial(layouts.active, "reward")
     with layout():
         rm_build = build if rm_parallel is None else build.model_copy(update={"parallel": rm_parallel})
-        reward = ModelRunner(load_model(rm_src, "reward", rm_build), None)
-    scorer = RewardScorer(reward, _tokenizer(rm_src, "reward model"), cfg.reward.max_tokens_per_microbatch,
-                          cfg.reward.max_length, layout)
+        rm_batching = BatchingConfig(logprob_tokens_per_microbatch=reward.max_tokens_per_microbatch)
+        rm = ModelRunner(load_model(rm_src, "reward", rm_build), None, rm_batching)
+    scorer = RewardScorer(rm, _tokenizer(rm_src, "reward model"), reward.max_length, layout)
     return Roles(policy, reference, critic, scorer, _tokenizer(policy_src, "policy"))
 
 

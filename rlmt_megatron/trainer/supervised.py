@@ -27,7 +27,8 @@ from rlmt_megatron.errors import InputFileError
 from rlmt_megatron.monitoring import MetricsLogger, MonitoringConfig, ProgressReporter, write_resolved_config
 from rlmt_megatron.reward.rm_template import rm_input_ids
 from rlmt_megatron.runner.batching import Sample
-from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+from rlmt_megatron.runner.model_runner import ModelRunner
 from rlmt_megatron.runner.losses import reward_model_loss_fn, sft_loss_fn
 
 
@@ -41,6 +42,8 @@ class SupervisedConfig(StrictModel):
     max_length: PositiveInt = Field(4096, description="SFT rows longer than this are dropped and counted")
     build: ModelBuildConfig = Field(default_factory=ModelBuildConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=4e-6, lr_schedule="cosine"))
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="micro-batch token budget "
+                                     "(train_tokens_per_microbatch; the supervised stages run no forward-only pass)")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
 
@@ -83,7 +86,7 @@ def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) 
     total = cfg.epochs * steps_per_epoch
     optim = cfg.optim.model_copy(update={"total_steps": total})
     role = "reward" if kind == "reward_model" else "policy"
-    engine = ModelRunner(load_model(cfg.model, role, cfg.build), optim)
+    engine = ModelRunner(load_model(cfg.model, role, cfg.build), optim, cfg.batching)
     loss = reward_model_loss_fn() if kind == "reward_model" else sft_loss_fn(engine.built.spec.vocab_size)
     _, dp = dp_rank_and_size()
     if cfg.batch_size < dp:

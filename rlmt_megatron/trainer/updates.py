@@ -1,11 +1,15 @@
 """One policy update per algorithm: from scored rollouts to an optimizer step (GRPO, PPO, DPO).
 
-Every function runs on all trainer ranks with the same ``rollouts`` list; each data-parallel
-rank computes logprobs/values for and trains on its contiguous share (``dp_shard``), so the
-global batch is exactly the step's rollouts. Returns the metrics of the step (identical on all
-ranks), with the finer phases inside the loop's ``timing/train``: ``timing/old_logprobs``,
-``timing/ref_logprobs``, ``timing/values`` (PPO), ``timing/critic_update`` (PPO),
-``timing/update``.
+Every function is ``update(algorithm, roles, rollouts, *, temperature, max_new_tokens)``: the
+``algorithm`` section, the built roles (each runner micro-batches by its own ``batching``, set
+when it was built), and of the sampling what the update needs: the temperature the engine
+sampled at (the trainer's logprobs use the same; 0 counts as 1) and the response length limit
+(Dr.GRPO's constant normaliser). It runs on all trainer ranks with the same ``rollouts``; each
+data-parallel rank computes logprobs/values for and trains on its contiguous share
+(``dp_shard``), so the global batch is exactly the step's rollouts. Returns the metrics of the
+step (identical on all ranks), with the finer phases inside the loop's ``timing/train``:
+``timing/old_logprobs``, ``timing/ref_logprobs``, ``timing/values`` (PPO),
+``timing/critic_update`` (PPO), ``timing/update``.
 
 Where the KL penalty goes (``algorithm.kl_in``): ``loss`` adds ``kl_coef * KL`` to the policy
 loss; ``reward`` subtracts ``kl_coef * KL(old policy, reference)`` from each response token's
@@ -22,6 +26,7 @@ import torch
 
 from rlmt_megatron.algorithms import fold_kl_into_rewards, gae, masked_whiten, reinforce_pp
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
+from rlmt_megatron.config.rlmt import AlgorithmConfig
 from rlmt_megatron.distributed.collectives import dp_all_reduce, dp_gather, dp_rank_and_size, dp_shard, shard_bounds
 from rlmt_megatron.monitoring.progress import PhaseTimer
 from rlmt_megatron.trainer.experience import (
@@ -68,35 +73,29 @@ def _train(engine, samples: list[Sample], loss_fn, updates: int, unit_size: int 
     return merged
 
 
-def _policy_loss(cfg, vocab: int):
-    a = cfg.algorithm
+def _policy_loss(a: AlgorithmConfig, vocab: int, temperature: float, max_new_tokens: int):
     return policy_loss_fn(
         PolicyLossConfig(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c,
                          kl_in_loss=a.kl_in == "loss" and a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                          entropy_coef=a.entropy_coef),
-        vocab, a.aggregation, temperature=_temperature(cfg),
+        vocab, a.aggregation, temperature=temperature,
         # Dr.GRPO's constant normaliser: the longest possible response
-        norm_constant=float(cfg.rollout.max_new_tokens) if a.aggregation == "seq_mean_token_sum_norm" else None,
+        norm_constant=float(max_new_tokens) if a.aggregation == "seq_mean_token_sum_norm" else None,
     )
 
 
-def _temperature(cfg) -> float:
-    # The engine samples from softmax(logits / T); the trainer's old/new/ref log p use the same T.
-    return cfg.rollout.temperature or 1.0
-
-
-def _old_and_ref_logp(cfg, roles, sequences, timer: PhaseTimer):
-    mt = cfg.optim.max_tokens_per_microbatch
+def _old_and_ref_logp(roles, sequences, temperature: float, timer: PhaseTimer):
     with timer.phase("old_logprobs"):
-        old = sequence_logprobs(roles.policy, sequences, mt, _temperature(cfg))
+        old = sequence_logprobs(roles.policy, sequences, temperature)
     if roles.reference is None:
         return old, None
     with timer.phase("ref_logprobs"):
-        ref = sequence_logprobs(roles.reference, sequences, mt, _temperature(cfg))
+        ref = sequence_logprobs(roles.reference, sequences, temperature)
     return old, ref
 
 
-def _token_rewards(a, local: Sequence[Rollout], old, ref) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _token_rewards(a: AlgorithmConfig, local: Sequence[Rollout], old,
+                   ref) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per local rollout, over its actions [P + R - 1]: the loss mask and the token rewards
     (float64): the outcome reward on the last response action and, with ``kl_in: reward``,
     ``- kl_coef * KL(old, ref)`` on every response action. Untrainable rollouts: all zero."""
@@ -124,7 +123,7 @@ def _token_samples(local: Sequence[Rollout], masks, advantages, old, ref) -> lis
     return out
 
 
-def _reinforce_pp_advantages(a, masks, token_rewards) -> list[torch.Tensor]:
+def _reinforce_pp_advantages(a: AlgorithmConfig, masks, token_rewards) -> list[torch.Tensor]:
     """REINFORCE++ on this rank's rollouts, whitened over the global batch (all DP ranks)."""
     width = max(m.numel() for m in masks)
     tokens = torch.zeros(len(masks), width, dtype=torch.float64)
@@ -135,15 +134,16 @@ def _reinforce_pp_advantages(a, masks, token_rewards) -> list[torch.Tensor]:
     return [adv[i, :m.numel()] for i, m in enumerate(masks)]
 
 
-def grpo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
+def grpo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperature: float,
+                max_new_tokens: int) -> dict[str, float]:
     """Critic-free policy update: outcome advantages per prompt group (``grpo``, ``dr_grpo``,
     ``rloo``) spread over the response, or REINFORCE++ token advantages (``reinforce_pp``)."""
-    a = cfg.algorithm
+    temperature = temperature or 1.0
     rank, size = dp_rank_and_size()
     lo, hi = shard_bounds(len(rollouts), rank, size)
     local = rollouts[lo:hi]
     timer = PhaseTimer()
-    old, ref = _old_and_ref_logp(cfg, roles, [sequence_of(r) for r in local], timer)
+    old, ref = _old_and_ref_logp(roles, [sequence_of(r) for r in local], temperature, timer)
     metrics = _logprob_diff(local, old)
     if a.advantage == "reinforce_pp":
         masks, token_rewards = _token_rewards(a, local, old, ref)
@@ -161,22 +161,24 @@ def grpo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
         metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
     vocab = roles.policy.built.spec.vocab_size
     with timer.phase("update"):
-        metrics.update(_train(roles.policy, samples, _policy_loss(cfg, vocab), a.updates_per_rollout))
+        metrics.update(_train(roles.policy, samples, _policy_loss(a, vocab, temperature, max_new_tokens),
+                              a.updates_per_rollout))
     metrics.update(timer.metrics())
     return metrics
 
 
-def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
+def ppo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperature: float,
+               max_new_tokens: int) -> dict[str, float]:
     """PPO with a critic: outcome reward on the last response token (minus the per-token KL
     penalty with ``kl_in: reward``), GAE(γ, λ), advantages whitened over the global batch
     (``masked_whiten`` over all DP ranks), clipped value loss on the critic."""
-    a = cfg.algorithm
+    temperature = temperature or 1.0
     local = dp_shard(rollouts)
     seqs = [sequence_of(r) for r in local]
     timer = PhaseTimer()
-    old, ref = _old_and_ref_logp(cfg, roles, seqs, timer)
+    old, ref = _old_and_ref_logp(roles, seqs, temperature, timer)
     with timer.phase("values"):
-        values = token_values(roles.critic, seqs, cfg.critic_optim.max_tokens_per_microbatch)
+        values = token_values(roles.critic, seqs)
     masks, token_rewards = _token_rewards(a, local, old, ref)
     advs, returns, old_values = [], [], []
     for mask, tokens, v in zip(masks, token_rewards, values):
@@ -193,31 +195,33 @@ def ppo_update(cfg, roles, rollouts: list[Rollout]) -> dict[str, float]:
         metrics.update(_train(roles.critic, critic_samples, value_loss_fn(a.value_clip, a.aggregation), k))
     metrics = {("critic/" + key if key in ("grad_norm", "lr") else key): v for key, v in metrics.items()}
     with timer.phase("update"):
-        metrics.update(_train(roles.policy, policy_samples, _policy_loss(cfg, roles.policy.built.spec.vocab_size), k))
+        loss = _policy_loss(a, roles.policy.built.spec.vocab_size, temperature, max_new_tokens)
+        metrics.update(_train(roles.policy, policy_samples, loss, k))
     metrics.update(timer.metrics())
     return metrics
 
 
-def dpo_update(cfg, roles, rollouts: list[Rollout]) -> Optional[dict[str, float]]:
+def dpo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperature: float,
+               max_new_tokens: int) -> Optional[dict[str, float]]:
     """On-policy DPO: best vs worst response of each prompt by reward. Returns None (no update)
-    when fewer pairs than data-parallel ranks exist (every rank needs one)."""
+    when fewer pairs than data-parallel ranks exist (every rank needs one). ``max_new_tokens``
+    is not used (the signature is every update's)."""
     pairs = dpo_pairs(rollouts)
     _, size = dp_rank_and_size()
     if len(pairs) < size:
         return None
     local = [r for pair in dp_shard(pairs) for r in pair]
     seqs = [sequence_of(r) for r in local]
-    mt = cfg.optim.max_tokens_per_microbatch
     timer = PhaseTimer()
     with timer.phase("ref_logprobs"):
-        ref = sequence_logprobs(roles.reference, seqs, mt)
+        ref = sequence_logprobs(roles.reference, seqs)
     samples = [dpo_sample(r, ref[i]) for i, r in enumerate(local)]
     # Engine vs trainer on the paired responses (in one_round mode this is the drift from the
     # frozen sampler, by design).
     with timer.phase("old_logprobs"):
-        old = sequence_logprobs(roles.policy, seqs, mt, _temperature(cfg))
+        old = sequence_logprobs(roles.policy, seqs, temperature or 1.0)
     metrics = _logprob_diff(local, old)
-    loss = dpo_loss_fn(roles.policy.built.spec.vocab_size, beta=cfg.algorithm.dpo_beta)
+    loss = dpo_loss_fn(roles.policy.built.spec.vocab_size, beta=a.dpo_beta)
     with timer.phase("update"):
         metrics.update(_train(roles.policy, samples, loss, 1, unit_size=2))
     metrics["dpo/pairs"] = float(len(pairs))

@@ -86,7 +86,8 @@ def test_bf16_train_steps_reduce_the_loss(one_gpu_world, tiny_models):
     from train_worker import global_batch, nll_token_mean
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
 
     engine = ModelRunner(load_model(tiny_models / "llama-policy", "policy", one_gpu_world), OptimConfig(lr=1e-3))
     losses = [engine.train_step(global_batch(1024), nll_token_mean)["loss"] for _ in range(5)]

@@ -38,7 +38,8 @@ def test_fusions_keep_logprobs_and_training(one_gpu, tiny_models):
     from train_worker import global_batch, nll_token_mean
 
     from rlmt_megatron.checkpoint.load import load_model
-    from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+    from rlmt_megatron.config.optim import OptimConfig
+    from rlmt_megatron.runner.model_runner import ModelRunner
     from rlmt_megatron.runner.forward_only import sequence_logprobs
 
     seqs = [list(range(5, 60)), list(range(100, 180, 2))]

@@ -9,8 +9,10 @@ import torch.distributed as dist
 
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.optim import BatchingConfig
 from rlmt_megatron.distributed import bootstrap
 from rlmt_megatron.runner.chunked_logprobs import sequence_logprobs_chunked
+from rlmt_megatron.runner.model_runner import ModelRunner
 
 LAYOUTS = {"tp2": ParallelConfig(tp=2), "tp2sp": ParallelConfig(tp=2, sequence_parallel=True), "pp2": ParallelConfig(pp=2)}
 
@@ -30,7 +32,8 @@ def main():
         for model in ("llama-policy", "qwen2-policy"):
             built = load_model(Path(a.models) / model, "policy", build)
             # 48-token budget: several micro-batches; chunk 5 splits them unevenly.
-            result[name][model] = {chunk: [lp.tolist() for lp in sequence_logprobs_chunked(built, seqs, 48, chunk_tokens=chunk)]
+            runner = ModelRunner(built, None, BatchingConfig(logprob_tokens_per_microbatch=48))
+            result[name][model] = {chunk: [lp.tolist() for lp in sequence_logprobs_chunked(runner, seqs, chunk_tokens=chunk)]
                                    for chunk in (5, 1024)}
     if dist.get_rank() == 0:
         Path(a.out).write_text(json.dumps(result))

@@ -23,14 +23,14 @@ def _pause_training(at_step: int, folder: Path) -> None:
     real = updates.UPDATES["grpo"]
     calls = []
 
-    def update(cfg, roles_, rollouts):
+    def update(*args, **kwargs):  # every update's signature, passed through
         calls.append(1)
         if len(calls) == at_step and os.environ.get("RANK", "0") == "0":
             (folder / f"training_{at_step}").write_text(str(os.getpid()))
             deadline = time.monotonic() + 300
             while not (folder / "signalled").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        return real(cfg, roles_, rollouts)
+        return real(*args, **kwargs)
 
     updates.UPDATES["grpo"] = update
 

@@ -17,7 +17,8 @@ from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
 from rlmt_megatron.runner import losses
 from rlmt_megatron.runner.batching import Sample
-from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+from rlmt_megatron.runner.model_runner import ModelRunner
 
 POLICY = PolicyLossConfig(clip_low=0.2, clip_high=0.28, dual_clip_c=3.0, kl_in_loss=True, kl_coef=0.1,
                           kl_estimator="k3", entropy_coef=0.01)
@@ -76,8 +77,9 @@ def main():
         mine = [s for u in units[rank::dp] for s in u]
         for mbs in map(int, a.mbs.split(",")):
             engine = ModelRunner(load_model(a.model, role, build),
-                                 OptimConfig(lr=0.05, adam_eps=1.0, weight_decay=0.0, clip_grad=0.0,
-                                             max_samples_per_microbatch=max(mbs, unit), max_tokens_per_microbatch=1 << 20))
+                                 OptimConfig(lr=0.05, adam_eps=1.0, weight_decay=0.0, clip_grad=0.0),
+                                 BatchingConfig(max_samples_per_microbatch=max(mbs, unit),
+                                                train_tokens_per_microbatch=1 << 20))
             metrics = engine.train_step(mine, loss_fn, unit_size=unit)
             state = gather_hf_state_dict(engine.built)
             if torch.distributed.get_rank() == 0:

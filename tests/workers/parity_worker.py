@@ -15,8 +15,12 @@ import torch.distributed as dist
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
+from rlmt_megatron.config.optim import BatchingConfig
 from rlmt_megatron.distributed import bootstrap
 from rlmt_megatron.runner.forward_only import sequence_logprobs, sequence_scores, token_values
+from rlmt_megatron.runner.model_runner import ModelRunner
+
+BUDGET_48 = BatchingConfig(logprob_tokens_per_microbatch=48)
 
 
 def main():
@@ -39,15 +43,15 @@ def main():
     result = {}
     for name in ("llama-policy", "qwen2-policy"):
         built = load_model(models / name, "policy", build)
-        result[name] = [lp.tolist() for lp in sequence_logprobs(built, batches, max_tokens=48)]
+        result[name] = [lp.tolist() for lp in sequence_logprobs(ModelRunner(built, None, BUDGET_48), batches)]
         if a.export_dir:
             save_hf_folder(built, Path(a.export_dir) / name, tokenizer_src=models / name)
     rm = load_model(models / "llama-rm", "reward", build)
-    result["llama-rm"] = [float(s) for s in sequence_scores(rm, batches, max_tokens=48)]
+    result["llama-rm"] = [float(s) for s in sequence_scores(ModelRunner(rm, None, BUDGET_48), batches)]
     if a.export_dir:
         save_hf_folder(rm, Path(a.export_dir) / "llama-rm", tokenizer_src=models / "llama-rm")
     critic = load_model(models / "llama-rm", "critic", build)
-    result["critic-from-rm"] = [v.tolist() for v in token_values(critic, batches, max_tokens=48)]
+    result["critic-from-rm"] = [v.tolist() for v in token_values(ModelRunner(critic, None, BUDGET_48), batches)]
     if dist.get_rank() == 0:
         Path(a.out).write_text(json.dumps(result))
     bootstrap.shutdown()

@@ -20,7 +20,8 @@ from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.checkpoint.train_state import latest_checkpoint, load_train_state, save_train_state
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
-from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+from rlmt_megatron.runner.model_runner import ModelRunner
 from train_worker import global_batch, nll_token_mean
 
 
@@ -54,13 +55,13 @@ def main():
 
     # Warmup then cosine decay: the lr changes every step, so a scheduler restored one step off shows.
     optim = OptimConfig(lr=0.02, min_lr=0.001, lr_schedule="cosine", warmup_steps=2, total_steps=6,
-                        weight_decay=0.01, use_distributed_optimizer=not a.no_distributed_optimizer,
-                        max_samples_per_microbatch=2, max_tokens_per_microbatch=1 << 20)
+                        weight_decay=0.01, use_distributed_optimizer=not a.no_distributed_optimizer)
+    batching = BatchingConfig(max_samples_per_microbatch=2, train_tokens_per_microbatch=1 << 20)
     mine = global_batch(1024)[parallel_state.get_data_parallel_rank()::dp]
     rank = dist.get_rank()
 
     def engine():
-        return ModelRunner(load_model(a.model, "policy", build), optim)
+        return ModelRunner(load_model(a.model, "policy", build), optim, batching)
 
     out = {}
     if a.mode == "first":

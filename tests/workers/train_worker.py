@@ -15,7 +15,8 @@ from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
 from rlmt_megatron.runner.batching import Sample
-from rlmt_megatron.runner.model_runner import OptimConfig, ModelRunner
+from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
+from rlmt_megatron.runner.model_runner import ModelRunner
 from rlmt_megatron.runner.logprobs import vocab_parallel_logprobs
 
 
@@ -61,8 +62,8 @@ def main():
     engine = ModelRunner(
         load_model(a.model, "policy", build),
         OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=0.0, clip_grad=a.clip, adam_eps=a.adam_eps,
-                    use_distributed_optimizer=not a.no_distributed_optimizer,
-                    max_samples_per_microbatch=a.mbs, max_tokens_per_microbatch=1 << 20),
+                    use_distributed_optimizer=not a.no_distributed_optimizer),
+        BatchingConfig(max_samples_per_microbatch=a.mbs, train_tokens_per_microbatch=1 << 20),
     )
     rank = parallel_state.get_data_parallel_rank()
     mine = global_batch(1024)[rank::dp]
