@@ -4,8 +4,9 @@ engine, collective timeouts and the watchdog.
 End to end (real torchrun jobs or one process, tiny models, the hf engine in a child process so
 it can die): faults are injected by tests/workers/fault_inject_worker.py and faulty_engines.py.
 The reference for "nothing was lost" is an uninterrupted run of the same config: a SIGTERM in
-the middle of step 2's rollout, an automatic resume and an engine killed during step 3 must give
-the same metrics and bit-identical final weights.
+the middle of step 2's rollout, an automatic resume, an engine killed during step 3, a SIGKILL of
+the whole job after step 3's checkpoint and a second automatic resume must give the same metrics
+and bit-identical final weights (one chain, one reference run).
 """
 
 import json
@@ -148,22 +149,26 @@ def _env(faults: Path, **extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RLMT_FAULT_DIR": str(faults), **extra}
 
 
-def test_sigterm_mid_rollout_then_resume_with_an_engine_kill_matches_uninterrupted_run(tiny_models, tmp_path,
-                                                                                         monkeypatch):
+def _job(cfg: Path, log: Path, env: dict) -> subprocess.Popen:
+    """rlmt-train under torchrun (2 ranks) in its own session, so the test can signal the whole job."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), WORKER, str(cfg)]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def test_stop_resume_engine_kill_and_sigkill_chain_matches_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     faults = tmp_path / "faults"
     faults.mkdir()
     monkeypatch.setenv("RLMT_FAULT_DIR", str(faults))
-    torchrun(2, [WORKER, str(write_config(tmp_path / "a.yaml", tiny_models, straight))], timeout=600)
+    every_step = {"run": {"total_steps": 4, "save_every": 1}}  # periodic checkpoints: the SIGKILL resumes from one
+    torchrun(2, [WORKER, str(write_config(tmp_path / "a.yaml", tiny_models, straight, **every_step))], timeout=600)
 
-    # SIGTERM to the whole job (torchrun, both ranks, the engine process) while step 2 generates.
-    cfg = write_config(tmp_path / "b.yaml", tiny_models, stopped)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), WORKER, str(cfg)]
+    # 1. SIGTERM to the whole job (torchrun, both ranks, the engine process) while step 2 generates.
+    cfg = write_config(tmp_path / "b.yaml", tiny_models, stopped, **every_step)
     log = tmp_path / "stopped.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=_env(faults, RLMT_FAULT="pause@1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300"))
+    proc = _job(cfg, log, _env(faults, RLMT_FAULT="pause@1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="300"))
     try:
         assert _wait_until(lambda: (faults / "paused.pid").exists() or proc.poll() is not None, 400), "never paused"
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -180,11 +185,26 @@ def test_sigterm_mid_rollout_then_resume_with_an_engine_kill_matches_uninterrupt
     assert (Path(status["checkpoint"]) / "COMPLETE").exists()
     assert [r["step"] for r in metrics(stopped)] == [1]
 
-    # Automatic resume; step 3's first generation kills its engine process: restarted, retried.
-    monkeypatch.setenv("RLMT_FAULT", "die@2")
-    proc = torchrun(2, [WORKER, str(cfg)], timeout=600)
-    assert "hf engine process died (exit code -9) while generating" in proc.stderr + proc.stdout
+    # 2. Automatic resume; step 3's first generation kills its engine process: restarted, retried.
+    #    Once step 3's checkpoint is complete, SIGKILL the whole job (no handler runs, no status).
+    log = tmp_path / "resumed.log"
+    proc = _job(cfg, log, _env(faults, RLMT_FAULT="die@2"))
+    marker = stopped / "checkpoints" / "step_00000003" / "COMPLETE"
+    try:
+        assert _wait_until(lambda: marker.exists() or proc.poll() is not None, 400), "step 3's checkpoint never completed"
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "hf engine process died (exit code -9) while generating" in log.read_text()
     assert (faults / "died.pid").exists()
+    assert not (stopped / "checkpoints" / "step_00000004").exists()
+    assert not (stopped / "exit_status.json").exists()  # cleared when the run started; a SIGKILLed run writes none
+
+    # 3. Automatic resume from step 3's periodic checkpoint; the run finishes.
+    torchrun(2, [WORKER, str(cfg)], timeout=600)
     assert exit_status(stopped)["status"] == "finished"
 
     assert [r["rollout/restarts"] for r in metrics(stopped)] == [0, 0, 1, 1]
