@@ -77,7 +77,7 @@ def test_parameter_counts_equal_the_published_ones():
 BASE = ["models.policy=/nonexistent/Llama-3.1-8B-Instruct", "models.reward=/nonexistent/Skywork-Reward-Llama-3.1-8B-v0.2",
         "data.prompts=[p.parquet]", "data.max_prompt_tokens=1024", "data.prompts_per_step=16",
         "rollout.engine=sglang", "rollout.sglang_url=http://x:1", "rollout.samples_per_prompt=4",
-        "rollout.max_new_tokens=1024", "weight_sync.engine_tp_size=2", "weight_sync.bucket_mb=256",
+        "rollout.max_new_tokens=1024", "rollout.engine_tp_size=2", "weight_sync.bucket_mb=256",
         "build.parallel.tp=2", "build.precision.params_dtype=bfloat16", "build.attention_backend=sdpa",
         "batching.train_tokens_per_microbatch=4096", "batching.logprob_tokens_per_microbatch=4096",
         "reward.max_tokens_per_microbatch=4096", "algorithm.kl_coef=0.001"]
@@ -180,7 +180,7 @@ def test_engine_mem_fraction_sets_the_kv_pool_and_sequence_parallel_divides_the_
 
 
 def test_four_nodes_disaggregated_engine_has_its_own_node():
-    cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "weight_sync.engine_tp_size=8",
+    cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "rollout.engine_tp_size=8",
                                     "reward.parallel.tp=4"])
     report = estimate(cfg, run_plan.DryRunOptions(nodes=4))
     text = report.render()
@@ -246,9 +246,9 @@ def _fails(argv: list[str], capsys) -> tuple[str, str]:
     (["build.parallel.tp=4", "build.parallel.pp=2", "build.parallel.vpp=3"], [],
      "num_hidden_layers=32 is not divisible by pp=2 \\* vpp=3 = 6"),
     (["build.parallel.tp=8", "models.policy=/x/Qwen2.5-7B-Instruct"], [], "num_attention_heads=28 is not divisible by tp=8"),
-    (["models.policy=/x/Qwen2.5-7B", "weight_sync.engine_tp_size=8"], [], "28 attention heads do not split"),
-    (["weight_sync.engine_tp_size=8"], ["--gpus-per-node", "4"], "CUDA IPC handles cannot leave"),
-    (["rollout.placement=disaggregated", "weight_sync.engine_tp_size=8"], [], "leaving none of the 1"),
+    (["models.policy=/x/Qwen2.5-7B", "rollout.engine_tp_size=8"], [], "28 attention heads do not split"),
+    (["rollout.engine_tp_size=8"], ["--gpus-per-node", "4"], "CUDA IPC handles cannot leave"),
+    (["rollout.placement=disaggregated", "rollout.engine_tp_size=8"], [], "leaving none of the 1"),
     (["algorithm.name=dpo", "data.prompts_per_step=2"], [], "fewer than DP=4 ranks"),
     (["reward.parallel.tp=16"], [], "world size 8 is not divisible by tp\\*pp = 16\\*1"),
 ])
@@ -289,7 +289,7 @@ def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path
 def test_kv_cache_that_cannot_hold_one_sequence_fails():
     report = estimate(load_rlmt_config(None, BASE), run_plan.DryRunOptions(gpu_mem_gib=64))
     assert any("less than one sequence of 2048 tokens" in p for p in report.problems)
-    with pytest.raises(RLMTError, match="raise weight_sync.engine_tp_size"):
+    with pytest.raises(RLMTError, match="raise rollout.engine_tp_size"):
         report.check()
 
 

@@ -507,7 +507,7 @@ def test_disaggregated_waits_for_health_then_trains_on_the_other_nodes(fake, rec
     assert [(a.nnodes, a.node_rank, a.master_addr) for a in trainers] == [("2", 0, "t1"), ("2", 1, "t1")]
     assert trainers[0].training_script_args == [
         str(recipe), "run.total_steps=3", "rollout.engine=sglang", "rollout.placement=disaggregated",
-        f"rollout.sglang_url=http://localhost:{port}", "weight_sync.engine_tp_size=4"]
+        f"rollout.sglang_url=http://localhost:{port}", "rollout.engine_tp_size=4"]
 
 
 @pytest.mark.parametrize("mode, message", [("hang", "did not answer 200 within 2s"),
@@ -546,4 +546,4 @@ def test_single_node_with_colocated_sglang(fake, recipe):
     (trainer,) = (torchrun_args(r) for r in records(log, "torchrun"))
     assert trainer.nproc_per_node == "2" and trainer.training_script_args == [
         str(recipe), "rollout.engine=sglang", "rollout.placement=colocated",
-        f"rollout.sglang_url=http://127.0.0.1:{port}", "weight_sync.engine_tp_size=2"]
+        f"rollout.sglang_url=http://127.0.0.1:{port}", "rollout.engine_tp_size=2"]

@@ -86,8 +86,8 @@ def test_make_transport_builds_the_chosen_class(tmp_path):
                        base_dir="base", disk_dir=str(tmp_path / "d"))
     assert isinstance(t, DiskTransport) and t.keep_versions == 3 and t.bucket_bytes == 2 * 2**20
     assert t.root == tmp_path / "d"
-    t = make_transport(WeightSyncConfig(engine_tp_size=4, master_address="10.1.2.3", master_port=29555,
-                                        nccl_backend="gloo"), _Engine("sglang"), "disaggregated")
+    t = make_transport(WeightSyncConfig(master_address="10.1.2.3", master_port=29555, nccl_backend="gloo"),
+                       _Engine("sglang"), "disaggregated", engine_tp_size=4)
     assert isinstance(t, NCCLBroadcastTransport)
     s = t.sender
     assert (s.master_address, s.master_port, s.world_size, s.backend) == ("10.1.2.3", 29555, 5, "gloo")
@@ -102,13 +102,13 @@ def test_make_transport_builds_the_chosen_class(tmp_path):
 def test_make_transport_cuda_ipc():
     from rlmt_megatron.rollout.weight_sync.cuda_ipc import CudaIPCTransport
 
-    cfg = WeightSyncConfig(engine_tp_size=2)
+    cfg = WeightSyncConfig()
     if torch.cuda.is_available():
-        t = make_transport(cfg, _Engine("sglang"), "colocated")
+        t = make_transport(cfg, _Engine("sglang"), "colocated", engine_tp_size=2)
         assert isinstance(t, CudaIPCTransport) and t.engine_tp_size == 2 and t.device.type == "cuda"
     else:
         with pytest.raises(EngineError, match="cuda_ipc weight transport needs a GPU"):
-            make_transport(cfg, _Engine("sglang"), "colocated")
+            make_transport(cfg, _Engine("sglang"), "colocated", engine_tp_size=2)
 
 
 def test_table_covers_exactly_the_possible_pairs():

@@ -102,8 +102,9 @@ def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict
         "data": {"prompts": [PROMPTS], "max_prompt_tokens": 1024, "prompts_per_step": prompts},
         "format": {"kind": kind, "strict": strict},
         "rollout": {"engine": "sglang", "placement": lay["placement"], "sglang_url": lay["sglang_url"],
+                    "engine_tp_size": MODELS[model]["engine_tp"],
                     "samples_per_prompt": 1 if algo == "ppo" else 8, "temperature": 0.7, "max_new_tokens": 4096},
-        "weight_sync": {"engine_tp_size": MODELS[model]["engine_tp"], "bucket_mb": 1024},
+        "weight_sync": {"bucket_mb": 1024},
         "algorithm": algorithm,
         "optim": optim,
     }

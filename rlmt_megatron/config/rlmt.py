@@ -65,6 +65,8 @@ class RolloutConfig(StrictModel):
     engine: Literal["hf", "vllm", "sglang"] = Field("hf", description="hf: embedded transformers engine (CPU/1 GPU)")
     placement: Literal["colocated", "disaggregated"] = "colocated"
     sglang_url: Optional[str] = Field(None, description="base URL of the SGLang server (engine=sglang)")
+    engine_tp_size: PositiveInt = Field(1, description="sglang: the server's TP size (one CUDA IPC payload per server "
+                                        "rank; NCCL group size; FP8 block-layout check)")
     samples_per_prompt: PositiveInt = 8
     temperature: NonNegativeFloat = 0.7
     top_p: float = Field(1.0, gt=0.0, le=1.0)

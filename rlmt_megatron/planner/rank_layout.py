@@ -84,11 +84,11 @@ class EnginePlacement:
 
 
 def place_engine(cfg, nodes: int, gpus_per_node: int, engine_dp: int) -> EnginePlacement:
-    """The rollout engine's GPUs and the trainer's world size. SGLang: ``weight_sync.engine_tp_size``
+    """The rollout engine's GPUs and the trainer's world size. SGLang: ``rollout.engine_tp_size``
     GPUs per replica, ``engine_dp`` replicas; colocated on the first GPUs of node 0 (CUDA IPC
     handles cannot leave it), disaggregated on nodes of its own. vLLM and hf: one GPU beside rank 0."""
     r = cfg.rollout
-    engine_tp = cfg.weight_sync.engine_tp_size if r.engine == "sglang" else 1
+    engine_tp = cfg.rollout.engine_tp_size if r.engine == "sglang" else 1
     engine_gpus = engine_tp * engine_dp
     if r.engine != "sglang" and engine_dp != 1:
         raise RLMTError(f"--engine-dp applies to rollout.engine=sglang, not {r.engine}")
@@ -114,9 +114,9 @@ def check_engine_split(policy: ResolvedModel, engine_tp: int) -> None:
     """SGLang shards the policy's heads over its TP; KV heads split or replicate evenly."""
     spec = policy.spec
     if spec.num_attention_heads % engine_tp:
-        raise LayoutError(f"weight_sync.engine_tp_size={engine_tp}: the policy's {spec.num_attention_heads} "
+        raise LayoutError(f"rollout.engine_tp_size={engine_tp}: the policy's {spec.num_attention_heads} "
                           f"attention heads do not split over it")
     kv = spec.num_key_value_heads
     if kv % engine_tp and engine_tp % kv:
-        raise LayoutError(f"weight_sync.engine_tp_size={engine_tp}: the policy's {kv} KV heads neither split "
+        raise LayoutError(f"rollout.engine_tp_size={engine_tp}: the policy's {kv} KV heads neither split "
                           f"over it nor replicate evenly")

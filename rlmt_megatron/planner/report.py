@@ -123,7 +123,7 @@ def _judge(report: DryRunReport, plan: RunPlan, eng: EngineLines) -> None:
         need = math.ceil((weights + eng.kv_need) / plan.gpu * 100) / 100
         if kv.bytes < one_seq:
             report.problems.append(f"{est.title}: the rollout KV cache gets {gib(kv.bytes)}, less than one sequence "
-                                   f"of {plan.S} tokens ({gib(one_seq)}); raise weight_sync.engine_tp_size, use "
+                                   f"of {plan.S} tokens ({gib(one_seq)}); raise rollout.engine_tp_size, use "
                                    f"rollout.placement=disaggregated, or free trainer memory (see the table)")
         elif plan.o.engine_mem_fraction is not None:
             pass
@@ -154,9 +154,9 @@ ADVICE: dict[str, tuple[str, ...]] = {  # Line.fix -> what lowers that line
     "reference": (TP_PP, "set algorithm.kl_coef: 0 (no reference model)"),
     "reward": ("give the reward model a larger reward.parallel.tp",),
     "rm_tokens": ("lower reward.max_tokens_per_microbatch",),
-    "engine": ("raise weight_sync.engine_tp_size", "use rollout.placement=disaggregated"),
+    "engine": ("raise rollout.engine_tp_size", "use rollout.placement=disaggregated"),
     "kv": ("lower --engine-mem-fraction, data.prompts_per_step or rollout.max_new_tokens",
-           "raise weight_sync.engine_tp_size"),
+           "raise rollout.engine_tp_size"),
     "hf": ("use rollout.engine=sglang (the hf engine keeps a float32 copy and every logit)",),
     "sync": ("lower weight_sync.bucket_mb",),
 }

@@ -104,7 +104,7 @@ def engine_model_dir(cfg, policy: ModelRunner) -> str:
     import json
 
     # every rank checks, so an impossible layout stops all of them
-    fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, cfg.weight_sync.engine_tp_size)
+    fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, cfg.rollout.engine_tp_size)
     if is_rank0():
         fp8.write_fp8_hf_folder(folder, fp8_folder, config)
     barrier()

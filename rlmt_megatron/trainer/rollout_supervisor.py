@@ -87,7 +87,8 @@ class RolloutSupervisor:
                                      seed=cfg.run.seed)
         try:
             sync = make_sync_pipeline(cfg.weight_sync, engine, cfg.rollout.engine, cfg.rollout.placement,
-                                      base_dir=self.model_dir, disk_dir=str(self.out_dir / "weight_sync"))
+                                      engine_tp_size=cfg.rollout.engine_tp_size, base_dir=self.model_dir,
+                                      disk_dir=str(self.out_dir / "weight_sync"))
         except BaseException:
             with contextlib.suppress(Exception):  # the original error is the one to report
                 engine.close()

@@ -75,13 +75,15 @@ def _tap(stream: Iterable[Bucket], checksum: Optional[StreamingChecksum]) -> Ite
 
 
 def make_sync_pipeline(config: WeightSyncConfig, engine: RolloutEngine, engine_kind: str, placement: str, *,
-                       base_dir: Optional[str] = None, disk_dir: Optional[str] = None) -> SyncPipeline:
+                       engine_tp_size: int = 1, base_dir: Optional[str] = None,
+                       disk_dir: Optional[str] = None) -> SyncPipeline:
     """The pipeline for ``engine`` from the run's ``weight_sync`` section: the transport chosen by
     the topology table (``select.py``), FP8 quantisation when ``weight_sync.fp8`` asks for it, and
     the checksum check when ``weight_sync.checksum`` is on."""
     from rlmt_megatron.rollout.weight_sync import fp8
 
     fp8_config = fp8.config_for_sync(config.fp8, engine_kind)
-    transport = make_transport(config, engine, placement, base_dir=base_dir, disk_dir=disk_dir)
+    transport = make_transport(config, engine, placement, engine_tp_size=engine_tp_size, base_dir=base_dir,
+                               disk_dir=disk_dir)
     return SyncPipeline(transport, quantize=None if fp8_config is None else fp8.make_quantizer(fp8_config),
                         verify_with=engine if config.checksum else None)

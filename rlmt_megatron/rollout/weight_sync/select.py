@@ -56,7 +56,6 @@ class WeightSyncConfig(StrictModel):
                                     "default <run dir>/weight_sync")
     fp8: Literal["none", "per_tensor", "block"] = Field("none", description="quantize the synced weights to FP8 for "
                                                        "the rollout engine (weight_sync/fp8.py)")
-    engine_tp_size: PositiveInt = Field(1, description="sglang: the server's TP size (CUDA IPC payloads, NCCL group)")
     master_address: Optional[str] = Field(None, description="nccl: an address of the trainer's rank 0 the SGLang "
                                           "server can reach; default: this host's IP")
     master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port; default: a free one")
@@ -79,8 +78,8 @@ def resolve_transport(kind: str, placement: str, requested: str = "auto") -> str
     return requested
 
 
-def make_transport(config: WeightSyncConfig, engine, placement: str, *, base_dir: Optional[str] = None,
-                   disk_dir: Optional[str] = None) -> WeightTransport:
+def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_tp_size: int = 1,
+                   base_dir: Optional[str] = None, disk_dir: Optional[str] = None) -> WeightTransport:
     """The transport for ``engine`` (its ``name`` is the kind: hf, vllm, sglang) at ``placement``.
 
     ``base_dir`` is the HF folder the engine started from (disk: config and tokenizer are copied
@@ -93,12 +92,12 @@ def make_transport(config: WeightSyncConfig, engine, placement: str, *, base_dir
     if name == "cuda_ipc":
         from rlmt_megatron.rollout.weight_sync.cuda_ipc import CudaIPCTransport
 
-        return CudaIPCTransport(engine, config.engine_tp_size)
+        return CudaIPCTransport(engine, engine_tp_size)
     if name == "nccl":
         from rlmt_megatron.rollout.weight_sync.nccl_broadcast import NCCLBroadcastTransport
 
         address = config.master_address or socket.gethostbyname(socket.gethostname())
-        return NCCLBroadcastTransport(engine, address, config.master_port or free_port(), config.engine_tp_size,
+        return NCCLBroadcastTransport(engine, address, config.master_port or free_port(), engine_tp_size,
                                       backend=config.nccl_backend, timeout_s=config.timeout_s)
     from rlmt_megatron.rollout.weight_sync.disk import DiskTransport
 
