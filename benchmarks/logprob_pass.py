@@ -17,7 +17,7 @@ Megatron policy and calls the trainer's forward-only engine (``ModelRunner.forwa
 batch as one micro-batch):
 
 - fused: ``forward_only.sequence_logprobs_from_logits``: GPTModel's [b, s, V/tp] logits, then the chunked
-  vocab-parallel logprobs (training/logprobs.py);
+  vocab-parallel logprobs (runner/logprobs.py);
 - full-logits: the same forward, then ``logits.float().log_softmax(-1)`` and a gather (what a
   trainer without fusion does);
 - fused-chunked-head: ``chunked_logprobs.sequence_logprobs_chunked``: the decoder to the final
@@ -52,7 +52,7 @@ from benchmarks import common
 from benchmarks.common import REPO
 
 VARIANTS = ("fused", "full-logits", "fused-chunked-head")
-GOAL = 0.25  # issue 7: the logprob pass's peak is at most 1/4 of the full-logits pass's
+GOAL = 0.25  # the goal: the logprob pass's peak is at most 1/4 of the full-logits pass's
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 CPU_SHAPE = dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
 DEFAULTS = {"cpu": dict(layers=2, vocab=32768, sequences=2, seq_len=512, shape=CPU_SHAPE),

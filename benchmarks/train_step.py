@@ -94,7 +94,7 @@ DEFAULTS = {
 }
 MAX_LAYERS = LLAMA31_8B_LAYERS
 
-# Goals of issue 7: (what, variants it applies to, target, higher is better)
+# The goals (docs/benchmarks.md): (what, variants it applies to, target, higher is better)
 SPEED_BF16, SPEED_FP8, MEMORY_RATIO, MFU_BF16 = 1.15, 1.4, 0.6, 0.65
 
 
@@ -239,7 +239,7 @@ def performance_section(recompute: str | None, fusions: str | None) -> dict | No
 
     if "performance" not in ModelBuildConfig.model_fields:
         raise ValueError(f"--{'/--'.join(given)}: ModelBuildConfig has no 'performance' section in this checkout "
-                         "(rlmt_megatron/config.py); run without these flags")
+                         "(rlmt_megatron/config/model_build.py); run without these flags")
     try:
         ModelBuildConfig(performance=given)
     except ValidationError as e:
@@ -369,7 +369,7 @@ def add_rates(rows: list[dict], shape: DecoderShape, seq_len: int, sequences: in
 
 
 def goals(rows: list[dict]) -> list[dict]:
-    """Each goal of issue 7 for each variant it applies to: met, missed by how much, or not measured."""
+    """Each goal for each variant it applies to: met, missed by how much, or not measured."""
     by_name = {name: r for r in rows for name in r.get("variants", [r["variant"]])}
     base = by_name.get(BASELINE)
     base_error = None if base is not None and "error" not in base else (base or {}).get("error", "no baseline row")

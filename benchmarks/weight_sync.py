@@ -21,7 +21,7 @@ small tokenizer) to a temporary directory; the Megatron model is loaded from it 
   preallocated memory, and with ``clone`` into fresh memory.
 GB/s is the bytes of the exported tensors over the time; "of copy floor" divides by the copy_ GB/s.
 
-Device bandwidth and the goal (issue 7: export + sync at >= 50% of device bandwidth): the copy_
+Device bandwidth and the goal (export + sync at >= 50% of device bandwidth): the copy_
 floor reads and writes every byte, so the device's measured copy bandwidth is 2 x bytes / seconds
 (bytes read + written, comparable with the memory bandwidth on a data sheet). A sync moves each
 weight byte at least once from the trainer's memory into the engine's, reading and writing it,
@@ -158,7 +158,7 @@ def add_rates(rows: list[dict]) -> list[dict]:
     return rows
 
 
-GOAL = 0.5  # issue 7: export + sync at >= 50% of the device's memory bandwidth
+GOAL = 0.5  # the goal: export + sync at >= 50% of the device's memory bandwidth
 
 
 def device_bandwidth(rows: list[dict]) -> dict | None:

@@ -5,7 +5,7 @@ is this micro-batch's part of the global loss (see ``algorithms/aggregation.py``
 shares of global means (summed over micro-batches and DP ranks by the engine), so the engine's
 reported ``kl`` or ``entropy`` is the token mean over the whole global batch.
 
-Sample fields used (per action, length L-1; see ``training/batching.py``):
+Sample fields used (per action, length L-1; see ``runner/batching.py``):
 - policy: ``loss_mask``, ``old_logp``, ``advantages``, optional ``ref_logp``;
 - critic: ``loss_mask``, ``returns``, ``old_values``;
 - sft: ``loss_mask``;

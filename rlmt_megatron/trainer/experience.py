@@ -4,7 +4,7 @@ Pure functions over plain lists and tensors (no Megatron, no distributed), so th
 short and every rule here is tested on its own.
 
 Layout: a rollout is ``prompt_ids + response_ids``. Action ``t`` predicts token ``t + 1`` (see
-``training/batching.py``), so the response tokens are actions ``P - 1 .. P + R - 2`` for a prompt
+``runner/batching.py``), so the response tokens are actions ``P - 1 .. P + R - 2`` for a prompt
 of ``P`` and a response of ``R`` tokens; only those carry loss.
 
 Non-finite rewards (a reward model that overflows, a NaN from a broken input) are never passed
