@@ -204,6 +204,12 @@ class RLMTConfig(StrictModel):
         return (("policy",) + (("reference",) if self.needs_reference else ())
                 + (("critic",) if self.algorithm.name == "ppo" else ()) + ("reward",))
 
+    @property
+    def engine_follows_policy(self) -> bool:
+        """Whether the rollout engine is synced after every update: not for one_round DPO, which
+        samples every pair from the initial model (the paper's on-policy DPO)."""
+        return not (self.algorithm.name == "dpo" and self.algorithm.dpo_mode == "one_round")
+
     def collective_timeout_minutes(self) -> float:
         """``run.collective_timeout_minutes``, or when unset 10 minutes more than ``rollout.timeout_s``
         (at least 30): ranks other than 0 wait in a collective while rank 0 waits for the engine, so

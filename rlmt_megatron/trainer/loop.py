@@ -70,7 +70,8 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     if is_rank0() and prompts.report.num_skipped:
         print(prompts.report.summary())
     sampler = PromptSampler(prompts, cfg.data.prompts_per_step, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    model_dir = engine_model_dir(cfg, roles.policy)  # before resuming: one_round DPO's engine keeps these weights
+    # before resuming: one_round DPO's engine keeps these weights
+    model_dir = engine_model_dir(cfg.models.policy, roles.policy, cfg.rollout, cfg.weight_sync, cfg.run.out_dir)
     ckpt_root = out / "checkpoints"
     engines = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic else {})
     step, version, restarts = 0, 0, 0
@@ -82,7 +83,10 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
         restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
     saved = {step: resume_dir} if resume_dir is not None else {}
-    supervisor = RolloutSupervisor(cfg, model_dir, roles.policy, out, stop, restarts)
+    supervisor = RolloutSupervisor(cfg.rollout, cfg.weight_sync, roles.policy, model_dir, out, stop, restarts,
+                                   follows_policy=cfg.engine_follows_policy, engine_dtype=cfg.engine_dtype(),
+                                   max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                   seed=cfg.run.seed)
 
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
@@ -113,11 +117,13 @@ def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                     batch = sampler.next_batch()
                     conversations = [p.messages for p in batch]
                     with activity("rollout"), timer.phase("rollout"):
-                        prompt_ids, truncated = prompt_token_ids(cfg, roles.tokenizer, conversations)
-                        rollouts = supervisor.generate(prompt_ids, sampling_params(cfg, roles.tokenizer, step))
+                        prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer,
+                                                                 conversations)
+                        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step)
+                        rollouts = supervisor.generate(prompt_ids, params)
                     supervisor.sleep()  # colocated engines free their GPU memory for training
                     with activity("reward"), timer.phase("reward"):
-                        parse_and_score(cfg, roles.tokenizer, roles.scorer, rollouts, conversations)
+                        parse_and_score(cfg.format, roles.tokenizer, roles.scorer, rollouts, conversations)
                         check_trainable(rollouts)
                     with activity("train"), timer.phase("train"):
                         metrics = update(cfg.algorithm, roles, rollouts, temperature=cfg.rollout.temperature,

@@ -22,11 +22,12 @@ from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import is_megatron_checkpoint, load_model
 from rlmt_megatron.config.model_build import ModelBuildConfig
 from rlmt_megatron.config.optim import BatchingConfig, OptimConfig
-from rlmt_megatron.config.rlmt import ModelsConfig, RewardConfig
-from rlmt_megatron.distributed.collectives import is_rank0
+from rlmt_megatron.config.rlmt import ModelsConfig, RewardConfig, RolloutConfig
+from rlmt_megatron.distributed.collectives import barrier, is_rank0
 from rlmt_megatron.distributed.role_layouts import RoleLayouts
 from rlmt_megatron.errors import InputFileError
 from rlmt_megatron.reward.rm_scorer import RewardScorer
+from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
 from rlmt_megatron.runner.model_runner import ModelRunner
 
 
@@ -86,25 +87,25 @@ def build_roles(which: Sequence[str], models: ModelsConfig, build: ModelBuildCon
     return Roles(policy, reference, critic, scorer, _tokenizer(policy_src, "policy"))
 
 
-def engine_model_dir(cfg, policy: ModelRunner) -> str:
+def engine_model_dir(policy_source: str, policy: ModelRunner, rollout: RolloutConfig, weight_sync: WeightSyncConfig,
+                     out_dir: str) -> str:
     """An HF folder the engine starts from: the policy's own, or an export of a Megatron checkpoint
     (collective). Its weights are replaced by the first sync anyway. With FP8 rollouts the engine
     must start from an FP8 folder, so its layers expect the FP8 weights and scales every sync sends."""
-    folder = cfg.models.policy
-    if is_megatron_checkpoint(folder):
-        folder = str(Path(cfg.run.out_dir) / "rollout_init_hf")
-        save_hf_folder(policy.built, folder, tokenizer_src=cfg.models.policy)
-    if cfg.weight_sync.fp8 == "none":
-        return folder
-    from rlmt_megatron.distributed.collectives import barrier
-    from rlmt_megatron.rollout.weight_sync import fp8
-
-    config = fp8.config_for_sync(cfg.weight_sync.fp8, cfg.rollout.engine)
-    fp8_folder = Path(cfg.run.out_dir) / "rollout_init_fp8"
     import json
 
+    from rlmt_megatron.rollout.weight_sync import fp8
+
+    folder = policy_source
+    if is_megatron_checkpoint(folder):
+        folder = str(Path(out_dir) / "rollout_init_hf")
+        save_hf_folder(policy.built, folder, tokenizer_src=policy_source)
+    if weight_sync.fp8 == "none":
+        return folder
+    config = fp8.config_for_sync(weight_sync.fp8, rollout.engine)
+    fp8_folder = Path(out_dir) / "rollout_init_fp8"
     # every rank checks, so an impossible layout stops all of them
-    fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, cfg.rollout.engine_tp_size)
+    fp8.check_block_layout(json.loads((Path(folder) / "config.json").read_text()), config, rollout.engine_tp_size)
     if is_rank0():
         fp8.write_fp8_hf_folder(folder, fp8_folder, config)
     barrier()

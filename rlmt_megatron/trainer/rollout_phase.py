@@ -14,25 +14,27 @@ from typing import Optional, Sequence
 from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.types import SamplingParams
+from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.thinking import build_prompt_ids, parse_response, stop_settings
+from rlmt_megatron.thinking.templates import ThinkingFormatConfig
 from rlmt_megatron.trainer.experience import Rollout
 from rlmt_megatron.trainer.stop import Interrupted, StepAbandoned, StopSignals
 from rlmt_megatron.trainer.watchdog import activity
 
 
-def sampling_params(cfg, tokenizer, step: int) -> SamplingParams:
-    r = cfg.rollout
-    stop, stop_ids = stop_settings(cfg.format, tokenizer)
+def sampling_params(r: RolloutConfig, fmt: ThinkingFormatConfig, tokenizer, run_seed: int, step: int) -> SamplingParams:
+    stop, stop_ids = stop_settings(fmt, tokenizer)
     # A seed per step: a resumed run samples exactly what the uninterrupted run sampled.
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          stop=stop, stop_token_ids=stop_ids, n=r.samples_per_prompt, seed=cfg.run.seed * 100003 + step)
+                          stop=stop, stop_token_ids=stop_ids, n=r.samples_per_prompt, seed=run_seed * 100003 + step)
 
 
-def prompt_token_ids(cfg, tokenizer, conversations: Sequence[list[dict]]) -> tuple[list[list[int]], int]:
+def prompt_token_ids(fmt: ThinkingFormatConfig, max_prompt_tokens: int, tokenizer,
+                     conversations: Sequence[list[dict]]) -> tuple[list[list[int]], int]:
     """Templated prompt ids (left-truncated) and how many were truncated."""
     ids, truncated = [], 0
     for messages in conversations:
-        p, cut = build_prompt_ids(messages, tokenizer, cfg.format, cfg.data.max_prompt_tokens)
+        p, cut = build_prompt_ids(messages, tokenizer, fmt, max_prompt_tokens)
         ids.append(p)
         truncated += int(cut)
     return ids, truncated
@@ -69,12 +71,13 @@ def generate(engine: Optional[RolloutEngine], prompt_ids: list[list[int]], param
     return [Rollout(p, list(prompt_ids[p]), list(ids), list(lps), fin, ver) for p, ids, lps, fin, ver in payload]
 
 
-def parse_and_score(cfg, tokenizer, scorer, rollouts: list[Rollout], conversations: Sequence[list[dict]]) -> None:
+def parse_and_score(fmt: ThinkingFormatConfig, tokenizer, scorer, rollouts: list[Rollout],
+                    conversations: Sequence[list[dict]]) -> None:
     """Fill each rollout's ``extras`` (text, thinking, answer, format flag) and ``reward``."""
     answers = []
     for r in rollouts:
         text = tokenizer.decode(r.response_ids, skip_special_tokens=True)
-        parsed = parse_response(text, cfg.format, eos_token=tokenizer.eos_token)
+        parsed = parse_response(text, fmt, eos_token=tokenizer.eos_token)
         r.extras.update(text=text, thinking=parsed.thinking, answer=parsed.answer, format_ok=parsed.format_ok)
         answers.append(parsed.answer)
     rewards = scorer.score([conversations[r.prompt_index] for r in rollouts], answers)

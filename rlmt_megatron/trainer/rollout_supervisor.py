@@ -28,15 +28,18 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from rlmt_megatron.checkpoint.hf_export import buckets_at
+from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.factory import make_rollout_engine
 from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline, drain, make_sync_pipeline
+from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
 from rlmt_megatron.trainer import rollout_phase
 from rlmt_megatron.trainer.stop import StepAbandoned, StopSignals
 from rlmt_megatron.trainer.watchdog import activity
@@ -47,21 +50,29 @@ class EngineGaveUp(EngineError):
 
 
 class RolloutSupervisor:
-    def __init__(self, cfg, model_dir: str, policy, out_dir, stop: Optional[StopSignals], restarts: int = 0):
-        self.cfg = cfg
-        self.model_dir = model_dir
+    """The run's rollout engine on rank 0, from the ``rollout`` and ``weight_sync`` sections.
+
+    ``follows_policy``: the engine is synced after every update (False for one_round DPO, which
+    samples from the initial model for the whole run: never synced, nor re-synced after a
+    restart). ``engine_dtype``, ``max_model_len``, ``seed``: what the engine is built with
+    (``rollout/factory.py``)."""
+
+    def __init__(self, rollout: RolloutConfig, weight_sync: WeightSyncConfig, policy, model_dir: str, out_dir: Path,
+                 stop: Optional[StopSignals], restarts: int = 0, *, follows_policy: bool = True,
+                 engine_dtype: str = "float32", max_model_len: int = 4096, seed: int = 0):
+        self.rollout = rollout
+        self.weight_sync = weight_sync
         self.policy = policy
-        self.out_dir = out_dir
+        self.model_dir = model_dir
+        self.out_dir = Path(out_dir)
         self.stop = stop
         self.restarts = restarts  # over the whole run, checkpointed
         self.in_a_row = 0  # restarts since the last successful generation
-        # one_round DPO samples from the initial model for the whole run: the engine keeps the
-        # weights it starts from and is never synced (nor re-synced after a restart).
-        a = cfg.algorithm
-        self.follows_policy = not (a.name == "dpo" and a.dpo_mode == "one_round")
+        self.follows_policy = follows_policy
+        self._engine_args = dict(dtype=engine_dtype, max_model_len=max_model_len, seed=seed)
         self.version = 0
         self.engine: Optional[RolloutEngine] = None  # rank 0 only
-        self._bucket_bytes = cfg.weight_sync.bucket_mb * 2**20
+        self._bucket_bytes = weight_sync.bucket_mb * 2**20
         self._sync: Optional[SyncPipeline] = None  # rank 0: the engine's sync pipeline (its transport holds groups, files)
         self._broken: Optional[str] = None  # agreed on every rank: why the engine must be restarted
         self._local_error: Optional[str] = None  # rank 0: a failure the others learn at the next collective
@@ -81,14 +92,11 @@ class RolloutSupervisor:
 
     def _build(self) -> None:
         """Rank 0: a new engine and its sync pipeline."""
-        cfg = self.cfg
-        engine = make_rollout_engine(cfg.rollout, self.model_dir, dtype=cfg.engine_dtype(),
-                                     max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                                     seed=cfg.run.seed)
+        r = self.rollout
+        engine = make_rollout_engine(r, self.model_dir, **self._engine_args)
         try:
-            sync = make_sync_pipeline(cfg.weight_sync, engine, cfg.rollout.engine, cfg.rollout.placement,
-                                      engine_tp_size=cfg.rollout.engine_tp_size, base_dir=self.model_dir,
-                                      disk_dir=str(self.out_dir / "weight_sync"))
+            sync = make_sync_pipeline(self.weight_sync, engine, r.engine, r.placement, engine_tp_size=r.engine_tp_size,
+                                      base_dir=self.model_dir, disk_dir=str(self.out_dir / "weight_sync"))
         except BaseException:
             with contextlib.suppress(Exception):  # the original error is the one to report
                 engine.close()
@@ -133,7 +141,7 @@ class RolloutSupervisor:
             print(f"rollout engine failed: {reason}", file=sys.stderr, flush=True)
 
     def _restart(self) -> None:
-        max_restarts = self.cfg.rollout.max_restarts
+        max_restarts = self.rollout.max_restarts
         if self.in_a_row >= max_restarts:
             raise EngineGaveUp(f"the rollout engine failed {self.in_a_row + 1} times in a row "
                                f"(rollout.max_restarts={max_restarts}); last error: {self._broken}")
@@ -164,7 +172,7 @@ class RolloutSupervisor:
         """Colocated on a GPU: hand the trainer's cached-but-free blocks (the activation and
         logits peaks of the update) back to the driver, so that the engine, a separate
         allocator, can take them when it wakes for the sync and the rollout."""
-        if self.cfg.rollout.placement == "colocated" and torch.cuda.is_available():
+        if self.rollout.placement == "colocated" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def push(self, version: int) -> None:
@@ -212,7 +220,7 @@ class RolloutSupervisor:
     def sleep(self) -> None:
         """Colocated engines free their memory for training (rank 0; no collective: a failure is
         agreed on at the next sync or generation)."""
-        if self.engine is None or self.cfg.rollout.placement != "colocated":
+        if self.engine is None or self.rollout.placement != "colocated":
             return
         try:
             self.engine.sleep()
