@@ -4,8 +4,8 @@ One YAML file, validated at load: unknown keys, wrong types and impossible combi
 with the field's dotted path and the file name. ``key.sub=value`` overrides on the command line
 are parsed as YAML scalars (``lr=1e-6``, ``algorithm.name=ppo``, ``data.prompts=[a.parquet]``).
 
-Defaults are the paper's GRPO recipe (``../docs/training.md`` lists them with their source);
-the shipped example configs under ``examples/`` restate them for each method.
+Defaults are the paper's GRPO recipe; ``docs/rlmt_train.md`` ("Configuration reference") lists
+every field and default, and the recipes under ``examples/`` restate them for each method.
 """
 
 from __future__ import annotations
