@@ -1,7 +1,8 @@
 """Megatron models built from the tiny HF checkpoints reproduce transformers at every layout.
 
-Real torchrun processes (gloo on CPU) run the Megatron side at TP x PP in {1x1, 2x1, 1x2, 2x2}
-interleaved PP (1x2 with 2 virtual stages) and sequence parallelism (TP=2); the reference is transformers' own
+One real 4-process torchrun job (gloo on CPU) runs the Megatron side at TP x PP in {1x1, 2x1, 1x2,
+2x2}, interleaved PP (1x2 with 2 virtual stages) and sequence parallelism (TP=2), in turn (smaller
+layouts with data-parallel replicas); the reference is transformers' own
 LlamaForCausalLM / Qwen2ForCausalLM / LlamaForSequenceClassification / LlamaForTokenClassification,
 computed here in float32. Tolerance 1e-4 (float32 with different reduction orders across TP
 shards; observed differences are ~1e-6).
@@ -42,29 +43,33 @@ def hf_reference(tiny_models, test_sequences):
 
 
 _runs: dict = {}
+EXPORT_LAYOUT = (2, 2, None)
+
+
+def _key(layout) -> str:
+    tp, pp, extra = layout
+    return f"{tp}x{pp}" + ({None: "", "sp": "sp"}.get(extra, f"vpp{extra}"))
 
 
 def megatron_outputs(layout, tiny_models, test_sequences, tmp_path_factory):
-    if layout not in _runs:
-        tp, pp, vpp = layout
+    """The worker's outputs at ``layout`` (every layout is computed by one job, once)."""
+    if not _runs:
         out = tmp_path_factory.mktemp("parity") / "out.json"
-        export = out.parent / "export" if layout == (2, 2, None) else None
-        args = ["tests/workers/parity_worker.py", "--models", str(tiny_models), "--sequences", str(test_sequences[0]),
-                "--tp", str(tp), "--pp", str(pp), "--out", str(out)]
-        if vpp == "sp":
-            args += ["--sequence-parallel"]
-        elif vpp:
-            args += ["--vpp", str(vpp)]
-        if export:
-            args += ["--export-dir", str(export)]
-        torchrun(tp * pp, args)
-        _runs[layout] = (json.loads(out.read_text()), export)
+        export = out.parent / "export"
+        torchrun(4, ["tests/workers/parity_worker.py", "--models", str(tiny_models), "--sequences",
+                     str(test_sequences[0]), "--layouts", ",".join(_key(l) for l in LAYOUTS), "--out", str(out),
+                     "--export-layout", _key(EXPORT_LAYOUT), "--export-dir", str(export)])
+        got = json.loads(out.read_text())
+        _runs.update({layout: (got[_key(layout)], export if layout == EXPORT_LAYOUT else None) for layout in LAYOUTS})
     return _runs[layout]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}pp{l[1]}" + ({None: "", "sp": "sp"}.get(l[2], f"vpp{l[2]}")))
 def test_matches_transformers(layout, tiny_models, test_sequences, tmp_path_factory, hf_reference):
     got, _ = megatron_outputs(layout, tiny_models, test_sequences, tmp_path_factory)
+    tp, pp, extra = layout
+    assert got["ran_with"] == {"tp": tp, "pp": pp, "dp": 4 // (tp * pp), "chunks": extra if isinstance(extra, int) else 1,
+                               "sequence_parallel": extra == "sp"}
     seqs = test_sequences[1]
     for name in ("llama-policy", "qwen2-policy"):
         assert len(got[name]) == len(seqs)

@@ -1,8 +1,11 @@
-"""Run under torchrun: Megatron outputs of the tiny models at one TP x PP (x VPP) layout.
+"""Run under torchrun (a world of 4): Megatron outputs of the tiny models at several TP x PP (x VPP,
+or with sequence parallelism) layouts in turn, in one job (start-up paid once). Layouts smaller
+than the world run with data parallelism.
 
-Writes (rank 0) a JSON file with, per model, the per-token logprobs (policies), RM scores and
-critic values for the fixed sequences in ``sequences.json``, and optionally exports every model
-back to HF folders from this layout. The test compares all of it with transformers.
+Writes (rank 0) a JSON file with, per layout and model, the per-token logprobs (policies), RM
+scores and critic values for the fixed sequences in ``sequences.json``, and optionally exports
+every model back to HF folders from one layout. The test compares all of it with transformers.
+Layout keys: ``TPxPP``, ``TPxPPvppV``, ``TPxPPsp``.
 """
 
 import argparse
@@ -23,38 +26,57 @@ from rlmt_megatron.runner.model_runner import ModelRunner
 BUDGET_48 = BatchingConfig(logprob_tokens_per_microbatch=48)
 
 
+def parse_layout(key: str) -> ParallelConfig:
+    tp_pp, vpp, sp = key, None, False
+    if key.endswith("sp"):
+        tp_pp, sp = key[:-2], True
+    elif "vpp" in key:
+        tp_pp, vpp = key.split("vpp")[0], int(key.split("vpp")[1])
+    tp, pp = map(int, tp_pp.split("x"))
+    return ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", required=True)
     p.add_argument("--sequences", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--vpp", type=int, default=None)
-    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--layouts", required=True, help="comma-separated layout keys, run in order")
     p.add_argument("--out", required=True)
+    p.add_argument("--export-layout", default=None, help="export every model to HF folders from this layout")
     p.add_argument("--export-dir", default=None)
     a = p.parse_args()
-    models = Path(a.models)
     seqs = json.loads(Path(a.sequences).read_text())
-    build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp, sequence_parallel=a.sequence_parallel))
+    results = {}
+    for key in a.layouts.split(","):
+        export = Path(a.export_dir) if a.export_dir and key == a.export_layout else None
+        results[key] = outputs_at(Path(a.models), seqs, ModelBuildConfig(parallel=parse_layout(key)), export)
+    if dist.get_rank() == 0:
+        Path(a.out).write_text(json.dumps(results))
+    bootstrap.shutdown()
+
+
+def outputs_at(models: Path, seqs, build: ModelBuildConfig, export_dir) -> dict:
     bootstrap.initialize(build.parallel)
     # Small token budget (48): several micro-batches, so the pipeline schedule really interleaves.
-    batches = seqs
     result = {}
     for name in ("llama-policy", "qwen2-policy"):
         built = load_model(models / name, "policy", build)
-        result[name] = [lp.tolist() for lp in sequence_logprobs(ModelRunner(built, None, BUDGET_48), batches)]
-        if a.export_dir:
-            save_hf_folder(built, Path(a.export_dir) / name, tokenizer_src=models / name)
+        result[name] = [lp.tolist() for lp in sequence_logprobs(ModelRunner(built, None, BUDGET_48), seqs)]
+        if export_dir:
+            save_hf_folder(built, export_dir / name, tokenizer_src=models / name)
     rm = load_model(models / "llama-rm", "reward", build)
-    result["llama-rm"] = [float(s) for s in sequence_scores(ModelRunner(rm, None, BUDGET_48), batches)]
-    if a.export_dir:
-        save_hf_folder(rm, Path(a.export_dir) / "llama-rm", tokenizer_src=models / "llama-rm")
+    result["llama-rm"] = [float(s) for s in sequence_scores(ModelRunner(rm, None, BUDGET_48), seqs)]
+    if export_dir:
+        save_hf_folder(rm, export_dir / "llama-rm", tokenizer_src=models / "llama-rm")
     critic = load_model(models / "llama-rm", "critic", build)
-    result["critic-from-rm"] = [v.tolist() for v in token_values(ModelRunner(critic, None, BUDGET_48), batches)]
-    if dist.get_rank() == 0:
-        Path(a.out).write_text(json.dumps(result))
-    bootstrap.shutdown()
+    result["critic-from-rm"] = [v.tolist() for v in token_values(ModelRunner(critic, None, BUDGET_48), seqs)]
+    # What Megatron really ran with, for the test to check against the layout it asked for.
+    from megatron.core import parallel_state as ps
+
+    result["ran_with"] = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+                          "dp": ps.get_data_parallel_world_size(), "chunks": len(critic.chunks),
+                          "sequence_parallel": bool(critic.chunks[0].config.sequence_parallel)}
+    return result
 
 
 if __name__ == "__main__":
