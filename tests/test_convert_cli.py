@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import REPO, run_cli, torchrun
+from helpers import REPO, torchrun
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
