@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rlmt_megatron.algorithms.aggregation import GlobalNormalizers
+from test_algorithms import ref_kl  # the float64 KL estimators written out by hand
 from rlmt_megatron.config.rlmt import load_rlmt_config
 from rlmt_megatron.runner.batching import make_train_micro_batches
 from rlmt_megatron.trainer import updates
@@ -129,15 +130,6 @@ def trainable(r):
     return len(r.response_ids) > 0 and math.isfinite(r.reward)
 
 
-def kl_value(name, lp, rp):
-    if name == "k1":
-        return lp - rp
-    if name == "k2":
-        return 0.5 * (lp - rp) ** 2
-    d = min(max(rp - lp, -20.0), 20.0)
-    return min(max(math.exp(d) - d - 1.0, -10.0), 10.0)
-
-
 def ref_token_rewards(r, models, coef, estimator):
     """Outcome reward on the last response action, minus coef * KL(old, ref) on each response action."""
     n, first = actions(r)
@@ -146,7 +138,7 @@ def ref_token_rewards(r, models, coef, estimator):
         return out
     old, ref = models.old[seq(r)].double().tolist(), models.ref[seq(r)].double().tolist()
     for t in range(first, n):
-        out[t] = -coef * kl_value(estimator, old[t], ref[t]) if coef else 0.0
+        out[t] = -coef * ref_kl(estimator, old[t], ref[t]) if coef else 0.0
     out[n - 1] += r.reward
     return out
 
@@ -223,7 +215,7 @@ def ref_policy_loss(samples, models, a, kl_in_loss):
             pg = max(-adv * ratio, -adv * min(max(ratio, 1 - a.clip_low), 1 + a.clip_high))
             if adv < 0:
                 pg = min(pg, -adv * a.dual_clip_c)
-            kl = a.kl_coef * kl_value(a.kl_estimator, logp[t], f["ref_logp"][t]) if kl_in_loss else 0.0
+            kl = a.kl_coef * ref_kl(a.kl_estimator, logp[t], f["ref_logp"][t]) if kl_in_loss else 0.0
             total += (pg + kl - a.entropy_coef * entropy[t]) / count
     return total
 
