@@ -44,8 +44,8 @@ from .policy_loss import (
     policy_objective,
     ppo_clip,
 )
-from .reward_model import bradley_terry
-from .sft import SFT_LOSSES, get_sft_loss, nll
+from .bradley_terry import bradley_terry
+from .sft_loss import SFT_LOSSES, get_sft_loss, nll
 from .value_loss import VALUE_LOSSES, clipped_value_loss, get_value_loss
 
 from types import ModuleType as _ModuleType
