@@ -20,6 +20,13 @@ SUPPORTED_MODEL_TYPES: dict[str, dict[str, Any]] = {
     "llama": {"family": "llama", "qkv_bias": False},
     "qwen2": {"family": "qwen2", "qkv_bias": True},
 }
+# The heads we map (checkpoint/mapping.py); any other class name would load with the wrong head
+# or none, silently, so config.json's ``architectures`` must list only these.
+_HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "llama": tuple("Llama" + h for h in _HEADS),
+    "qwen2": tuple("Qwen2" + h for h in _HEADS),
+}
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,15 @@ def parse_hf_config(cfg: dict, source: str = "<config>") -> HFModelSpec:
             f"supported; supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))} "
             "(Llama/Qwen2 *ForCausalLM, *ForSequenceClassification, *ForTokenClassification)"
         )
+    architectures = cfg.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise CheckpointError(f"{source}: field 'architectures' is {architectures!r}, expected a list of class names")
+    for arch in architectures:
+        if arch not in SUPPORTED_ARCHITECTURES[model_type]:
+            raise UnsupportedArchitectureError(
+                f"{source}: architecture '{arch}' is not supported for model_type '{model_type}'; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES[model_type])}"
+            )
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedArchitectureError(f"{source}: hidden_act '{cfg['hidden_act']}' is not supported (silu only)")
     if model_type == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):

@@ -58,8 +58,8 @@ class RolloutSupervisor:
     (``rollout/factory.py``)."""
 
     def __init__(self, rollout: RolloutConfig, weight_sync: WeightSyncConfig, policy, model_dir: str, out_dir: Path,
-                 stop: Optional[StopSignals], restarts: int = 0, *, follows_policy: bool = True,
-                 engine_dtype: str = "float32", max_model_len: int = 4096, seed: int = 0):
+                 stop: Optional[StopSignals], restarts: int, *, follows_policy: bool, engine_dtype: str,
+                 max_model_len: int, seed: int):
         self.rollout = rollout
         self.weight_sync = weight_sync
         self.policy = policy
