@@ -169,3 +169,28 @@ def test_bad_jsonl_rows_name_file_and_line(tiny_models, tmp_path):
         path.write_text('{"prompt_ids": [1], "response_ids": [2]}\n\n' + line + "\n")
         with pytest.raises(InputFileError, match=f"{path}:3: {message}"):
             encode_rows(str(path), tok, 1024)
+
+
+def test_unknown_architecture_class_is_refused(tiny_models, tmp_path):
+    """A known model_type with an architecture class we have no head mapping for must not train silently."""
+    model = copy_model(tiny_models, tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["FooBar"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match=r"config\.json: architecture 'FooBar' is not supported "
+                       r"for model_type 'llama'; supported: LlamaForCausalLM, LlamaForSequenceClassification"):
+        load_hf_config(model)
+
+
+def test_invalid_override_is_named_instead_of_the_file(tiny_models, tmp_path):
+    from helpers import write_train_config
+    from rlmt_megatron.config.rlmt import load_rlmt_config
+
+    path = write_train_config(tmp_path / "cfg.yaml", tiny_models, tmp_path / "out")
+    with pytest.raises(InputFileError, match=r"^override optim\.lr=-1: invalid configuration") as e:
+        load_rlmt_config(path, ["optim.lr=-1"])
+    assert str(path) not in str(e.value)
+    # a bad value in the file itself still names the file
+    path = write_train_config(tmp_path / "bad.yaml", tiny_models, tmp_path / "out", optim={"lr": -1})
+    with pytest.raises(InputFileError, match=rf"^{path}: invalid configuration"):
+        load_rlmt_config(path, ["run.seed=5"])

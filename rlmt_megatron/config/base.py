@@ -83,12 +83,32 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
         if not isinstance(loaded, dict):
             raise InputFileError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         tree.update(loaded)
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         _set_dotted(tree, key, value, source)
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
-        raise InputFileError(format_validation_error(e, source)) from None
+        raise InputFileError(format_validation_error(e, _error_source(e, path, overrides or [], parsed))) from None
+
+
+def _error_source(err: ValidationError, path, overrides: list[str], parsed: list[tuple[str, Any]]) -> str:
+    """The file or the override(s) a failing field came from: the value a user must fix is on the
+    command line when an override set it, not in the YAML file."""
+    def related(loc: tuple, key: str) -> bool:
+        loc_keys, key_parts = [str(p) for p in loc], key.split(".")
+        n = min(len(loc_keys), len(key_parts))
+        return n > 0 and loc_keys[:n] == key_parts[:n]
+
+    blamed, from_file = [], False
+    for e in err.errors():
+        hits = [item for item, (key, _) in zip(overrides, parsed) if related(e["loc"], key)]
+        blamed += [h for h in hits if h not in blamed]
+        from_file = from_file or not hits
+    if not blamed:
+        return str(path) if path is not None else "<overrides>"
+    where = ("override " if len(blamed) == 1 else "overrides ") + ", ".join(blamed)
+    return f"{path} and {where}" if from_file and path is not None else where
 
 
 def dump_config(cfg: StrictModel) -> str:
