@@ -48,6 +48,11 @@ def main(argv=None) -> None:
                                        gpu_mem_gib=args.gpu_mem_gib, assume_shapes=args.assume_shape,
                                        engine_dp=args.engine_dp, engine_mem_fraction=args.engine_mem_fraction))
         return
+    from rlmt_megatron.trainer.preflight import check_inputs
+
+    # before any import of Megatron or model build: a missing file fails in a second, not after
+    # every role is built (the dry run above plans from model names, which need not be folders)
+    check_inputs(cfg)
     from rlmt_megatron.distributed.bootstrap import shutdown
     from rlmt_megatron.distributed.collectives import is_rank0
     from rlmt_megatron.trainer.loop import train

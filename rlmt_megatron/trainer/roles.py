@@ -41,12 +41,11 @@ class Roles:
 
 
 def _tokenizer(source: str, what: str):
-    from transformers import AutoTokenizer
+    # preflight's loader: its error says which files are missing, not transformers' advice to
+    # install sentencepiece/tiktoken
+    from rlmt_megatron.trainer.preflight import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise InputFileError(f"{source}: cannot load the {what} tokenizer ({e})") from None
+    return load_tokenizer(source, what)
 
 
 def _exists(path: str, field: str) -> str:
