@@ -30,6 +30,9 @@ class RunConfig(StrictModel):
     save_every: NonNegativeInt = Field(20, description="checkpoint every N steps (0 = only at the end)")
     keep_last: PositiveInt = Field(2, description="checkpoints kept (older ones are deleted)")
     resume: str = Field("auto", description="auto: latest complete checkpoint in out_dir if any; never; or a path")
+    overwrite: Literal["refuse", "backup"] = Field(
+        "refuse", description="a fresh start in an out_dir holding a previous run's outputs: refuse, or backup (move "
+        "them to out_dir/previous_runs/<UTC time>/); see trainer/run_folder.py")
     export_hf: bool = Field(True, description="write the final policy as an HF folder (out_dir/final_hf)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (tests, debugging)")
     # Fault handling (trainer/stop.py, trainer/watchdog.py, trainer/rollout_supervisor.py)

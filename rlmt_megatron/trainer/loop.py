@@ -39,6 +39,7 @@ from rlmt_megatron.monitoring import MetricsLogger, PhaseTimer, ProgressReporter
 from rlmt_megatron.monitoring.progress import peak_memory_metrics
 from rlmt_megatron.config.rlmt import RLMTConfig
 from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
+from rlmt_megatron.trainer.run_folder import claim_run_folder
 from rlmt_megatron.trainer.experience import check_trainable
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
@@ -62,6 +63,12 @@ def train(cfg: RLMTConfig) -> Path:
 
 
 def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
+    # first of all: one run per folder, and a fresh run never mixes with an old one's outputs
+    with claim_run_folder(out, cfg.run.resume, cfg.run.overwrite):
+        return _run(cfg, out, stop)
+
+
+def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     if is_rank0():
         clear_exit_status(out)
     roles = build_roles(cfg.roles(), cfg.models, cfg.build, cfg.optim, cfg.critic_optim, cfg.batching, cfg.reward,
