@@ -59,3 +59,29 @@ def test_two_launches_at_once_each_get_their_own_port(script, tmp_path):
         assert job.returncode == 0, output[-4000:]
     ports = {(tmp_path / f"up-{name}").read_text() for name in ("a", "b")}
     assert len(ports) == 2  # two rendezvous, on two ports
+
+
+def _demo_folder_step(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RLMT_DEMO_FOLDER_ONLY": "1"}
+    return subprocess.run(["bash", str(REPO / "tools" / "run_demo.sh"), str(out)], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_run_demo_refuses_a_folder_it_did_not_make_and_clears_only_its_own(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    proc = _demo_folder_step(foreign)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: {foreign} exists and is not an empty folder made by tools/run_demo.sh "
+                                   f"(no {foreign}/.rlmt_demo): give another folder, or empty or remove it yourself")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    # a new folder (or an empty one) is made and marked; a second run clears it
+    demo = tmp_path / "demo"
+    assert _demo_folder_step(demo).returncode == 0
+    assert (demo / ".rlmt_demo").is_file()
+    (demo / "grpo").mkdir()
+    proc = _demo_folder_step(demo)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in demo.iterdir()) == [".rlmt_demo"]

@@ -10,12 +10,21 @@
 #   5. plot the curves (rlmt-plot).
 # Everything goes to runs/demo/ (or $1): metrics.jsonl, TensorBoard events, W&B offline files,
 # per-step samples, checkpoints, the final HF policy, and plots/*.png.
+# The folder is cleared first only if this script made it (marker file .rlmt_demo); any other
+# folder that is not empty is refused, so nobody's files are deleted.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$repo/tools/setup_env.sh" test
 out="${1:-$repo/runs/demo}"
+if [ -e "$out" ] && [ ! -f "$out/.rlmt_demo" ] && { [ ! -d "$out" ] || [ -n "$(ls -A "$out")" ]; }; then
+  echo "error: $out exists and is not an empty folder made by tools/run_demo.sh (no $out/.rlmt_demo): give another folder, or empty or remove it yourself" >&2
+  exit 2
+fi
 rm -rf "$out"
 mkdir -p "$out"
+touch "$out/.rlmt_demo"
+# tests stop here: the folder handling is all they check
+if [ -n "${RLMT_DEMO_FOLDER_ONLY:-}" ]; then exit 0; fi
+source "$repo/tools/setup_env.sh" test
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore WANDB_SILENT=true
 # torchrun's standalone rendezvous binds a port the OS picks, so two demos run side by side.
 run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 "$@"; }
