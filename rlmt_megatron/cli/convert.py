@@ -33,13 +33,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="rlmt-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     h2m = sub.add_parser("hf-to-mcore", help="HF safetensors folder -> Megatron distributed checkpoint")
-    h2m.add_argument("--hf", required=True)
-    h2m.add_argument("--out", required=True)
-    h2m.add_argument("--role", choices=["policy", "critic", "reward"], default=None)
+    h2m.add_argument("--hf", required=True, help="HF folder: config.json, *.safetensors and the tokenizer files")
+    h2m.add_argument("--out", required=True, help="folder the Megatron checkpoint is written to")
+    h2m.add_argument("--role", choices=["policy", "critic", "reward"], default=None,
+                     help="model to build (default: from the HF architecture: *ForSequenceClassification -> "
+                          "reward, *ForTokenClassification -> critic, else policy)")
     add_layout_args(h2m)
     m2h = sub.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF folder")
-    m2h.add_argument("--ckpt", required=True)
-    m2h.add_argument("--out", required=True)
+    m2h.add_argument("--ckpt", required=True, help="Megatron checkpoint folder written by rlmt (has rlmt_model.json)")
+    m2h.add_argument("--out", required=True, help="HF folder to write (config.json, safetensors, tokenizer files)")
     add_layout_args(m2h)
     args = p.parse_args(argv)
 
