@@ -187,9 +187,9 @@ def test_invalid_override_is_named_instead_of_the_file(tiny_models, tmp_path):
     from rlmt_megatron.config.rlmt import load_rlmt_config
 
     path = write_train_config(tmp_path / "cfg.yaml", tiny_models, tmp_path / "out")
-    with pytest.raises(InputFileError, match=r"^override optim\.lr=-1: invalid configuration") as e:
+    with pytest.raises(InputFileError) as e:
         load_rlmt_config(path, ["optim.lr=-1"])
-    assert str(path) not in str(e.value)
+    assert str(e.value).splitlines()[0] == f"override optim.lr=-1: invalid configuration (1 problem(s); config file {path}):"
     # a bad value in the file itself still names the file
     path = write_train_config(tmp_path / "bad.yaml", tiny_models, tmp_path / "out", optim={"lr": -1})
     with pytest.raises(InputFileError, match=rf"^{path}: invalid configuration"):

@@ -54,8 +54,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+def format_validation_error(err: ValidationError, source: str, config_file: Optional[str] = None) -> str:
+    # config_file: the YAML the overrides were applied to, when ``source`` names only overrides
+    file_note = f"; config file {config_file}" if config_file else ""
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s){file_note}):"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
@@ -89,7 +91,9 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
-        raise InputFileError(format_validation_error(e, _error_source(e, path, overrides or [], parsed))) from None
+        where = _error_source(e, path, overrides or [], parsed)
+        note = str(path) if path is not None and where.startswith("override") else None
+        raise InputFileError(format_validation_error(e, where, note)) from None
 
 
 def _error_source(err: ValidationError, path, overrides: list[str], parsed: list[tuple[str, Any]]) -> str:
