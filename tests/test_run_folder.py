@@ -28,10 +28,10 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def write_lock(out: Path, pid: int, host: str | None = None) -> dict:
+def write_lock(out: Path, pid: int, host: str | None = None, slurm_job_id: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     holder = {"host": host or socket.gethostname(), "pid": pid, "started": "2024-01-02T03:04:05+00:00",
-              "command": "rlmt-train other.yaml"}
+              "command": "rlmt-train other.yaml", "slurm_job_id": slurm_job_id}
     (out / LOCK_NAME).write_text(json.dumps(holder))
     return holder
 
@@ -142,6 +142,21 @@ def test_stale_lock_is_taken_over_but_another_hosts_never(tmp_path, capsys):
     (out / LOCK_NAME).unlink()
     holder = write_lock(out, dead_pid(), host="gone-node-17")
     with pytest.raises(RunFolderError, match=rf"host gone-node-17, .*delete {out / LOCK_NAME} by hand"):
+        run_folder.acquire_lock(out)
+    assert json.loads((out / LOCK_NAME).read_text()) == holder
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch, capsys):
+    # SLURM keeps the job id across a requeue; after a hard kill the job may restart elsewhere.
+    out = tmp_path / "run"
+    write_lock(out, os.getpid(), host="gone-node-17", slurm_job_id="4242")  # pid alive here: must not matter
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    mine = run_folder.acquire_lock(out)
+    assert (mine["pid"], mine["slurm_job_id"]) == (os.getpid(), "4242")
+    assert "taking over the lock of a run that is gone" in capsys.readouterr().err
+    (out / LOCK_NAME).unlink()
+    holder = write_lock(out, os.getpid(), host="gone-node-17", slurm_job_id="4243")  # another job: refused
+    with pytest.raises(RunFolderError, match="host gone-node-17"):
         run_folder.acquire_lock(out)
     assert json.loads((out / LOCK_NAME).read_text()) == holder
 

@@ -3,8 +3,10 @@
 * **Lock.** Rank 0 creates ``out_dir/.rlmt_run.lock`` atomically (``O_CREAT | O_EXCL``) before
   anything in the folder is touched, holding JSON ``{host, pid, started, command}``, and removes
   it when the run ends, whatever the outcome. A second run on the folder is refused naming the
-  holder. A lock left by a killed run (same host, its pid no longer alive) is taken over; a lock
-  from another host is never assumed stale (its pid means nothing here).
+  holder. A lock left by a killed run is taken over: same host and its pid no longer alive, or
+  the same SLURM job (``SLURM_JOB_ID``): a requeued job keeps its id and may start on another
+  node after a hard kill, and only one start of a job runs at a time. Any other lock from another
+  host is never assumed stale (its pid means nothing here).
 * **Fresh start.** A run that would start fresh (``run.resume: never``, or ``auto`` with no
   complete checkpoint) in a folder holding a previous run's results is refused
   (``run.overwrite: refuse``), or those entries are moved to ``out_dir/previous_runs/<UTC time>/``
@@ -88,7 +90,7 @@ def acquire_lock(out_dir: str | Path) -> dict:
         raise RunFolderError(f"run.out_dir {out}: cannot create it ({e.strerror}); pick a writable run.out_dir") from None
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-          "command": shlex.join([sys.executable, *sys.argv])}
+          "command": shlex.join([sys.executable, *sys.argv]), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     for _ in range(5):  # another start may take or drop the lock between our steps: look again
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -100,10 +102,11 @@ def acquire_lock(out_dir: str | Path) -> dict:
             if holder is None:
                 raise RunFolderError(f"run.out_dir {out} is locked by {path}, which cannot be read; if no run uses "
                                      f"this folder, delete {path} and start again") from None
-            if holder.get("host") != me["host"]:
+            same_job = me["slurm_job_id"] is not None and holder.get("slurm_job_id") == me["slurm_job_id"]
+            if holder.get("host") != me["host"] and not same_job:
                 raise RunFolderError(f"run.out_dir {out} is in use by another run ({_describe(holder)}); wait for it, "
                                      f"or if that run is gone (its host is down), delete {path} by hand") from None
-            if _pid_alive(holder["pid"]):
+            if not same_job and _pid_alive(holder["pid"]):
                 raise RunFolderError(f"run.out_dir {out} is in use by another run ({_describe(holder)}); wait for it "
                                      f"to end or stop it, or pick another run.out_dir") from None
             if _take_over(path, holder):
