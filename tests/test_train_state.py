@@ -292,3 +292,47 @@ def test_prune_keeps_exactly_the_newest_k(tmp_path, keep):
 def test_prune_rejects_keep_zero(tmp_path):
     with pytest.raises(ValueError, match="keep_last must be at least 1"):
         ts.prune_checkpoints(tmp_path, 0)
+
+
+def _finished_run(tiny_models, world_of_one, tmp_path, **optim):
+    """A policy trained over its whole schedule (total_steps=2), saved at its last step."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "workers"))
+    from train_worker import global_batch, nll_token_mean
+
+    engine = _engine(tiny_models, world_of_one, total_steps=2, **optim)
+    for _ in range(2):
+        engine.train_step(global_batch(1024), nll_token_mean)
+    return ts.save_train_state(tmp_path, 2, {"policy": engine}, {})
+
+
+def test_extending_a_constant_lr_run_is_allowed(tiny_models, world_of_one, tmp_path):
+    """run.total_steps sets optim.total_steps (the decay length): with a constant schedule it
+    changes no learning rate, so a finished run can be extended."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "workers"))
+    from train_worker import global_batch, nll_token_mean
+
+    path = _finished_run(tiny_models, world_of_one, tmp_path, lr_schedule="constant")
+    resumed = _engine(tiny_models, world_of_one, total_steps=4, lr_schedule="constant")
+    ts.load_train_state(path, {"policy": resumed})
+    assert resumed.scheduler.num_steps == 3 and resumed.step_count == 2
+    # The extended length is what this job runs with (and what its next save records).
+    assert resumed.scheduler.lr_decay_steps == 4
+    for _ in range(2):
+        metrics = resumed.train_step(global_batch(1024), nll_token_mean)
+        assert metrics["lr"] == 0.02  # optim.lr: a constant schedule
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [0.02] * len(resumed.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_changing_a_decay_length_is_refused(tiny_models, world_of_one, tmp_path, schedule):
+    path = _finished_run(tiny_models, world_of_one, tmp_path, lr_schedule=schedule, min_lr=0.001)
+    resumed = _engine(tiny_models, world_of_one, total_steps=4, lr_schedule=schedule, min_lr=0.001)
+    with pytest.raises(CheckpointError) as e:
+        ts.load_train_state(path, {"policy": resumed})
+    msg = str(e.value)
+    assert "lr_decay_steps 2 (checkpoint) vs 4 (this job)" in msg
+    assert f"the {schedule} schedule" in msg and "optim.total_steps=2" in msg

@@ -459,14 +459,30 @@ def check_compatible(meta: dict, world_size: int, layouts: dict[str, dict], wher
         )
 
 
+def _decay_length_matters(saved: dict, now: dict) -> bool:
+    """Whether the decay length (lr_decay_steps, from optim.total_steps) changes any learning
+    rate: not under a constant schedule, whose lr is max_lr after warmup whatever the length."""
+    return not (saved.get("lr_decay_style") == now["lr_decay_style"] == "constant")
+
+
 def _check_scheduler(saved: dict, engine: "ModelRunner", role: str, where: Path) -> None:
-    """The schedule's settings must match (num_steps, the position, comes from the checkpoint)."""
+    """The schedule's settings must match (num_steps, the position, comes from the checkpoint),
+    except the decay length of a constant schedule, so that a finished run can be extended."""
     now = engine.scheduler.state_dict()
+    ignored = {"num_steps"} | (set() if _decay_length_matters(saved, now) else {"lr_decay_steps"})
     diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {now[k]!r} (this job)" for k in now
-             if k != "num_steps" and saved.get(k) != now[k]]
+             if k not in ignored and saved.get(k) != now[k]]
     if diffs:
+        hint = ""
+        if saved.get("lr_decay_steps") != now["lr_decay_steps"] and saved.get("lr_decay_style") == now["lr_decay_style"]:
+            # The usual cause: run.total_steps raised to extend a run sets optim.total_steps.
+            key = "critic_optim" if role == "critic" else "optim"
+            hint = (f": the {now['lr_decay_style']} schedule decays to min_lr over lr_decay_steps, so another length changes "
+                    f"the learning rate of every step after warmup; to extend the run with the checkpoint's schedule "
+                    f"set {key}.total_steps={saved.get('lr_decay_steps')} explicitly (run.total_steps sets it "
+                    "only when it is not given)")
         raise CheckpointError(f"{where / STATE_NAME}: role {role}: the learning-rate schedule differs from the "
-                              "checkpoint's: " + "; ".join(diffs))
+                              "checkpoint's: " + "; ".join(diffs) + hint)
 
 
 def _load_role(engine: "ModelRunner", role: str, info: dict, d: Path) -> None:
@@ -500,7 +516,12 @@ def _load_role(engine: "ModelRunner", role: str, info: dict, d: Path) -> None:
         # OptimizerParamScheduler.load_state_dict *adds* the saved num_steps (via step()); the
         # engine's fresh scheduler already stands at 1, so start it from 0.
         engine.scheduler.num_steps = 0
-        engine.scheduler.load_state_dict(dict(info["scheduler"]))
+        saved = dict(info["scheduler"])
+        if not _decay_length_matters(saved, engine.scheduler.state_dict()):
+            # Megatron's load takes the checkpoint's values: keep this job's (extended) length,
+            # which its next save records.
+            saved["lr_decay_steps"] = engine.scheduler.lr_decay_steps
+        engine.scheduler.load_state_dict(saved)
     engine.step_count = int(info["step_count"])
 
 
