@@ -335,7 +335,7 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Model
     """
     from megatron.core import dist_checkpointing
 
-    from rlmt_megatron.checkpoint.dist_ckpt import save_model_checkpoint
+    from rlmt_megatron.checkpoint.dist_ckpt import save_model_checkpoint, writer_survives_stop_signals
 
     extra_text = _check_save_args(step, engines, extra)
     root = Path(ckpt_root)
@@ -361,7 +361,8 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Model
         engine = engines[role]
         save_model_checkpoint(engine.built, tmp / role / MODEL_DIR)
         if _has_optimizer_state(engine):
-            dist_checkpointing.save(_optimizer_sharded_state(engine, is_loading=False), str(tmp / role / OPTIMIZER_DIR))
+            with writer_survives_stop_signals():  # a stop signal must not kill the writer's helpers
+                dist_checkpointing.save(_optimizer_sharded_state(engine, is_loading=False), str(tmp / role / OPTIMIZER_DIR))
 
     try:
         torch.save(capture_rng_state(), rng_file(tmp, rank))
