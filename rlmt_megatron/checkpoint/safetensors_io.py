@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rlmt_megatron.errors import CheckpointError
+from rlmt_megatron.file_modes import apply_default_mode
 
 # The unit of every weight stream (export, sync, disk folders): HF-named tensors, in order.
 Bucket = list[tuple[str, torch.Tensor]]
@@ -136,11 +137,13 @@ def write_safetensors_folder(
     if len(shards) == 1:
         path = folder / SINGLE_NAME
         save_file(shards[0], str(path), metadata=meta)
+        apply_default_mode(path)  # safetensors creates its files 0600 whatever the umask
         return [path]
     paths, weight_map = [], {}
     for k, shard in enumerate(shards, start=1):
         path = folder / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(path), metadata=meta)
+        apply_default_mode(path)
         paths.append(path)
         weight_map.update({name: path.name for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())

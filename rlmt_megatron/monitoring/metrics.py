@@ -25,6 +25,7 @@ from pydantic import Field
 
 from rlmt_megatron.config.base import StrictModel
 from rlmt_megatron.errors import InputFileError, RLMTError
+from rlmt_megatron.file_modes import apply_default_mode
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        apply_default_mode(fd)  # mkstemp makes it 0600; the result should read like any file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
