@@ -432,3 +432,30 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     code, out, err = _cli([str(tmp_path)], capsys)
     assert code == 2 and "plotting needs matplotlib: pip install matplotlib" in err
+
+
+def _write_lines(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("stage, row, want", [
+    # What rlmt-sft and rlmt-train-rm log (runner/losses.py, trainer/supervised.py).
+    ("sft", {"loss/sft": 2.0, "lr": 1e-5, "grad_norm": 0.5}, ["loss/sft", "grad_norm"]),
+    ("rm", {"loss/rm": 0.7, "rm/accuracy": 0.5, "lr": 1e-5, "grad_norm": 0.5},
+     ["loss/rm", "rm/accuracy", "grad_norm"]),
+    # PPO: the critic's loss next to the policy's.
+    ("ppo", {"reward/mean": 1.0, "loss/value": 0.3, "loss/policy": 0.1, "grad_norm": 0.5},
+     ["reward/mean", "loss/policy", "loss/value", "grad_norm"]),
+])
+def test_plot_defaults_follow_the_stage(tmp_path, capsys, stage, row, want):
+    from rlmt_megatron.monitoring.plot import select_keys
+
+    path = _write_lines(tmp_path / stage / "metrics.jsonl",
+                        [{"step": s, **{k: v * s for k, v in row.items()}} for s in (1, 2, 3)])
+    assert select_keys(read_metrics(path), None, path) == want
+    pytest.importorskip("matplotlib")
+    code, out, err = _cli([str(path.parent)], capsys)
+    assert code == 0, err
+    assert [Path(p).name for p in out.split()] == [k.replace("/", "_") + ".png" for k in want] + ["summary.png"]

@@ -10,10 +10,12 @@ from typing import Any, Optional, Sequence
 from rlmt_megatron.errors import InputFileError, RLMTError
 from rlmt_megatron.monitoring.metrics import METRICS_FILE, RESERVED_KEYS, read_metrics
 
-# Plotted by default, in this order, when the file has them.
+# Plotted by default, in this order, when the file has them. Shell patterns: the losses of any
+# stage (RL policy/critic/DPO, rlmt-sft's loss/sft, rlmt-train-rm's loss/rm) are whichever
+# loss/* keys the file holds, the policy's first.
 DEFAULT_PLOT_KEYS = (
     "reward/mean", "format/ok_rate", "kl", "entropy", "response/len_mean",
-    "loss/policy", "grad_norm", "rollout/logprob_diff_mean",
+    "loss/policy", "loss/*", "rm/accuracy", "grad_norm", "rollout/logprob_diff_mean",
 )
 SUMMARY_FILE = "summary.png"
 
@@ -34,20 +36,32 @@ def available_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({k for rec in records for k in rec} - set(RESERVED_KEYS))
 
 
+def _expand(pattern: str, have: list[str]) -> list[str]:
+    return fnmatch.filter(have, pattern) if any(c in pattern for c in "*?[") else ([pattern] if pattern in have else [])
+
+
+def default_keys(have: Sequence[str]) -> list[str]:
+    """The keys of :data:`DEFAULT_PLOT_KEYS` (patterns expanded) among ``have``, in that order."""
+    chosen: list[str] = []
+    for pattern in DEFAULT_PLOT_KEYS:
+        chosen += [k for k in _expand(pattern, sorted(have)) if k not in chosen]
+    return chosen
+
+
 def select_keys(records: Sequence[dict[str, Any]], keys: Optional[Sequence[str]], where: Path) -> list[str]:
     """The keys to plot: ``keys`` (shell patterns like ``timing/*`` allowed) or the defaults present."""
     have = available_keys(records)
     if not have:
         raise InputFileError(f"{where}: no metrics to plot (the file has no records)")
     if keys is None:
-        chosen = [k for k in DEFAULT_PLOT_KEYS if k in have]
+        chosen = default_keys(have)
         if not chosen:
             raise InputFileError(f"{where}: none of the default keys ({', '.join(DEFAULT_PLOT_KEYS)}) is present; "
                                  f"choose with --keys from: {', '.join(have)}")
         return chosen
     chosen: list[str] = []
     for key in keys:
-        matches = fnmatch.filter(have, key) if any(c in key for c in "*?[") else ([key] if key in have else [])
+        matches = _expand(key, have)
         if not matches:
             raise InputFileError(f"{where}: no such key '{key}'; available: {', '.join(have)}")
         chosen += [m for m in matches if m not in chosen]
