@@ -118,12 +118,13 @@ echo "[rlmt-launch] $(hostname -s): node $node_rank/$nnodes, master ${master_add
   -m "$module" "${args[@]}" &
 torchrun_pid=$!
 
-# SIGTERM (from SLURM, srun or the batch script) goes to the ranks only, torchrun's direct
-# children. torchrun itself would forward it to each rank's whole process group, which also holds
-# the rank's helper processes (e.g. the checkpoint writer's multiprocessing manager): they would
-# die in the middle of the very checkpoint the signal asks for. torchrun then sees the ranks exit
-# and ends on its own. SIGINT (Ctrl-C) is passed on as SIGTERM, the trainer's stop signal: the
-# ranks inherit SIGINT ignored, as children started in the background of a script do.
+# SIGTERM (from SLURM, srun or the batch script) goes to the ranks, torchrun's direct children;
+# torchrun sees them exit and ends on its own, without its shutdown timeout (after which it would
+# SIGKILL them). Signalling torchrun or every process works too: the checkpoint writer's helpers
+# ignore the stop signals (rlmt_megatron/checkpoint/dist_ckpt.py). SIGINT (Ctrl-C) is passed on
+# as SIGTERM, the trainer's stop signal: the ranks inherit SIGINT ignored, as children started
+# in the background of a script do. torchrun exits 1 either way: launch/slurm/common.sh decides
+# from exit_status.json.
 # shellcheck disable=SC2329  # called by the traps below
 forward() {
   local ranks

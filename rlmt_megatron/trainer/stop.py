@@ -7,7 +7,9 @@ Contract with the launch scripts
   seconds, default 30, before SIGKILL; ``#SBATCH --signal=TERM@SECONDS`` sends it earlier);
   torchrun's agent forwards SIGTERM to its workers and SIGKILLs them after
   ``--shutdown-timeout`` / ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default 30): set it to the
-  time a checkpoint takes plus one training phase.
+  time a checkpoint takes plus one training phase. The signal may reach the ranks only, torchrun
+  only or every process of the job: the checkpoint writer's helper processes ignore it
+  (``checkpoint/dist_ckpt.writer_survives_stop_signals``), so the stop checkpoint gets written.
 * **What the loop does.** The handler only sets a flag, except while rank 0 waits for the
   rollout engine: the rollout is the long phase and changes nothing that is saved, so it is
   *abandoned* at once (the step's sampler position and RNG states are rewound to the step's
