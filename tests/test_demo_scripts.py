@@ -85,3 +85,67 @@ def test_run_demo_refuses_a_folder_it_did_not_make_and_clears_only_its_own(tmp_p
     proc = _demo_folder_step(demo)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in demo.iterdir()) == [".rlmt_demo"]
+
+
+# ---------------------------------------------------------------------------------------------
+# run_demo.sh's output: a line before each stage, and no repeated library start-up notices
+
+
+DEMO = REPO / "tools" / "run_demo.sh"
+# The notices every command used to repeat (Megatron, Megatron-FSDP's logger, torch, autograd).
+NOTICES = ("Transformer Engine and Apex are not installed", "Using Megatron-FSDP without Transformer Engine",
+           "Detected Megatron Core", "is deprecated. Please use", "The .grad attribute of a Tensor")
+
+
+def _in_demo_env(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``command`` with the environment run_demo.sh sets up for its commands: the script's
+    lines between the virtualenv set-up and the launcher, run by bash, then the command."""
+    text = DEMO.read_text()
+    env_part = text[text.index("tools/setup_env.sh"):text.index("\nrun2()")].split("\n", 1)[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return subprocess.run(["bash", "-c", f"set -euo pipefail\n{env_part}\n{command}"], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_demo_commands_print_no_library_start_up_notices(tiny_models, tmp_path):
+    proc = _in_demo_env(f"python -m rlmt_megatron.testing.demo_data --out {tmp_path}/data", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join((tmp_path / "data" / "preferences.jsonl").read_text().splitlines(True)[:16]))
+    # The demo's own stage-2 command (one step here), which builds Megatron's DDP and optimizer.
+    proc = _in_demo_env(f"rlmt-train-rm {REPO}/examples/demo/rm.yaml model={tiny_models}/llama-rm "
+                        f"'data=[{prefs}]' out_dir={tmp_path}/rm", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rlmt-train-rm finished" in proc.stdout + proc.stderr
+    shown = [n for n in NOTICES if n in proc.stderr]
+    assert not shown, proc.stderr[-4000:]
+
+
+def test_demo_env_still_shows_other_warnings_and_errors(tmp_path):
+    proc = _in_demo_env("python -c \"import warnings; warnings.warn('an unexpected problem'); "
+                        "raise SystemExit('error: a real failure')\"", tmp_path)
+    assert proc.returncode == 1
+    assert "UserWarning: an unexpected problem" in proc.stderr and "error: a real failure" in proc.stderr
+
+
+def test_run_demo_prints_a_line_before_each_stage(tmp_path):
+    out = tmp_path / "demo"
+    proc = _demo_folder_step(out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"== RLMT CPU demo into {out}"  # before anything slow
+    # Every slow command has its own stage line since the previous one (the script cannot run
+    # in full here: it installs packages and trains for minutes).
+    commands = ("tools/setup_env.sh", "rlmt_megatron.testing.tiny_models", "rlmt_megatron.testing.demo_data",
+                "rlmt-train-rm ", "rlmt-sft ", "run2 -m rlmt_megatron.cli.train", "rlmt-plot ")
+    lines = DEMO.read_text().splitlines()
+    stage_seen, order = False, []
+    for line in lines:
+        if line.startswith("stage \""):
+            stage_seen = True
+        for c in commands:
+            if c in line and not line.lstrip().startswith("#") and not line.startswith("stage"):
+                assert stage_seen, f"no stage line before: {line}"
+                stage_seen = False
+                order.append(c)
+    assert order == list(commands)

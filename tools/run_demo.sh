@@ -15,6 +15,9 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$repo/runs/demo}"
+# One line before each stage: the first ones take minutes and print nothing by themselves.
+stage() { echo "== $*"; }
+stage "RLMT CPU demo into $out"
 if [ -e "$out" ] && [ ! -f "$out/.rlmt_demo" ] && { [ ! -d "$out" ] || [ -n "$(ls -A "$out")" ]; }; then
   echo "error: $out exists and is not an empty folder made by tools/run_demo.sh (no $out/.rlmt_demo): give another folder, or empty or remove it yourself" >&2
   exit 2
@@ -24,14 +27,24 @@ mkdir -p "$out"
 touch "$out/.rlmt_demo"
 # tests stop here: the folder handling is all they check
 if [ -n "${RLMT_DEMO_FOLDER_ONLY:-}" ]; then exit 0; fi
+stage "0/5 Python environment: virtualenv and pip install of torch and the package (minutes the first time)"
 source "$repo/tools/setup_env.sh" test
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore WANDB_SILENT=true
+# The libraries' start-up notices, identical on every command, are silenced one by one (every
+# other warning and every error still shows): Megatron's "Transformer Engine and Apex are not
+# installed" (CPU fallbacks are expected here), torch's deprecations of the collectives Megatron
+# calls, autograd's non-leaf .grad notice from the CPU compat layer, and transformers' advisory
+# warnings (TRANSFORMERS_NO_ADVISORY_WARNINGS). PYTHONWARNINGS matches message prefixes.
+demo_warnings="ignore:Transformer Engine and Apex are not installed:UserWarning"
+demo_warnings+=",ignore:\`torch.distributed.:FutureWarning"
+demo_warnings+=",ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+export OMP_NUM_THREADS=1 PYTHONWARNINGS="$demo_warnings" TRANSFORMERS_NO_ADVISORY_WARNINGS=1 WANDB_SILENT=true
 # torchrun's standalone rendezvous binds a port the OS picks, so two demos run side by side.
 run2() { python -m torch.distributed.run --standalone --nproc-per-node 2 "$@"; }
-quiet() { grep -vE "^(\s|Setting up optimizer|> |Loading weights|Implicit initialization|RerunStateMachine|Params for bucket|Number of buckets|Total number of)" || true; }
+quiet() { grep -vE "^(\s|Setting up (optimizer|DistributedDataParallel)|> |Loading weights|Implicit initialization|RerunStateMachine|Params for bucket|Number of buckets|Total number of)" || true; }
 
-echo "== 1/5 tiny HF models and synthetic demo data"
+stage "1/5 tiny HF models (Llama policy, Llama reward model, tokenizer)"
 python -m rlmt_megatron.testing.tiny_models --out "$out/models" | tail -1
+stage "1/5 synthetic demo data (SFT thinking traces, preferences)"
 python -m rlmt_megatron.testing.demo_data --out "$out/data"
 prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
 if [ ! -f "$prompts" ]; then
@@ -39,20 +52,20 @@ if [ ! -f "$prompts" ]; then
   prompts="$repo/examples/data/synthetic_prompts.jsonl"
 fi
 
-echo "== 2/5 reward model on synthetic preferences (Bradley-Terry)"
+stage "2/5 reward model on synthetic preferences (Bradley-Terry)"
 rlmt-train-rm "$repo/examples/demo/rm.yaml" model="$out/models/llama-rm" \
   "data=[$out/data/preferences.jsonl]" out_dir="$out/rm" 2>&1 | quiet
 
-echo "== 3/5 SFT warm-start on synthetic thinking traces"
+stage "3/5 SFT warm-start on synthetic thinking traces"
 rlmt-sft "$repo/examples/demo/sft.yaml" model="$out/models/llama-policy" \
   "data=[$out/data/sft_thinking.jsonl]" out_dir="$out/sft" 2>&1 | quiet
 
-echo "== 4/5 RLMT: GRPO against the reward model (TP=2, two processes)"
+stage "4/5 RLMT: GRPO against the reward model (TP=2, two processes)"
 run2 -m rlmt_megatron.cli.train "$repo/examples/demo/grpo.yaml" run.out_dir="$out/grpo" \
   models.policy="$out/sft/hf" models.reward="$out/rm/hf" "data.prompts=[$prompts]" \
   build.parallel.tp=2 2>&1 | quiet
 
-echo "== 5/5 curves"
+stage "5/5 curves"
 rlmt-plot "$out/grpo" | tail -1
 python - "$out/grpo/metrics.jsonl" <<'PY'
 import json, sys

@@ -53,6 +53,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*(Apex|Transformer Engine).*")
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s")
+    # Megatron-FSDP's import-time notices ("Using Megatron-FSDP without Transformer Engine",
+    # "Detected Megatron Core ...") repeat on every command although FSDP is never used here.
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
