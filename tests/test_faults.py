@@ -267,8 +267,10 @@ def test_a_hanging_engine_is_restarted_then_the_run_stops_with_a_checkpoint(tiny
 
 
 def test_watchdog_names_what_each_rank_waits_on_and_the_collective_times_out(tmp_path):
-    torchrun(2, ["tests/workers/watchdog_worker.py", "--out", str(tmp_path), "--timeout-s", "2", "--watchdog-s", "0.5",
-                 "--sleep", "5"], timeout=300)
+    # The collective timeout (8 s) also bounds the rendezvous: short enough to keep the test quick,
+    # long enough for two ranks to meet on a loaded 2-core machine (2 s timed out there once).
+    torchrun(2, ["tests/workers/watchdog_worker.py", "--out", str(tmp_path), "--timeout-s", "8", "--watchdog-s", "0.5",
+                 "--sleep", "12"], timeout=300)
     waiting = (tmp_path / "watchdog" / "rank_0.txt").read_text()
     stuck = (tmp_path / "watchdog" / "rank_1.txt").read_text()
     assert "rank 0" in waiting and "'step 1 > barrier: waiting for rank 1'" in waiting and " in barrier" in waiting
