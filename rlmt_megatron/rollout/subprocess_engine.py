@@ -66,25 +66,35 @@ class SubprocessEngine(RolloutEngine):
     def _wait(self, doing: str, timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
         while True:
-            if self._conn.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
-                try:
-                    status, value = self._conn.recv()
-                except EOFError:  # the child closed its end: it is exiting or gone
-                    self._proc.join(5)
-                    raise EngineError(
-                        f"{self.name} engine process died (exit code {self._proc.exitcode}) while {doing}"
-                    ) from None
+            try:
+                ready = self._conn.poll(min(0.5, max(0.0, deadline - time.monotonic())))
+                reply = self._conn.recv() if ready else None
+            except (EOFError, OSError):
+                # the child closed its end or the connection was reset (a signal killed it
+                # mid-reply): either way it is exiting or gone
+                self._proc.join(5)
+                raise EngineError(
+                    f"{self.name} engine process died (exit code {self._proc.exitcode}) while {doing}"
+                ) from None
+            if ready:
+                status, value = reply
                 if status == "ok":
                     return value
                 if status == "error":
                     raise EngineError(f"{self.name} engine failed while {doing}: {value}")
-            if not self._proc.is_alive() and not self._conn.poll(0):  # dead, and no last reply left
+            if not self._proc.is_alive() and not self._has_reply():  # dead, and no last reply left
                 raise EngineError(f"{self.name} engine process died (exit code {self._proc.exitcode}) while {doing}")
             if time.monotonic() >= deadline:
                 self._proc.kill()
                 self._proc.join(5)
                 raise EngineError(f"{self.name} engine did not answer within {timeout_s:.0f} s while {doing}; "
                                   "its process was killed")
+
+    def _has_reply(self) -> bool:
+        try:
+            return self._conn.poll(0)
+        except (EOFError, OSError):  # nothing more can come from a closed or reset pipe
+            return False
 
     def _call(self, method: str, doing: str, *args) -> Any:
         if not self._proc.is_alive():
