@@ -65,6 +65,12 @@ class SafetensorsReader:
                 raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
         return self._handles[path]
 
+    def check_files(self) -> None:
+        """Open every file's header now, so that a truncated or missing file is named before any
+        model is built rather than deep inside a loader."""
+        for path in sorted(set(self._file_of.values())):
+            self._handle(path)
+
     def names(self) -> set[str]:
         return set(self._file_of)
 

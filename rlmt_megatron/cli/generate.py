@@ -14,11 +14,9 @@ parser as training, on the embedded HF engine (default) or vLLM.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from rlmt_megatron.cli.common import run_main
-from rlmt_megatron.errors import CheckpointError, RLMTError
+from rlmt_megatron.errors import RLMTError
 
 
 def _positive_int(text: str) -> int:
@@ -26,35 +24,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-def check_weight_files(folder: str | Path) -> None:
-    """Open every safetensors file of ``folder`` (header only) so that a truncated or missing file
-    is named here, not deep inside transformers' loader."""
-    from safetensors import SafetensorError, safe_open
-
-    from rlmt_megatron.checkpoint.safetensors_io import INDEX_NAME, SINGLE_NAME
-
-    folder = Path(folder)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-    elif (folder / SINGLE_NAME).is_file():
-        files = [SINGLE_NAME]
-    else:
-        raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)")
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
 
 
 def check_position_limit(longest: int, where: str, max_new_tokens: int, max_positions: int, config: str) -> None:
@@ -95,6 +64,7 @@ def main(argv=None) -> None:
 
     from rlmt_megatron.data.jsonl import messages_field, read_jsonl, write_jsonl
     from rlmt_megatron.errors import InputFileError
+    from rlmt_megatron.checkpoint.safetensors_io import SafetensorsReader
     from rlmt_megatron.models.hf_config import load_hf_config
     from rlmt_megatron.rollout.types import SamplingParams
     from rlmt_megatron.thinking import ThinkingFormatConfig, build_prompt_ids, parse_response, stop_settings
@@ -115,7 +85,7 @@ def main(argv=None) -> None:
     _, longest_ids, longest_where = max(rows, key=lambda r: len(r[1]))
     check_position_limit(len(longest_ids), longest_where, args.max_new_tokens, spec.max_position_embeddings,
                          spec.source)
-    check_weight_files(args.model)
+    SafetensorsReader(args.model).check_files()
     stop, stop_ids = stop_settings(fmt, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             stop=stop, stop_token_ids=stop_ids, n=1, seed=args.seed)
