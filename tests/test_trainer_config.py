@@ -153,3 +153,13 @@ def test_micro_batch_budgets_live_in_the_batching_section():
     for moved in ("optim.max_tokens_per_microbatch=4096", "critic_optim.max_samples_per_microbatch=2"):
         with pytest.raises(InputFileError, match=moved.split("=")[0] + ": Extra inputs are not permitted"):
             load_rlmt_config(None, base + [moved])
+
+
+def test_each_role_starts_from_its_own_folder_or_the_policys():
+    from rlmt_megatron.config.rlmt import ModelsConfig
+
+    shared = ModelsConfig(policy="p", reward="r")
+    assert [shared.source(r) for r in ("policy", "reference", "critic", "reward")] == [
+        ("models.policy", "p"), ("models.policy", "p"), ("models.policy", "p"), ("models.reward", "r")]
+    own = ModelsConfig(policy="p", reward="r", reference="ref", critic="c")
+    assert (own.source("reference"), own.source("critic")) == (("models.reference", "ref"), ("models.critic", "c"))

@@ -55,6 +55,12 @@ class ModelsConfig(StrictModel):
     reference: Optional[str] = Field(None, description="reference policy for KL / DPO; default: the initial policy")
     critic: Optional[str] = Field(None, description="PPO critic init; default: the initial policy (as in the paper)")
 
+    def source(self, role: str) -> tuple[str, str]:
+        """(field, folder) the model of ``role`` starts from: the reference and the critic start
+        from the policy unless they name their own (then the field is theirs)."""
+        own = getattr(self, role)
+        return (f"models.{role}", own) if own else ("models.policy", self.policy)
+
 
 class DataConfig(StrictModel):
     prompts: list[str] = Field(..., min_length=1, description="parquet / jsonl / datasets folders, concatenated")

@@ -100,14 +100,14 @@ def resolve_model(path: str, role: str, field_name: str, assumed: dict[str, str]
 
 def resolve_models(cfg, assumed: dict[str, str]) -> dict[str, ResolvedModel]:
     """Every model the run builds (``RLMTConfig.roles()``), by role. The reference and the critic
-    start from the policy unless ``models.reference`` / ``models.critic`` name their own."""
+    start from the policy unless they name their own (``ModelsConfig.source``)."""
     models: dict[str, ResolvedModel] = {}
     for role in cfg.roles():
-        path = getattr(cfg.models, role)
-        if role in ("reference", "critic") and not path:
+        field, path = cfg.models.source(role)
+        if role != "policy" and field == "models.policy":  # starts from the policy: the same shape
             models[role] = models["policy"]
         else:
-            models[role] = resolve_model(path, role, f"models.{role}", assumed)
+            models[role] = resolve_model(path, role, field, assumed)
     return models
 
 

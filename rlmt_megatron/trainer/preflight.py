@@ -82,16 +82,9 @@ def check_prompt_file(field: str, source: str) -> None:
 
 def check_inputs(cfg: RLMTConfig) -> None:
     """Every model the run builds, the policy's and reward model's tokenizers, every prompt file."""
-    roles = cfg.roles()
-    models = [("models.policy", cfg.models.policy)]
-    if "reference" in roles:
-        models.append(("models.reference" if cfg.models.reference else "models.policy",
-                       cfg.models.reference or cfg.models.policy))
-    if "critic" in roles:
-        models.append(("models.critic" if cfg.models.critic else "models.policy", cfg.models.critic or cfg.models.policy))
-    models.append(("models.reward", cfg.models.reward))
     seen = set()
-    for field, source in models:
+    for role in cfg.roles():
+        field, source = cfg.models.source(role)
         if (field, source) not in seen:  # reference and critic default to the policy: check it once
             seen.add((field, source))
             check_model(field, source)

@@ -48,7 +48,9 @@ def _tokenizer(source: str, what: str):
     return load_tokenizer(source, what)
 
 
-def _exists(path: str, field: str) -> str:
+def _source(models: ModelsConfig, role: str) -> str:
+    """The folder ``role`` starts from (``ModelsConfig.source``), which must exist."""
+    field, path = models.source(role)
     if not Path(path).exists():
         raise InputFileError(f"{field}: {path} does not exist")
     return path
@@ -61,17 +63,17 @@ def build_roles(which: Sequence[str], models: ModelsConfig, build: ModelBuildCon
     reference and critic when the algorithm needs them). The policy, reference and critic are
     micro-batched by ``batching``; the reward model by ``reward.max_tokens_per_microbatch``.
     Collective over the trainer's ranks."""
-    policy_src = _exists(models.policy, "models.policy")
+    policy_src = _source(models, "policy")
     policy = ModelRunner(load_model(policy_src, "policy", build), optim, batching)
     reference = None
     if "reference" in which:
-        src = _exists(models.reference or models.policy, "models.reference")
+        src = _source(models, "reference")
         reference = ModelRunner(load_model(src, "policy", build), None, batching)
     critic = None
     if "critic" in which:
-        src = _exists(models.critic or models.policy, "models.critic")
+        src = _source(models, "critic")
         critic = ModelRunner(load_model(src, "critic", build), critic_optim, batching)
-    rm_src = _exists(models.reward, "models.reward")
+    rm_src = _source(models, "reward")
     layout = contextlib.nullcontext
     rm_parallel = reward.parallel
     if rm_parallel is not None and rm_parallel != build.parallel:
