@@ -66,6 +66,15 @@ def test_safetensors_folder(umask, tmp_path, shard_bytes):
     assert written and all(_mode(p) == umask for p in written), [(p.name, oct(_mode(p))) for p in written]
 
 
+def test_weight_sync_disk_versions(umask, tmp_path):
+    """The disk transport's version folders: the engine (maybe another user's server) reads them."""
+    from rlmt_megatron.rollout.weight_sync.disk import write_version
+
+    folder = write_version([[("a", torch.zeros(8))], [("b", torch.ones(8))]], tmp_path / "v1", max_shard_bytes=16)
+    written = sorted(folder.glob("*.safetensors"))
+    assert len(written) == 2 and all(_mode(p) == umask for p in written), [(p.name, oct(_mode(p))) for p in written]
+
+
 def test_hf_export_folder(tiny_models, world_of_one, tmp_path):
     """final_hf/: safetensors, config.json and the tokenizer files."""
     from rlmt_megatron.checkpoint.hf_export import save_hf_folder

@@ -131,6 +131,13 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
         yield bucket
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One safetensors file as transformers writes it (``format: pt``), with the mode a plain
+    ``open()`` gives: safetensors creates its files 0600 whatever the umask."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    apply_default_mode(path)
+
+
 def write_safetensors_folder(
     tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int = 4 * 2**30
 ) -> list[Path]:
@@ -139,17 +146,14 @@ def write_safetensors_folder(
     folder.mkdir(parents=True, exist_ok=True)
     shards = [{name: t.contiguous() for name, t in shard} for shard in pack_buckets(tensors.items(), max_shard_bytes)]
     shards = shards or [{}]
-    meta = {"format": "pt"}
     if len(shards) == 1:
         path = folder / SINGLE_NAME
-        save_file(shards[0], str(path), metadata=meta)
-        apply_default_mode(path)  # safetensors creates its files 0600 whatever the umask
+        save_safetensors(shards[0], path)
         return [path]
     paths, weight_map = [], {}
     for k, shard in enumerate(shards, start=1):
         path = folder / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=meta)
-        apply_default_mode(path)
+        save_safetensors(shard, path)
         paths.append(path)
         weight_map.update({name: path.name for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())

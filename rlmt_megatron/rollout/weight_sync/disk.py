@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from rlmt_megatron.checkpoint.safetensors_io import (
     DEFAULT_BUCKET_BYTES,
     Bucket,
-    INDEX_NAME, SINGLE_NAME, SafetensorsReader, copy_tokenizer_files, fsync_path, pack_buckets,
+    INDEX_NAME, SINGLE_NAME, SafetensorsReader, copy_tokenizer_files, fsync_path, pack_buckets, save_safetensors,
 )
 from rlmt_megatron.errors import CheckpointError
 from rlmt_megatron.rollout.engine import EngineError
@@ -89,7 +88,7 @@ def write_version(buckets: Iterable[Bucket], folder: str | Path, base_dir: Optio
     def flush_shard():
         nonlocal shard, shard_bytes
         path = folder / f"part-{len(parts) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        save_safetensors(shard, path)
         fsync_path(path)
         parts.append((path, list(shard)))
         shard, shard_bytes = {}, 0
