@@ -25,7 +25,6 @@ import torch
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.train_state import (
     capture_rng_state,
-    latest_checkpoint,
     load_train_state,
     prune_checkpoints,
     restore_rng_state,
@@ -39,7 +38,7 @@ from rlmt_megatron.monitoring import MetricsLogger, PhaseTimer, ProgressReporter
 from rlmt_megatron.monitoring.progress import peak_memory_metrics
 from rlmt_megatron.config.rlmt import RLMTConfig
 from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
-from rlmt_megatron.trainer.run_folder import claim_run_folder
+from rlmt_megatron.trainer.run_folder import claim_run_folder, resume_checkpoint
 from rlmt_megatron.trainer.experience import check_trainable
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
@@ -82,8 +81,7 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     ckpt_root = out / "checkpoints"
     engines = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic else {})
     step, version, restarts = 0, 0, 0
-    resume_dir = latest_checkpoint(ckpt_root) if cfg.run.resume == "auto" else (
-        None if cfg.run.resume == "never" else Path(cfg.run.resume))
+    resume_dir = resume_checkpoint(out, cfg.run.resume)
     if resume_dir is not None:
         extra = load_train_state(resume_dir, engines)
         step, version = extra["step"], extra["weight_version"]

@@ -171,9 +171,18 @@ def previous_results(out_dir: str | Path) -> list[str]:
     return found
 
 
+def resume_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
+    """The checkpoint a run with ``run.resume`` continues from, or None for a fresh start:
+    ``auto``: the latest complete one under ``out_dir/checkpoints``; ``never``: none; else the path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(Path(out_dir) / "checkpoints")
+    return Path(resume)
+
+
 def starts_fresh(out_dir: str | Path, resume: str) -> bool:
-    """The loop's own rule: ``never``, or ``auto`` without a complete checkpoint."""
-    return resume == "never" or (resume == "auto" and latest_checkpoint(Path(out_dir) / "checkpoints") is None)
+    return resume_checkpoint(out_dir, resume) is None
 
 
 def backup_previous_run(out_dir: str | Path) -> tuple[Path, list[str]]:
