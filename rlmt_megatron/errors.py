@@ -13,6 +13,11 @@ class CheckpointError(RLMTError, ValueError):
     """A missing, corrupt or mismatched checkpoint file."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint marked complete whose files are missing or unreadable (a disk or storage
+    fault after the save), as opposed to one that does not fit the job (layout, schedule)."""
+
+
 class UnsupportedArchitectureError(RLMTError, ValueError):
     """An HF config whose architecture has no mapping table here."""
 

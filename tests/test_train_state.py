@@ -17,7 +17,8 @@ import torch
 
 from helpers import torchrun
 from rlmt_megatron.checkpoint import train_state as ts
-from rlmt_megatron.errors import CheckpointError
+from rlmt_megatron.errors import CheckpointError, DamagedCheckpointError
+from rlmt_megatron.trainer.run_folder import load_resume_state
 
 RUNS = {
     "tp2-dp2-distopt": (4, ["--tp", "2"]),
@@ -182,22 +183,22 @@ def test_damaged_checkpoints_name_the_file(saved_1x1, tiny_models, world_of_one,
 
     d = _copy(path, tmp_path / "b")
     (d / ts.STATE_NAME).write_text('{"step": 1,')
-    with pytest.raises(CheckpointError, match=rf"{d / ts.STATE_NAME}: line 1: not valid JSON"):
+    with pytest.raises(DamagedCheckpointError, match=rf"{d / ts.STATE_NAME}: line 1: not valid JSON"):
         ts.load_train_state(d, engines)
 
     d = _copy(path, tmp_path / "c")
     ts.rng_file(d, 0).unlink()
-    with pytest.raises(CheckpointError, match=rf"{ts.rng_file(d, 0)}: missing"):
+    with pytest.raises(DamagedCheckpointError, match=rf"{ts.rng_file(d, 0)}: missing"):
         ts.load_train_state(d, engines)
 
     d = _copy(path, tmp_path / "d")
     (d / ts.EXTRA_NAME).unlink()
-    with pytest.raises(CheckpointError, match=rf"{d / ts.EXTRA_NAME}: missing"):
+    with pytest.raises(DamagedCheckpointError, match=rf"{d / ts.EXTRA_NAME}: missing"):
         ts.load_train_state(d, engines)
 
     d = _copy(path, tmp_path / "e")
     shutil.rmtree(d / "critic" / "model")
-    with pytest.raises(CheckpointError, match=rf"{d / 'critic' / 'model'}: missing"):
+    with pytest.raises(DamagedCheckpointError, match=rf"{d / 'critic' / 'model'}: missing"):
         ts.load_train_state(d, engines)
 
 
@@ -209,8 +210,46 @@ def test_corrupt_tensor_file_names_the_folder(saved_1x1, tiny_models, world_of_o
     assert shards
     for shard in shards:
         shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=rf"{d / 'policy'}(/model)?: cannot load the Megatron checkpoint"):
+    with pytest.raises(DamagedCheckpointError, match=rf"{d / 'policy'}(/model)?: cannot load the Megatron checkpoint"):
         ts.load_train_state(d, _roles(tiny_models, world_of_one))
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint_only(saved_1x1, tiny_models, world_of_one, tmp_path, capsys):
+    """run.resume=auto: a damaged newest checkpoint gives way to the one before it, saying so and
+    leaving it in place; a checkpoint that does not fit the job, or one named explicitly, does not."""
+    path, weights = saved_1x1
+    out = tmp_path / "run"
+    good, newest = out / "checkpoints" / "step_00000001", out / "checkpoints" / "step_00000002"
+    shutil.copytree(path, good)
+    shutil.copytree(path, newest)
+    (newest / ts.EXTRA_NAME).write_text('{"step": 2}')  # what the fallback must not return
+    shard = sorted((newest / "policy" / "model").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    engines = _roles(tiny_models, world_of_one)
+    assert load_resume_state(out, "auto", engines) == (good, {"step": 1})
+    assert f"warning: checkpoint {newest} is damaged ({newest / 'policy'}: cannot load" in capsys.readouterr().err
+    assert all(torch.equal(_hf_state(engines["policy"])[k], weights["policy"][k]) for k in weights["policy"])
+    assert newest.is_dir() and shard.stat().st_size == 100  # left for inspection
+
+    with pytest.raises(DamagedCheckpointError, match=rf"{newest / 'policy'}: cannot load"):
+        load_resume_state(out, str(newest), engines)  # an explicit path is never swapped for another
+    assert load_resume_state(out, "never", engines) == (None, None)
+
+    (good / ts.RNG_DIR / "rank_00000.pt").write_bytes(b"garbage")
+    with pytest.raises(DamagedCheckpointError) as info:
+        load_resume_state(out, "auto", engines)
+    assert str(info.value).startswith(f"no complete checkpoint under {out / 'checkpoints'} could be loaded: "
+                                      f"step_00000002: {newest / 'policy'}: cannot load")
+    assert f"; step_00000001: {ts.rng_file(good, 0)}: cannot be read" in str(info.value)
+
+    shutil.rmtree(newest)
+    shutil.copytree(path, newest)
+    state = json.loads((newest / ts.STATE_NAME).read_text())
+    state["world_size"] = 4
+    (newest / ts.STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="saved with a different layout: world size 4") as info:
+        load_resume_state(out, "auto", engines)  # not damage: an older checkpoint would not fit either
+    assert not isinstance(info.value, DamagedCheckpointError)
 
 
 def test_sgd_momentum_resumes_exactly(tiny_models, world_of_one, tmp_path):

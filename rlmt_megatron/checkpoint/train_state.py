@@ -13,8 +13,14 @@ One checkpoint is a folder ``<ckpt_root>/step_XXXXXXXX/``::
 
 Atomicity: every rank writes into ``step_XXXXXXXX.tmp/``; once all ranks agree that they
 finished, rank 0 writes ``COMPLETE`` and renames the folder. A crash leaves only a ``.tmp`` folder
-(or nothing), which :func:`latest_checkpoint` never returns and the next save deletes. All ranks
-must see the same ``ckpt_root`` (a shared filesystem on multi-node jobs).
+(or nothing), which :func:`latest_checkpoint` never returns and the next save deletes. A write
+that fails (a full disk) fails the save on every rank with one CheckpointError saying how much
+room is left, and the ``.tmp`` folder is removed at once. All ranks must see the same
+``ckpt_root`` (a shared filesystem on multi-node jobs).
+
+Damage after the save (a file of a complete checkpoint missing or unreadable) loads as
+:class:`DamagedCheckpointError`; ``trainer/run_folder.load_resume_state`` then resumes from the
+checkpoint before it.
 
 Resume needs the same world size and, per role, the same TP / PP / VPP / DP, optimizer type and
 distributed-optimizer setting: the distributed optimizer's shards are stored in its own bucket
@@ -24,20 +30,21 @@ states are per rank. A different layout is refused with what differs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
 import re
+import resource
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 import torch
 
 from rlmt_megatron.distributed.collectives import all_ranks_ok, barrier, world_rank, world_size
+from rlmt_megatron.checkpoint.rng_state import capture_rng_state, restore_rng_state
 from rlmt_megatron.checkpoint.safetensors_io import fsync_path
-from rlmt_megatron.errors import CheckpointError
+from rlmt_megatron.errors import CheckpointError, DamagedCheckpointError
 
 if TYPE_CHECKING:
     from rlmt_megatron.runner.model_runner import ModelRunner
@@ -129,78 +136,13 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete or not a training-state checkpoint)")
+        raise DamagedCheckpointError(f"{path}: missing (the checkpoint is incomplete or not a training-state checkpoint)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG
-
-
-def _tracker_states() -> dict[str, torch.Tensor]:
-    """Megatron's model-parallel CUDA RNG tracker states, as CPU tensors (empty on CPU, where
-    the compat layer keeps the tracker as book-keeping without states)."""
-    from megatron.core import tensor_parallel
-
-    out = {}
-    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
-        if isinstance(state, torch.Tensor):
-            out[name] = state.detach().cpu().clone()
-        elif isinstance(state, torch.Generator):  # graph-safe tracker keeps generators
-            out[name] = state.get_state().cpu().clone()
-    return out
-
-
-def _set_tracker_states(saved: dict[str, torch.Tensor], path: Path) -> None:
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    current = tracker.get_states()
-    if set(saved) - set(current):
-        raise CheckpointError(f"{path}: RNG tracker states {sorted(set(saved) - set(current))} are not "
-                              f"registered in this job (it has {sorted(current)})")
-    for name, state in saved.items():
-        if isinstance(current[name], torch.Generator):
-            current[name].set_state(state)
-        else:
-            current[name] = state.clone()
-    tracker.set_states(current)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This rank's RNG states in plain types and tensors (loadable with ``weights_only=True``)."""
-    version, internal, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state().cpu() if torch.cuda.is_available() else None,
-        "megatron_tracker": _tracker_states(),
-    }
-
-
-def restore_rng_state(state: dict[str, Any], path: Path) -> None:
-    try:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-        np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-        torch.set_rng_state(state["torch_cpu"])
-        if state["torch_cuda"] is not None:
-            if not torch.cuda.is_available():
-                raise CheckpointError(f"{path}: holds a CUDA RNG state but this job has no GPU")
-            torch.cuda.set_rng_state(state["torch_cuda"])
-        tracker = state["megatron_tracker"]
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: malformed RNG state ({type(e).__name__}: {e})") from None
-    if tracker:
-        _set_tracker_states(tracker, path)
+        raise DamagedCheckpointError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DamagedCheckpointError(f"{path}: not UTF-8 text ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +267,24 @@ def _clean_stale_tmp(root: Path) -> None:
             shutil.rmtree(p)
 
 
+def _last_line(error: BaseException) -> str:
+    """An error in one line: Megatron's write failures carry every rank's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _storage_hint(root: Path) -> str:
+    """Room left to write under ``root``. A full disk or a file-size limit surfaces from torch's
+    writers as opaque errors ("unexpected pos 704 vs 598"), so say what the OS reports."""
+    facts = []
+    with contextlib.suppress(OSError):
+        facts.append(f"{shutil.disk_usage(root).free / 2**30:.2f} GiB free on its filesystem")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        facts.append(f"a file-size limit (ulimit -f) of {limit} bytes")
+    return f"; {' and '.join(facts)}: a full disk or a file-size limit fails writes like this" if facts else ""
+
+
 def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "ModelRunner"], extra: dict) -> Path:
     """Save every role's weights, optimizer, scheduler and step count, this job's RNG states
     (per rank) and ``extra`` to ``<ckpt_root>/step_{step:08d}``. Collective over all ranks.
@@ -334,6 +294,7 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Model
     Returns the checkpoint folder.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from rlmt_megatron.checkpoint.dist_ckpt import save_model_checkpoint, writer_survives_stop_signals
 
@@ -357,14 +318,14 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Model
     if not all_ranks_ok(error is None):
         raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({error or 'failed on rank 0'})")
 
-    for role in sorted(engines):  # same order on every rank: each save is a collective
-        engine = engines[role]
-        save_model_checkpoint(engine.built, tmp / role / MODEL_DIR)
-        if _has_optimizer_state(engine):
-            with writer_survives_stop_signals():  # a stop signal must not kill the writer's helpers
-                dist_checkpointing.save(_optimizer_sharded_state(engine, is_loading=False), str(tmp / role / OPTIMIZER_DIR))
-
     try:
+        for role in sorted(engines):  # same order on every rank: each save is a collective
+            engine = engines[role]
+            save_model_checkpoint(engine.built, tmp / role / MODEL_DIR)
+            if _has_optimizer_state(engine):
+                with writer_survives_stop_signals():  # a stop signal must not kill the writer's helpers
+                    dist_checkpointing.save(_optimizer_sharded_state(engine, is_loading=False),
+                                            str(tmp / role / OPTIMIZER_DIR))
         torch.save(capture_rng_state(), rng_file(tmp, rank))
         with open(rng_file(tmp, rank), "rb+") as f:
             os.fsync(f.fileno())
@@ -382,12 +343,16 @@ def save_train_state(ckpt_root: str | Path, step: int, engines: dict[str, "Model
                 "format_version": FORMAT_VERSION, "step": step, "world_size": world, "roles": roles,
             })
             _write_durable(tmp / EXTRA_NAME, extra_text.encode())
-    except Exception as e:  # noqa: BLE001 - any failure here must reach every rank, not hang them
+    # any failure must reach every rank, not hang them (Megatron's writes fail collectively, with
+    # torch DCP's CheckpointException, a BaseException)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
         error = e
     if not all_ranks_ok(error is None):
-        where = f"rank {rank}: {error}" if error else "another rank failed"
-        raise CheckpointError(f"{tmp}: writing the training state failed ({where}); the .tmp folder is "
-                              "ignored and deleted by the next save")
+        if rank == 0:  # nothing in it is usable; on a full disk its space is what the next save needs
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f"rank {rank}: {_last_line(error)}" if error else "another rank failed"
+        raise CheckpointError(f"{tmp}: writing the checkpoint failed ({where}){_storage_hint(root)}; the unfinished "
+                              "folder was removed, earlier checkpoints are untouched")
 
     if rank == 0:  # every rank has finished writing: publish
         for sub in [tmp / RNG_DIR, *(tmp / role / d for role in engines for d in (MODEL_DIR, OPTIMIZER_DIR))]:
@@ -421,16 +386,16 @@ def read_train_state_meta(ckpt_dir: str | Path) -> dict:
     path = d / STATE_NAME
     meta = _read_json(path)
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise DamagedCheckpointError(f"{path}: expected a JSON object")
     for key in ("format_version", "step", "world_size", "roles"):
         if key not in meta:
-            raise CheckpointError(f"{path}: field '{key}' is missing")
+            raise DamagedCheckpointError(f"{path}: field '{key}' is missing")
     if meta["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta['format_version']} is not supported (expected {FORMAT_VERSION})")
     for role, info in meta["roles"].items():
         for key in (*_LAYOUT_KEYS, "scheduler", "step_count", "optimizer_state", "adam_step"):
             if key not in info:
-                raise CheckpointError(f"{path}: field 'roles.{role}.{key}' is missing")
+                raise DamagedCheckpointError(f"{path}: field 'roles.{role}.{key}' is missing")
     return meta
 
 
@@ -495,7 +460,7 @@ def _load_role(engine: "ModelRunner", role: str, info: dict, d: Path) -> None:
     role_dir = d / role
     for sub in (MODEL_DIR, OPTIMIZER_DIR):
         if not (role_dir / sub).is_dir():
-            raise CheckpointError(f"{role_dir / sub}: missing (a folder of role {role})")
+            raise DamagedCheckpointError(f"{role_dir / sub}: missing (a folder of role {role})")
     try:
         load_model_checkpoint(engine.built, role_dir / MODEL_DIR)
         if engine.optimizer is not None and info["optimizer_state"]:
@@ -511,8 +476,8 @@ def _load_role(engine: "ModelRunner", role: str, info: dict, d: Path) -> None:
         raise
     # torch DCP's CheckpointException derives from BaseException; Megatron raises many types.
     except (Exception, CheckpointException) as e:  # noqa: BLE001
-        raise CheckpointError(f"{role_dir}: cannot load the Megatron checkpoint of role {role} "
-                              f"({type(e).__name__}: {e})") from None
+        raise DamagedCheckpointError(f"{role_dir}: cannot load the Megatron checkpoint of role {role} "
+                                     f"({_last_line(e)})") from None
     if engine.scheduler is not None:
         # OptimizerParamScheduler.load_state_dict *adds* the saved num_steps (via step()); the
         # engine's fresh scheduler already stands at 1, so start it from 0.
@@ -531,8 +496,9 @@ def load_train_state(ckpt_dir: str | Path, engines: dict[str, "ModelRunner"], re
     same layout) and, unless ``restore_rng`` is False, this rank's RNG states. Collective.
 
     Returns the ``extra`` dict given to the save. Raises CheckpointError naming the file or the
-    layout difference; every check that reads only files runs before any collective, so all
-    ranks fail together.
+    layout difference (DamagedCheckpointError when files are missing or unreadable); every
+    rank raises: the file-only checks run before any collective, and each role's load is
+    agreed on.
     """
     d = Path(ckpt_dir)
     meta = read_train_state_meta(d)
@@ -547,19 +513,26 @@ def load_train_state(ckpt_dir: str | Path, engines: dict[str, "ModelRunner"], re
     if restore_rng:
         try:
             if not rng_path.is_file():
-                raise CheckpointError(f"{rng_path}: missing (RNG state of rank {world_rank()})")
+                raise DamagedCheckpointError(f"{rng_path}: missing (RNG state of rank {world_rank()})")
             try:
                 rng_state = torch.load(rng_path, weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-                raise CheckpointError(f"{rng_path}: cannot be read ({type(e).__name__}: {e})") from None
+                raise DamagedCheckpointError(f"{rng_path}: cannot be read ({type(e).__name__}: {e})") from None
         except CheckpointError as e:
             error = e
     # A per-rank file problem must stop every rank before the collective loads below.
     if not all_ranks_ok(error is None):
-        raise error or CheckpointError(f"{d}: the RNG state file of another rank is missing or unreadable")
+        raise error or DamagedCheckpointError(f"{d}: the RNG state file of another rank is missing or unreadable")
 
     for role in sorted(engines):
-        _load_role(engines[role], role, meta["roles"][role], d)
+        error = None
+        try:
+            _load_role(engines[role], role, meta["roles"][role], d)
+        except CheckpointError as e:
+            error = e
+        # one rank's unreadable shard fails every rank, with the same kind of error
+        if not all_ranks_ok(error is None):
+            raise error or DamagedCheckpointError(f"{d / role}: another rank could not load role {role}'s files")
     if rng_state is not None:
         restore_rng_state(rng_state, rng_path)
     barrier()

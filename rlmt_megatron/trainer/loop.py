@@ -23,13 +23,8 @@ import numpy as np
 import torch
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
-from rlmt_megatron.checkpoint.train_state import (
-    capture_rng_state,
-    load_train_state,
-    prune_checkpoints,
-    restore_rng_state,
-    save_train_state,
-)
+from rlmt_megatron.checkpoint.rng_state import capture_rng_state, restore_rng_state
+from rlmt_megatron.checkpoint.train_state import list_checkpoints, prune_checkpoints, save_train_state
 from rlmt_megatron.data.prompts import PromptSampler, load_prompt_set
 from rlmt_megatron.distributed.bootstrap import initialize
 from rlmt_megatron.distributed.collectives import barrier, is_rank0
@@ -38,12 +33,19 @@ from rlmt_megatron.monitoring import MetricsLogger, PhaseTimer, ProgressReporter
 from rlmt_megatron.monitoring.progress import peak_memory_metrics
 from rlmt_megatron.config.rlmt import RLMTConfig
 from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
-from rlmt_megatron.trainer.run_folder import claim_run_folder, resume_checkpoint
+from rlmt_megatron.trainer.run_folder import claim_run_folder, load_resume_state
 from rlmt_megatron.trainer.experience import check_trainable
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
 from rlmt_megatron.trainer.updates import UPDATES
-from rlmt_megatron.trainer.stop import RunStopped, StepAbandoned, StopSignals, clear_exit_status, write_exit_status
+from rlmt_megatron.trainer.stop import (
+    RunStopped,
+    StepAbandoned,
+    StopSignals,
+    clear_exit_status,
+    exit_status_written,
+    write_exit_status,
+)
 from rlmt_megatron.trainer.watchdog import Watchdog, activity
 
 
@@ -64,7 +66,12 @@ def train(cfg: RLMTConfig) -> Path:
 def _train(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     # first of all: one run per folder, and a fresh run never mixes with an old one's outputs
     with claim_run_folder(out, cfg.run.resume, cfg.run.overwrite):
-        return _run(cfg, out, stop)
+        try:
+            return _run(cfg, out, stop)
+        except Exception as error:  # noqa: BLE001 - recorded, then raised as it was
+            if is_rank0():
+                _record_failure(out, error)
+            raise
 
 
 def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
@@ -81,9 +88,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     ckpt_root = out / "checkpoints"
     engines = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic else {})
     step, version, restarts = 0, 0, 0
-    resume_dir = resume_checkpoint(out, cfg.run.resume)
+    resume_dir, extra = load_resume_state(out, cfg.run.resume, engines)
     if resume_dir is not None:
-        extra = load_train_state(resume_dir, engines)
         step, version = extra["step"], extra["weight_version"]
         restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
@@ -169,6 +175,22 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 if closing is not None:
                     closing.close()
     return out
+
+
+def _record_failure(out: Path, error: Exception) -> None:
+    """Rank 0: a run that failed on its own (a full disk, a damaged checkpoint, a bug) says so in
+    ``exit_status.json`` unless the loop already wrote why it ended. Never requeued: it would
+    fail again. ``checkpoint`` is the newest complete one, where the same command resumes."""
+    if exit_status_written(out):
+        return
+    newest = list_checkpoints(out / "checkpoints")
+    step, path = newest[-1] if newest else (0, None)
+    resumes = f"the newest complete checkpoint is step {step}'s: {path}" if path else "no checkpoint was saved"
+    try:
+        write_exit_status(out, "failed", requeue=False, exit_code=2 if isinstance(error, RLMTError) else 1,
+                          step=step, checkpoint=path, message=f"{error}; {resumes}")
+    except OSError:  # the disk that failed the run may refuse this file too: the error still shows
+        pass
 
 
 def _engine_failed(out: Path, error: Exception, step: int, path: Optional[Path]) -> None:

@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
-from rlmt_megatron.checkpoint.train_state import latest_checkpoint, list_checkpoints
+from rlmt_megatron.checkpoint.train_state import latest_checkpoint, list_checkpoints, load_train_state
 from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
-from rlmt_megatron.errors import RLMTError
+from rlmt_megatron.errors import DamagedCheckpointError, RLMTError
 
 LOCK_NAME = ".rlmt_run.lock"
 BACKUP_DIR = "previous_runs"
@@ -179,6 +179,37 @@ def resume_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
     if resume == "auto":
         return latest_checkpoint(Path(out_dir) / "checkpoints")
     return Path(resume)
+
+
+def load_resume_state(out_dir: str | Path, resume: str, engines: dict) -> tuple[Optional[Path], Optional[dict]]:
+    """Every rank: load the training state ``run.resume`` names into ``engines``; returns the
+    checkpoint and its ``extra`` dict, or ``(None, None)`` for a fresh start.
+
+    With ``auto``, a newest checkpoint that is damaged (DamagedCheckpointError: marked complete
+    but a file is missing or unreadable, a storage fault after the save) is passed over, saying
+    so, for the complete one before it, and so on; if none loads, the error names each. Nothing
+    is moved or deleted: the damaged folder stays for inspection until the resumed run saves
+    that step again (which replaces it) or ``keep_last`` prunes it. An explicit path is loaded
+    or refused, never swapped for another checkpoint. Any other CheckpointError (a layout or
+    schedule that does not fit) is raised at once: an older checkpoint would not fit either.
+    """
+    if resume != "auto":
+        path = resume_checkpoint(out_dir, resume)
+        return (None, None) if path is None else (path, load_train_state(path, engines))
+    candidates = [p for _, p in reversed(list_checkpoints(Path(out_dir) / "checkpoints"))]
+    damaged = []
+    for path in candidates:
+        try:
+            return path, load_train_state(path, engines)
+        except DamagedCheckpointError as e:
+            damaged.append(f"{path.name}: {e}")
+            if is_rank0() and path is not candidates[-1]:
+                print(f"warning: checkpoint {path} is damaged ({e}); resuming from the one before it instead "
+                      f"(the damaged folder is left as it is)", file=sys.stderr, flush=True)
+    if damaged:
+        raise DamagedCheckpointError(f"no complete checkpoint under {Path(out_dir) / 'checkpoints'} could be loaded: "
+                                     + "; ".join(damaged))
+    return None, None
 
 
 def starts_fresh(out_dir: str | Path, resume: str) -> bool:

@@ -26,10 +26,13 @@ Contract with the launch scripts
       {"status": "stopped", "requeue": true, "step": 12, "checkpoint": ".../step_00000012",
        "signal": "SIGTERM", "exit_code": 75, "message": "..."}
 
-  ``status`` is ``finished`` (requeue false), ``stopped`` (requeue true) or ``engine_failed``
+  ``status`` is ``finished`` (requeue false), ``stopped`` (requeue true), ``engine_failed``
   (the rollout engine failed more than ``rollout.max_restarts`` times in a row; a checkpoint is
-  written, requeue false, exit status 2). A run that crashed leaves no file (the file of an
-  earlier attempt is deleted at start), so "no file" means "failed, do not requeue".
+  written, requeue false, exit status 2) or ``failed`` (an error of the run's own once training
+  began, e.g. a checkpoint write on a full disk; requeue false, exit status 2 for errors of
+  input or setup, 1 otherwise; ``checkpoint`` is the newest saved one). A run killed outright
+  (SIGKILL, a dead node) leaves no file (the file of an earlier attempt is deleted at start), so
+  "no file" also means "do not requeue" unless the launcher itself saw the stop signal.
 * **Requeue.** The batch script traps SIGTERM (so it survives to the end), waits for torchrun,
   and runs ``scontrol requeue "$SLURM_JOB_ID"`` when the file says ``"requeue": true`` (the job
   needs ``--requeue`` or ``JobRequeue=1``). The next start, with ``run.resume: auto`` (the
@@ -143,6 +146,11 @@ def write_exit_status(out_dir: str | Path, status: str, *, requeue: bool, exit_c
     }, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def exit_status_written(out_dir: str | Path) -> bool:
+    """Whether this attempt wrote its status already (an earlier attempt's is cleared at start)."""
+    return (Path(out_dir) / EXIT_STATUS_NAME).is_file()
 
 
 def clear_exit_status(out_dir: str | Path) -> None:
