@@ -1,12 +1,15 @@
-"""The hf rollout engine with one fault injected, run by rlmt-train in its engine process.
+"""The hf rollout engine with faults injected, run by rlmt-train in its engine process.
 
-RLMT_FAULT (read in the engine's own process, which inherits the environment) picks the fault,
-RLMT_FAULT_DIR holds the marker files the fault and the test use to meet:
+RLMT_FAULT (read in the engine's own process, which inherits the environment) picks the faults,
+comma-separated; RLMT_FAULT_DIR holds the marker files the faults and the test use to meet:
 
-  die@V    the first generate at weight version V SIGKILLs its own process (once per run)
-  hang@V   every generate at weight version >= V sleeps instead of answering
-  pause@V  the first generate at weight version V writes paused.pid and waits (at most 300 s) for
-           the test to signal the job
+  die@V        the first generate at weight version V SIGKILLs its own process (once per run
+               folder: marker died.pid)
+  hang@V       every generate at weight version >= V sleeps instead of answering (hang_<pid>.pid)
+  pause@V      the first generate at weight version V writes paused_V.pid and waits (at most
+               300 s) for the test to signal or kill the job
+  pausesync@V  the weight update to version V applies its first bucket, writes syncing_V.pid and
+               waits (at most 300 s): the sync is under way, the engine's version not yet V
 """
 
 import os
@@ -27,16 +30,39 @@ def _once(marker: Path) -> bool:
     return True
 
 
+def _faults() -> dict[str, int]:
+    out = {}
+    for item in filter(None, os.environ.get("RLMT_FAULT", "").split(",")):
+        kind, _, at = item.partition("@")
+        out[kind] = int(at)
+    return out
+
+
+def _folder() -> Path:
+    return Path(os.environ.get("RLMT_FAULT_DIR", "."))
+
+
 class FaultyHFEngine(HFEngine):
     def generate(self, prompts, params):
-        kind, _, at = os.environ.get("RLMT_FAULT", "").partition("@")
-        folder = Path(os.environ.get("RLMT_FAULT_DIR", "."))
-        version = int(at) if at else -1
-        if kind == "die" and self.weight_version == version and _once(folder / "died.pid"):
+        faults, folder = _faults(), _folder()
+        if faults.get("die") == self.weight_version and _once(folder / "died.pid"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "hang" and self.weight_version >= version:
+        if "hang" in faults and self.weight_version >= faults["hang"]:
             (folder / f"hang_{os.getpid()}.pid").write_text(str(os.getpid()))
             time.sleep(600)
-        if kind == "pause" and self.weight_version == version and _once(folder / "paused.pid"):
+        if faults.get("pause") == self.weight_version and _once(folder / f"paused_{self.weight_version}.pid"):
             time.sleep(300)
         return super().generate(prompts, params)
+
+    def update_weights(self, buckets, version):
+        if _faults().get("pausesync") == version:
+            buckets = _pause_after_first(buckets, _folder() / f"syncing_{version}.pid")
+        return super().update_weights(buckets, version)
+
+
+def _pause_after_first(buckets, marker: Path):
+    # resumed when the engine asks for the next bucket, i.e. once the first one is applied
+    for i, bucket in enumerate(buckets):
+        yield bucket
+        if i == 0 and _once(marker):
+            time.sleep(300)
