@@ -112,3 +112,15 @@ def test_every_option_has_a_help_text(name):
                     if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
                     and not (action.help and action.help.strip())]
     assert undocumented == []
+
+
+def test_convert_dtype_help_says_what_conversion_does():
+    """rlmt-convert keeps the source's dtype (cli/convert.declared_dtype); the shared layout
+    options' text ("float32 on CPU, bfloat16 on GPU") describes the other CLIs, not it."""
+    from rlmt_megatron.cli import convert
+
+    helps = {parser.prog: action.help for parser in _parsers(convert)[1:] for action in parser._actions
+             if "--dtype" in action.option_strings}
+    assert len(helps) == 2 and all("on GPU" not in h for h in helps.values()), helps
+    assert "torch_dtype" in helps["rlmt-convert hf-to-mcore"] and "stored with the checkpoint" in helps["rlmt-convert mcore-to-hf"]
+    assert convert.declared_dtype({"torch_dtype": "bfloat16"}) == "bfloat16" and convert.declared_dtype({}) == "float32"

@@ -19,7 +19,8 @@ from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig, P
 from rlmt_megatron.errors import RLMTError
 
 
-def add_layout_args(parser: argparse.ArgumentParser) -> None:
+def add_layout_args(parser: argparse.ArgumentParser,
+                    dtype_help: str = "compute dtype (default: float32 on CPU, bfloat16 on GPU)") -> None:
     g = parser.add_argument_group("parallel layout")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
@@ -27,7 +28,7 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true", help="shard activations along the sequence (tp > 1)")
     g.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)",
+        help=dtype_help,
     )
 
 

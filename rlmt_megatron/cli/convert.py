@@ -29,6 +29,10 @@ def declared_dtype(hf_config: dict) -> str:
     return declared if declared in ("float32", "bfloat16", "float16") else "float32"
 
 
+# Conversion keeps the source's dtype unless told otherwise, so nothing is rounded.
+CONVERT_DTYPE_HELP = "dtype of the converted weights (default: {source}; float32 when it declares none)"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="rlmt-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -38,11 +42,11 @@ def main(argv=None) -> None:
     h2m.add_argument("--role", choices=["policy", "critic", "reward"], default=None,
                      help="model to build (default: from the HF architecture: *ForSequenceClassification -> "
                           "reward, *ForTokenClassification -> critic, else policy)")
-    add_layout_args(h2m)
+    add_layout_args(h2m, CONVERT_DTYPE_HELP.format(source="the HF config's torch_dtype"))
     m2h = sub.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF folder")
     m2h.add_argument("--ckpt", required=True, help="Megatron checkpoint folder written by rlmt (has rlmt_model.json)")
     m2h.add_argument("--out", required=True, help="HF folder to write (config.json, safetensors, tokenizer files)")
-    add_layout_args(m2h)
+    add_layout_args(m2h, CONVERT_DTYPE_HELP.format(source="the torch_dtype of the HF config stored with the checkpoint"))
     args = p.parse_args(argv)
 
     from rlmt_megatron.checkpoint.dist_ckpt import read_checkpoint_meta, save_model_checkpoint
