@@ -303,3 +303,28 @@ def test_prompt_errors_name_the_problem(toks):
     with pytest.raises(ThinkingFormatError, match="has none"):
         build_prompt_ids(USER, bare, ThinkingFormatConfig(kind="warm_start"), 64)
     assert build_prompt_ids(USER, bare, ThinkingFormatConfig(kind="zero"), 1024)[0][0] == tok.bos_token_id
+
+
+def test_the_reward_reads_the_answer_decoded_as_the_authors_do(tiny_models):
+    """Special tokens are kept and only the eos text removed before the answer is extracted
+    (the authors' reward worker decodes with special tokens, then replace(eos_token, "")): a
+    non-eos special token that ends a response reaches the reward model."""
+    from rlmt_megatron.config.rlmt import ThinkingFormatConfig
+    from rlmt_megatron.trainer.experience import Rollout
+    from rlmt_megatron.trainer.rollout_phase import parse_and_score
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "llama-policy")
+    body = tok("<think>\nplan\n</think>\n\nthe answer", add_special_tokens=False)["input_ids"]
+    end_of_text = tok.convert_tokens_to_ids("<|end_of_text|>")
+    responses = [body + [tok.eos_token_id], body + [end_of_text, tok.eos_token_id]]
+    rollouts = [Rollout(0, [1], ids, [0.0] * len(ids), "stop", 0) for ids in responses]
+
+    class Recorder:
+        def score(self, conversations, answers):
+            self.answers = list(answers)
+            return [0.0] * len(answers)
+
+    scorer = Recorder()
+    parse_and_score(ThinkingFormatConfig(), tok, scorer, rollouts, [[{"role": "user", "content": "q"}]])
+    assert scorer.answers == ["the answer", "the answer<|end_of_text|>"]
+    assert [r.extras["format_ok"] for r in rollouts] == [True, True]

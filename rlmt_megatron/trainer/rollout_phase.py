@@ -73,10 +73,17 @@ def generate(engine: Optional[RolloutEngine], prompt_ids: list[list[int]], param
 
 def parse_and_score(fmt: ThinkingFormatConfig, tokenizer, scorer, rollouts: list[Rollout],
                     conversations: Sequence[list[dict]]) -> None:
-    """Fill each rollout's ``extras`` (text, thinking, answer, format flag) and ``reward``."""
+    """Fill each rollout's ``extras`` (text, thinking, answer, format flag) and ``reward``.
+
+    The response is decoded as the authors' reward worker does (princeton-pli/RLMT,
+    training/ppo_grpo/verl/workers/fsdp_workers.py, ``_switch_chat_template``): special tokens
+    kept, then every eos text removed (``parse_response``). Another special token that ends the
+    response (``<|im_end|>`` under a base model's tokenizer whose eos is ``<|endoftext|>``) stays
+    in the answer the reward model reads.
+    """
     answers = []
     for r in rollouts:
-        text = tokenizer.decode(r.response_ids, skip_special_tokens=True)
+        text = tokenizer.decode(r.response_ids, skip_special_tokens=False)
         parsed = parse_response(text, fmt, eos_token=tokenizer.eos_token)
         r.extras.update(text=text, thinking=parsed.thinking, answer=parsed.answer, format_ok=parsed.format_ok)
         answers.append(parsed.answer)
