@@ -311,6 +311,45 @@ def test_ppo_gae_whitened_with_the_kl_in_the_reward_or_the_loss(stand_ins, kl_in
         assert evaluate_loss(samples, loss_fn, models) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def ref_value_loss(samples, new_values, clip, aggregation):
+    """The critic's loss in float64, token by token: 0.5 * max((V - R)^2, (clip(V) - R)^2),
+    aggregated as ``aggregation`` says (Dr.GRPO's constant: the generation limit)."""
+    per_seq = []
+    for s, v in zip(samples, new_values):
+        mask, ret, old = (s.fields[k].double().tolist() for k in ("loss_mask", "returns", "old_values"))
+        terms = []
+        for t, m in enumerate(mask):
+            if m:
+                clipped = min(max(v[t], old[t] - clip), old[t] + clip)
+                terms.append(0.5 * max((v[t] - ret[t]) ** 2, (clipped - ret[t]) ** 2))
+        per_seq.append(terms)
+    seqs = [t for t in per_seq if t]
+    if aggregation == "token_mean":
+        return sum(map(sum, seqs)) / sum(map(len, seqs))
+    if aggregation == "seq_mean_token_mean":
+        return sum(sum(t) / len(t) for t in seqs) / len(seqs)
+    return sum(map(sum, seqs)) / (len(seqs) * MAX_NEW)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_ppo_critic_loss_is_aggregated_like_the_policy_loss(stand_ins, aggregation):
+    # seq_mean_token_sum_norm used to crash here: the critic's loss had no norm constant
+    rollouts, models = stand_ins
+    cfg = config("algorithm.name=ppo", f"algorithm.aggregation={aggregation}", "algorithm.kl_coef=0")
+    r = roles(cfg)
+    run_update(cfg, r, rollouts)
+    ((samples, loss_fn),) = r.critic.calls
+    new = [[x + 0.4 * math.sin(3.0 * t) for t, x in enumerate(s.fields["old_values"].double().tolist())] for s in samples]
+    (mb,) = make_train_micro_batches(samples, 1 << 20)
+    values = torch.zeros(*mb.input_ids.shape, 1, dtype=torch.float32)
+    for row, i in enumerate(mb.indices):
+        values[row, :len(new[i]), 0] = torch.tensor(new[i], dtype=torch.float32)
+    norms = GlobalNormalizers(sum(float(s.fields["loss_mask"].sum()) for s in samples),
+                              sum(1 for s in samples if s.fields["loss_mask"].sum() > 0))
+    share, _ = loss_fn(values, mb, norms)
+    assert float(share) == pytest.approx(ref_value_loss(samples, new, cfg.algorithm.value_clip, aggregation), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------ two DP ranks
 
 

@@ -67,17 +67,20 @@ def policy_loss_fn(
     return loss_fn
 
 
-def value_loss_fn(clip_eps: Optional[float] = 0.5, aggregation: str = "token_mean"):
+def value_loss_fn(clip_eps: Optional[float] = 0.5, aggregation: str = "token_mean",
+                  norm_constant: Optional[float] = None):
     """Clipped value loss on the critic head; value of action t = head output at position t.
 
-    ``clip_eps`` defaults to the RLMT PPO recipe's value clip of 0.5.
+    ``clip_eps`` defaults to the RLMT PPO recipe's value clip of 0.5. ``aggregation`` and
+    ``norm_constant`` as for the policy loss (verl aggregates the value loss with the policy's
+    ``loss_agg_mode``; Dr.GRPO's constant is the same one).
     """
 
     def loss_fn(values: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
         f = mb.fields
         v = values[:, :-1, 0].float()
         loss, parts = clipped_value_loss(v, f["old_values"], f["returns"], f["loss_mask"], clip_eps)
-        share = aggregate(loss, f["loss_mask"], norms, aggregation)
+        share = aggregate(loss, f["loss_mask"], dataclasses.replace(norms, norm_constant=norm_constant), aggregation)
         return share, {
             "loss/value": _token_mean_share(loss, f["loss_mask"], norms),
             "critic/clipfrac": _token_mean_share(parts["clipped"].float(), f["loss_mask"], norms),

@@ -78,10 +78,13 @@ def _policy_loss(a: AlgorithmConfig, vocab: int, temperature: float, max_new_tok
         PolicyLossConfig(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c,
                          kl_in_loss=a.kl_in == "loss" and a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                          entropy_coef=a.entropy_coef),
-        vocab, a.aggregation, temperature=temperature,
-        # Dr.GRPO's constant normaliser: the longest possible response
-        norm_constant=float(max_new_tokens) if a.aggregation == "seq_mean_token_sum_norm" else None,
+        vocab, a.aggregation, temperature=temperature, norm_constant=_norm_constant(a, max_new_tokens),
     )
+
+
+def _norm_constant(a: AlgorithmConfig, max_new_tokens: int) -> Optional[float]:
+    """Dr.GRPO's constant per-sequence divisor: the longest possible response."""
+    return float(max_new_tokens) if a.aggregation == "seq_mean_token_sum_norm" else None
 
 
 def _old_and_ref_logp(roles, sequences, temperature: float, timer: PhaseTimer):
@@ -192,7 +195,8 @@ def ppo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperatur
     metrics = _logprob_diff(local, old)
     k = a.updates_per_rollout
     with timer.phase("critic_update"):
-        metrics.update(_train(roles.critic, critic_samples, value_loss_fn(a.value_clip, a.aggregation), k))
+        value_loss = value_loss_fn(a.value_clip, a.aggregation, _norm_constant(a, max_new_tokens))
+        metrics.update(_train(roles.critic, critic_samples, value_loss, k))
     metrics = {("critic/" + key if key in ("grad_norm", "lr") else key): v for key, v in metrics.items()}
     with timer.phase("update"):
         loss = _policy_loss(a, roles.policy.built.spec.vocab_size, temperature, max_new_tokens)
