@@ -1,8 +1,11 @@
 """rlmt_megatron.testing.demo_data, the one synthetic-data builder: the demo's sets have the
 shape its docstring promises (checked row by row here, with the rules written out again), the
 same seed writes the same bytes, and its command line (the package's and tools/'s) writes the
-committed examples/data files byte for byte."""
+committed examples/data files byte for byte. The held-out preference set shares no answer, prompt
+or sentence with the training sets, covers its eight kinds, and rm_accuracy.py scores it as
+transformers' LlamaForSequenceClassification does."""
 
+import difflib
 import json
 import re
 import subprocess
@@ -11,9 +14,12 @@ import sys
 import pytest
 
 from helpers import REPO
-from rlmt_megatron.testing.demo_data import make_demo_data
+from rlmt_megatron.testing.demo_data import (HELDOUT_CLOSE, HELDOUT_CURT, HELDOUT_OFF_TOPIC, HELDOUT_OPEN,
+                                             HELDOUT_SEED, HELDOUT_TIPS, SALAD_WORDS, make_demo_data,
+                                             make_heldout_preferences)
 
 TURN = re.compile(r"<think>\n(.+)\n</think>\n\n(.+)", re.S)
+GIBBERISH = "abcdefghijklmnopqrstuvwxyz0123456789 .,;!?<>/"  # the training noise's characters
 
 
 def rows(path):
@@ -33,18 +39,32 @@ def test_demo_sets_are_what_the_reward_model_and_sft_stages_need(tmp_path):
         assert (len(answer.split()) > 10) if i % 2 == 0 else (len(answer.split()) <= 4), (i, answer)
     prefs = rows(files["preferences"])
     assert len(prefs) == 40
+    kinds = ("curt", "shuffled", "gibberish", "null", "phrase_loop", "cut_off", "unrelated", "jumble", "mangled")
     for i, p in enumerate(prefs):
         chosen, rejected = p["chosen"], p["rejected"]
-        assert [m["role"] for m in p["messages"]] == ["user"] and len(chosen.split()) > 10
-        kind = i % 4
-        if kind == 0:  # curt
+        assert [m["role"] for m in p["messages"]] == ["user"] and len(chosen.split()) >= 4
+        assert chosen.rstrip()[-1] in ".!" and p["kind"] == kinds[i % 9], (i, p)
+        if p["kind"] == "curt":
             assert len(rejected.split()) <= 4
-        elif kind == 1:  # the chosen answer's words, shuffled
+        elif p["kind"] == "shuffled":  # the chosen answer's words, shuffled
             assert sorted(rejected.split()) == sorted(chosen.split()) and rejected != chosen
-        elif kind == 2:  # gibberish of the same length
-            assert len(rejected) == len(chosen) and set(rejected) <= set("abcdefghijklmnopqrstuvwxyz0123456789 .,;!?<>/")
-        else:  # what strict mode scores when the thinking delimiter is missing
+        elif p["kind"] == "gibberish":  # of the same length
+            assert len(rejected) == len(chosen) and set(rejected) <= set(GIBBERISH)
+        elif p["kind"] == "null":  # what strict mode scores when the thinking delimiter is missing
             assert rejected == "[NULL]"
+        elif p["kind"] == "phrase_loop":  # one to three of the answer's words, repeated
+            words = rejected.split()
+            period = next(n for n in (1, 2, 3) if words == words[:n] * (len(words) // n))
+            assert len(words) // period >= 5 and " ".join(words[:period]) in chosen
+        elif p["kind"] == "cut_off":  # a prefix of the answer that stops mid-sentence
+            assert chosen.startswith(rejected) and len(rejected) < len(chosen) and rejected[-1] not in ".!?:"
+        elif p["kind"] == "unrelated":  # coherent sentences that share no sentence with the answer
+            assert rejected.endswith(".") and 2 <= rejected.count(". ") + 1 <= 4
+            assert not set(re.split(r"(?<=\.) ", rejected)) & set(re.split(r"(?<=[.!]) ", chosen))
+        elif p["kind"] == "jumble":  # words of the pools, not the answer's own order
+            assert len(rejected.split()) == len(chosen.split()) and rejected.endswith(".") and rejected != chosen
+        else:  # mangled: broken words; fewer or as many, and not the answer
+            assert p["kind"] == "mangled" and len(rejected.split()) <= len(chosen.split()) and rejected != chosen
 
 
 def test_same_seed_same_bytes_other_seed_other_rows(tmp_path):
@@ -52,7 +72,12 @@ def test_same_seed_same_bytes_other_seed_other_rows(tmp_path):
     for key in ("sft", "preferences"):
         assert a[key].read_bytes() == b[key].read_bytes()
         assert a[key].read_bytes() != c[key].read_bytes()
-    assert len(rows(a["sft"])) == 256 and len(rows(a["preferences"])) == 512  # the demo's sizes
+    assert len(rows(a["sft"])) == 256 and len(rows(a["preferences"])) == 1008  # the demo's sizes
+    # the held-out set has a seed of its own: the demo's seed does not change it
+    assert a["heldout"].read_bytes() == b["heldout"].read_bytes() == c["heldout"].read_bytes()
+    assert len(rows(a["heldout"])) == 8 * 48
+    d, e = (make_heldout_preferences(tmp_path / f"h{seed}.jsonl", seed=seed) for seed in (HELDOUT_SEED, 5))
+    assert d.read_bytes() == a["heldout"].read_bytes() and e.read_bytes() != d.read_bytes()
 
 
 @pytest.mark.parametrize("command", [["-m", "rlmt_megatron.testing.demo_data", "--set", "bundled"],
@@ -72,7 +97,122 @@ def test_demo_command_line(tmp_path):
     proc = subprocess.run([*cmd, "--out", str(tmp_path), "--seed", "3"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"sft: {tmp_path / 'sft_thinking.jsonl'}",
-                                        f"preferences: {tmp_path / 'preferences.jsonl'}"]
+                                        f"preferences: {tmp_path / 'preferences.jsonl'}",
+                                        f"heldout: {tmp_path / 'heldout_preferences.jsonl'}"]
     want = make_demo_data(tmp_path / "direct", seed=3)
-    for key in ("sft", "preferences"):
+    for key in ("sft", "preferences", "heldout"):
         assert (tmp_path / want[key].name).read_bytes() == want[key].read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# the held-out preference set (make_heldout_preferences) and its accuracy (rm_accuracy.py)
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def test_heldout_set_shares_no_answer_prompt_or_sentence_with_training(tmp_path):
+    files = make_demo_data(tmp_path)  # the demo's own sizes and seed
+    train_prompts = {m["content"] for r in rows(files["preferences"]) + rows(files["sft"]) for m in r["messages"]
+                     if m["role"] == "user"}
+    train_answers = {r[k] for r in rows(files["preferences"]) for k in ("chosen", "rejected")}
+    train_answers |= {TURN.fullmatch(r["messages"][1]["content"]).group(2) for r in rows(files["sft"])}
+    train_text = "\n".join(train_answers)
+    # the words of every training answer but the character-level noise (gibberish, mangled)
+    worded = [r["chosen"] for r in rows(files["preferences"])] + [r["rejected"] for r in rows(files["preferences"])
+                                                                  if r["kind"] not in ("gibberish", "mangled")]
+    train_words = set(re.findall(r"[a-z]+", "\n".join(worded).lower()))
+    held = rows(files["heldout"])
+    assert {r["kind"] for r in held} == {"curt", "word_salad", "word_loop", "char_noise", "prompt_echo", "truncated",
+                                         "off_topic", "garbled"}
+    assert all(sum(r["kind"] == k for r in held) == 48 for k in {r["kind"] for r in held})
+    for r in held:
+        (user,) = r["messages"]
+        assert user["content"] not in train_prompts
+        assert r["chosen"] not in train_answers and r["rejected"] not in train_answers, r
+    # every sentence the held-out answers are written with (the pools, topics filled in) is new
+    pool = [s.format(t="X") for s in HELDOUT_OPEN] + list(HELDOUT_TIPS + HELDOUT_CLOSE + HELDOUT_OFF_TOPIC + HELDOUT_CURT)
+    for sentence in pool:
+        head = sentence.split("X")[0] if "X" in sentence else sentence
+        assert head not in train_text, sentence
+    assert not set(SALAD_WORDS) & train_words
+
+
+def test_heldout_kinds_are_what_they_say(tmp_path):
+    for r in rows(make_heldout_preferences(tmp_path / "h.jsonl", pairs_per_kind=16)):
+        chosen, rejected, prompt = r["chosen"], r["rejected"], r["messages"][0]["content"]
+        # chosen: the pools' opener (for this topic), tips and closer, numbered or dashed, nothing else
+        topic = prompt_topic(prompt)
+        rest = chosen
+        for unit in sorted([o.format(t=topic) for o in HELDOUT_OPEN] + list(HELDOUT_TIPS + HELDOUT_CLOSE), key=len,
+                           reverse=True):
+            rest = rest.replace(unit, "")
+        assert re.fullmatch(r"[\s\d.-]*", rest), chosen
+        words = rejected.split()
+        if r["kind"] == "curt":
+            assert rejected in HELDOUT_CURT
+        elif r["kind"] == "word_salad":
+            assert len(words) == len(chosen.split()) and {w.strip(".").lower() for w in words} <= set(SALAD_WORDS)
+        elif r["kind"] == "word_loop":
+            assert len(set(words)) == 1 and 8 <= len(words) <= 60
+        elif r["kind"] == "char_noise":  # nothing of training's noise but the space
+            assert 4 <= len(rejected) <= 400 and not (set(rejected) & set(GIBBERISH)) - {" "}
+        elif r["kind"] == "prompt_echo":
+            assert rejected == prompt
+        elif r["kind"] == "truncated":
+            assert chosen.startswith(rejected) and len(rejected) < len(chosen) and rejected[-1] not in ".!?:"
+        elif r["kind"] == "off_topic":
+            assert set(SENTENCE.split(rejected)) <= set(HELDOUT_OFF_TOPIC)
+        else:  # garbled: the chosen answer's letters, mostly kept in order, a few changed
+            assert r["kind"] == "garbled" and rejected != chosen
+            assert difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).ratio() > 0.7
+
+
+def prompt_topic(prompt):
+    from rlmt_megatron.testing.demo_data import HELDOUT_ASKS, HELDOUT_TOPICS
+
+    (topic,) = [t for t in HELDOUT_TOPICS if any(a.format(t=t) == prompt for a in HELDOUT_ASKS)]
+    return topic
+
+
+def test_accuracy_by_kind_counts_strict_wins():
+    from rlmt_megatron.testing.rm_accuracy import accuracy_by_kind, accuracy_line
+
+    pairs = [{"kind": "a"}, {"kind": "a"}, {"kind": "b"}, {}]
+    acc = accuracy_by_kind(pairs, [1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 1.0, 6.0])  # a tie is not a win
+    assert acc == {"overall": 0.5, "a": 0.5, "b": 1.0, "unlabelled": 0.0}
+    assert accuracy_line(acc) == ("reward model held-out preference accuracy: 0.50 overall; "
+                                  "per kind: a 0.50, b 1.00, unlabelled 0.00")
+
+
+def test_rm_accuracy_scores_pairs_as_transformers_does(tiny_models, tmp_path):
+    """The command the demo runs, on the untrained tiny RM: its scores (the project's rlmt-score
+    path) against LlamaForSequenceClassification's, and the accuracy it prints from them."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlmt_megatron.reward.rm_template import rm_input_ids
+    from rlmt_megatron.testing.rm_accuracy import accuracy_by_kind, accuracy_line
+
+    pairs = rows(make_heldout_preferences(tmp_path / "h.jsonl", pairs_per_kind=1))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    rm = tiny_models / "llama-rm"
+    proc = subprocess.run([sys.executable, "-m", "rlmt_megatron.testing.rm_accuracy", "--rm", str(rm), "--pairs",
+                           str(tmp_path / "pairs.jsonl"), "--report", str(tmp_path / "acc.json")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    scored = rows(tmp_path / "pairs.scores.jsonl")
+    assert [(s["pair"], s["side"], s["kind"]) for s in scored] == [
+        (i, side, p["kind"]) for i, p in enumerate(pairs) for side in ("chosen", "rejected")]
+    tok = AutoTokenizer.from_pretrained(str(rm))
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm), dtype=torch.float32).eval()
+    ref = {}
+    for i, p in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            with torch.no_grad():
+                ref[i, side] = model(torch.tensor([rm_input_ids(tok, p["messages"], p[side])])).logits[0, 0].item()
+    for s in scored:
+        assert abs(s["score"] - ref[s["pair"], s["side"]]) <= 1e-4, (s, ref[s["pair"], s["side"]])
+    want = accuracy_by_kind(pairs, [ref[i, "chosen"] for i in range(len(pairs))],
+                            [ref[i, "rejected"] for i in range(len(pairs))])
+    assert json.loads((tmp_path / "acc.json").read_text()) == want
+    assert proc.stdout.strip().splitlines()[-1] == accuracy_line(want)

@@ -137,7 +137,8 @@ def test_run_demo_prints_a_line_before_each_stage(tmp_path):
     # Every slow command has its own stage line since the previous one (the script cannot run
     # in full here: it installs packages and trains for minutes).
     commands = ("tools/setup_env.sh", "rlmt_megatron.testing.tiny_models", "rlmt_megatron.testing.demo_data",
-                "rlmt-train-rm ", "rlmt-sft ", "run2 -m rlmt_megatron.cli.train", "rlmt-plot ")
+                "rlmt-train-rm ", "rlmt_megatron.testing.rm_accuracy", "rlmt-sft ", "run2 -m rlmt_megatron.cli.train",
+                "rlmt-plot ")
     lines = DEMO.read_text().splitlines()
     stage_seen, order = False, []
     for line in lines:

@@ -2,7 +2,9 @@
 # The main job on a CPU machine: a real RLMT run on tiny, locally built models.
 #   1. build tiny HF models (Llama policy, Llama reward model, locally trained tokenizer);
 #   2. train the reward model on synthetic preferences (rlmt-train-rm) so its scores mean
-#      something: coherent helpful answers beat curt, shuffled, gibberish and [NULL] ones;
+#      something: coherent helpful answers beat curt, shuffled, looping, cut-off, unrelated,
+#      gibberish and [NULL] ones; then print its accuracy on a held-out preference set written
+#      with other prompts, other sentences and other kinds of bad answer (testing/rm_accuracy.py);
 #   3. SFT warm-start in the thinking format <think>…</think> answer (rlmt-sft);
 #   4. GRPO against the reward model on WildChat-IF prompts (../shared/data/wildchat-if; the
 #      bundled examples/data/synthetic_prompts.jsonl when that folder is absent), policy at TP=2
@@ -44,7 +46,7 @@ quiet() { grep -vE "^(\s|Setting up (optimizer|DistributedDataParallel)|> |Loadi
 
 stage "1/5 tiny HF models (Llama policy, Llama reward model, tokenizer)"
 python -m rlmt_megatron.testing.tiny_models --out "$out/models" | tail -1
-stage "1/5 synthetic demo data (SFT thinking traces, preferences)"
+stage "1/5 synthetic demo data (SFT thinking traces, preferences, held-out preferences)"
 python -m rlmt_megatron.testing.demo_data --out "$out/data"
 prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
 if [ ! -f "$prompts" ]; then
@@ -55,6 +57,9 @@ fi
 stage "2/5 reward model on synthetic preferences (Bradley-Terry)"
 rlmt-train-rm "$repo/examples/demo/rm.yaml" model="$out/models/llama-rm" \
   "data=[$out/data/preferences.jsonl]" out_dir="$out/rm" 2>&1 | quiet
+stage "2/5 reward model on held-out preferences (other prompts, sentences and kinds of bad answer)"
+python -m rlmt_megatron.testing.rm_accuracy --rm "$out/rm/hf" --pairs "$out/data/heldout_preferences.jsonl" \
+  --out "$out/rm/heldout_scores.jsonl" --report "$out/rm/heldout_accuracy.json" 2>&1 | quiet
 
 stage "3/5 SFT warm-start on synthetic thinking traces"
 rlmt-sft "$repo/examples/demo/sft.yaml" model="$out/models/llama-policy" \

@@ -18,14 +18,23 @@ therefore builds, with the project's own trainers:
 
 1. an SFT warm-start set (``sft_thinking.jsonl``) whose answers come in two styles, half
    *helpful* (acknowledge, give steps, close politely) and half *curt* (a short refusal-like line);
-2. a preference set (``preferences.jsonl``) in which the helpful answer to a prompt is chosen
-   over a curt one, over the same words shuffled, over gibberish of similar length, and over the
-   strict-mode ``[NULL]`` answer (so neither length nor vocabulary alone earns reward: a tiny RM
-   trained only on helpful-vs-curt rewards any long string, and GRPO then learns to babble).
+2. a preference set (``preferences.jsonl``, 1008 pairs, each labelled ``kind``) in which a
+   helpful answer (the SFT templates, or wider pools of openers, steps and closers, some short)
+   is chosen over one of nine kinds of bad answer, in turn: ``curt``; ``shuffled`` (its own words
+   in random order); ``jumble`` (random words of the pools); ``phrase_loop`` (a few of its words
+   repeated); ``cut_off`` (stopped mid-sentence); ``unrelated`` (coherent sentences that answer
+   nothing); ``mangled`` (its words broken, as the tiny policy writes them); ``gibberish`` (ASCII
+   noise of its length); ``null`` (the strict-mode ``[NULL]`` answer). So neither length nor
+   vocabulary alone earns reward: a tiny RM trained only on helpful-vs-curt rewards any long
+   string, and GRPO then learns to babble;
+3. a **held-out** preference set (``heldout_preferences.jsonl``, ``make_heldout_preferences``)
+   from another seed, other prompts and other sentences, with eight kinds of bad answer of its
+   own (see ``HELDOUT_KINDS`` below); ``rm_accuracy.py`` reports the RM's accuracy on it.
 
 The reward model learns "coherent helpful beats everything else" from (2); the warm-started
 policy samples both styles; GRPO should then move the policy towards the helpful style, so the
-demo's reward curve rises for a reason one can state.
+demo's reward curve rises for a reason one can state. (3) checks that the RM learnt that rather
+than its templates.
 
     python -m rlmt_megatron.testing.demo_data --out DIR [--seed 0]            # the demo's sets
     python -m rlmt_megatron.testing.demo_data --set bundled [--out examples/data] [--seed 0] [--sft-rows 64]
@@ -226,17 +235,134 @@ def gibberish(rng: random.Random, length: int) -> str:
     return "".join(rng.choice(letters) for _ in range(length))
 
 
-def rejected_answer(rng: random.Random, kind: int, chosen: str) -> str:
-    if kind == 0:
-        return curt_answer(rng)
-    if kind == 1:
+# The preference set's wider pools: the RM must learn "coherent and helpful" rather than the SFT
+# templates, and meet more of the ways an answer goes wrong. None of these strings is in the
+# held-out set (make_heldout_preferences, below), which has pools of its own.
+PREF_TOPICS = DEMO_TOPICS + ("a family picnic", "the new puppy", "a music recital", "the garage sale",
+                             "a hospital visit", "the holiday photos", "a board game night", "the bus timetable")
+PREF_OPEN = HELPFUL_OPEN + ("Let us sort out {t} together.", "Here is what usually works for {t}.",
+                            "No problem, {t} is easier with a plan.", "Thanks for asking about {t}.")
+PREF_STEPS = HELPFUL_STEPS + ("Start early so nothing is rushed.", "Choose the three most important tasks.",
+                              "Put the date in your calendar today.", "Tell the people involved what you plan.",
+                              "Prepare a backup in case the weather changes.", "Try a small test run first.",
+                              "Set a budget and stay close to it.", "Sleep well the night before.",
+                              "Clear a space where you can work calmly.", "Check the details one more time.")
+STEP_PARTS = (("Write down", "Check", "Pack", "Plan", "Ask about", "Prepare", "Choose", "Book", "Sort out",
+               "Practise", "Review", "Buy", "Share", "Test", "Organise", "Remember"),
+              ("the list", "your notes", "a spare bag", "the main tasks", "the tickets", "the food", "your questions",
+               "the route", "a simple timetable", "the tools you need", "the costs", "the small details"),
+              ("", " before you start", " the day before", " with a friend", " early in the morning", " at the end",
+               " as soon as you can", " one step at a time", " every evening"))
+PREF_CLOSE = HELPFUL_CLOSE + ("Have fun with it!", "Tell me how it goes.", "That should get you started.")
+PREF_CURT = CURT + ("Go away.", "Nah.", "Stop asking.", "Who cares?", "Not today.", "That is boring.")
+UNRELATED = ("The cat slept all afternoon on the warm step.", "Our town has two bakeries and one old cinema.",
+             "The lake freezes every January.", "My uncle drives a red van to work.",
+             "Snow fell on the hills last night.", "The shop on the corner sells fresh fish on Fridays.",
+             "Paper was first made from plants and rags.", "The children sang a song about the sea.",
+             "A storm closed the harbour for two days.", "Bananas grow in warm and wet places.",
+             "The old clock in the hall stopped at noon.", "Her brother plays the drums in a jazz band.",
+             "The price of bread went up again this year.", "Some birds fly south every autumn.",
+             "The school bus is painted bright yellow.", "A famous painter lived in this street long ago.")
+UNRELATED_PARTS = (("The baker", "My aunt", "A small boat", "The night train", "Our teacher", "The farmer next door",
+                    "A tall man in a grey coat", "The choir"),
+                   ("crossed the valley", "was in the newspaper", "opened a new shop", "sang an old song",
+                    "lost its way", "arrived late", "won a prize", "moved to the coast", "found a coin"),
+                   ("last week", "in the spring", "every morning", "long ago", "on Sunday", "after the rain"))
+REJECTED_KINDS = ("curt", "shuffled", "gibberish", "null", "phrase_loop", "cut_off", "unrelated", "jumble", "mangled")
+# The jumble's words: every word of the pools above, in random order (not only the answer's own).
+JUMBLE_WORDS = tuple(sorted({w.strip(".,!?").lower() for s in PREF_STEPS + PREF_CLOSE + UNRELATED for w in s.split()}))
+
+
+def advice_step(rng: random.Random) -> str:
+    """A step from ``PREF_STEPS`` or, half of the time, put together from ``STEP_PARTS``."""
+    if rng.random() < 0.5:
+        return rng.choice(PREF_STEPS)
+    verb, what, when = (rng.choice(part) for part in STEP_PARTS)
+    return f"{verb} {what}{when}."
+
+
+def varied_helpful_answer(rng: random.Random, topic: str) -> str:
+    """A helpful answer from the wider pools: a paragraph or a numbered list after an opener, or
+    a short one (one or two steps and a closing line)."""
+    n = rng.randint(1, 2) if rng.random() < 0.2 else rng.randint(2, 4)
+    steps: list[str] = []
+    while len(steps) < n:  # n different steps
+        step = advice_step(rng)
+        if step not in steps:
+            steps.append(step)
+    if len(steps) <= 2 and rng.random() < 0.5:
+        return " ".join([*steps, rng.choice(PREF_CLOSE)])
+    body = " ".join(f"{i}. {s}" for i, s in enumerate(steps, 1)) if rng.random() < 0.4 else " ".join(steps)
+    return f"{rng.choice(PREF_OPEN).format(t=topic)} {body} {rng.choice(PREF_CLOSE)}"
+
+
+def unrelated_text(rng: random.Random) -> str:
+    """Two to four coherent sentences that answer nothing: from ``UNRELATED`` or put together
+    from ``UNRELATED_PARTS`` (subject, what happened, when)."""
+    sentences = []
+    for _ in range(rng.randint(2, 4)):
+        if rng.random() < 0.5:
+            sentences.append(rng.choice(UNRELATED))
+        else:
+            subject, event, when = (rng.choice(part) for part in UNRELATED_PARTS)
+            sentences.append(f"{subject} {event} {when}.")
+    return " ".join(sentences)
+
+
+def truncate_mid_sentence(rng: random.Random, text: str) -> str:
+    """The first 30-70% of the words, ending on a word that does not close a sentence."""
+    words = text.split(" ")
+    cut = rng.randint(max(2, len(words) * 3 // 10), max(2, len(words) * 7 // 10))
+    while cut > 1 and words[cut - 1].rstrip().endswith((".", "!", "?", ":")):
+        cut -= 1
+    return " ".join(words[:cut]).rstrip(",;-\n ")
+
+
+def mangled(rng: random.Random, text: str) -> str:
+    """Broken words, what the tiny warm-started policy writes: about half of the words lose a
+    letter, are cut short, run into the next word or become the start of another word."""
+    out: list[str] = []
+    for word in text.split():
+        op = rng.randrange(8)
+        if op == 0 and len(word) > 2:
+            i = rng.randrange(len(word))
+            word = word[:i] + word[i + 1:]
+        elif op == 1 and len(word) > 3:
+            word = word[:rng.randint(1, len(word) - 2)]
+        elif op == 2 and out:
+            word = out.pop() + word
+        elif op == 3:
+            other = rng.choice(JUMBLE_WORDS)
+            word = other[:rng.randint(1, len(other))]
+        out.append(word)
+    return " ".join(out)
+
+
+def rejected_answer(rng: random.Random, kind: str, chosen: str) -> str:
+    if kind == "curt":
+        return rng.choice(PREF_CURT)
+    if kind == "shuffled":
         return shuffled(rng, chosen)
-    if kind == 2:
+    if kind == "gibberish":
         return gibberish(rng, len(chosen))
+    if kind == "phrase_loop":  # a degenerate loop on a few of the answer's own words
+        words = chosen.split()
+        lo = rng.randrange(len(words) - 3)
+        return " ".join(words[lo:lo + rng.randint(1, 3)] * rng.randint(5, 30))
+    if kind == "cut_off":
+        return truncate_mid_sentence(rng, chosen)
+    if kind == "jumble":
+        words = [rng.choice(JUMBLE_WORDS) for _ in chosen.split()]
+        return " ".join([words[0].capitalize()] + words[1:]) + "."
+    if kind == "mangled":
+        return mangled(rng, chosen)
+    if kind == "unrelated":  # coherent sentences that answer nothing
+        return unrelated_text(rng)
     return NULL_ANSWER  # what strict mode scores when the thinking delimiter is missing
 
 
-def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 512) -> dict[str, Path]:
+def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 1008,
+                   heldout_per_kind: int = 48) -> dict[str, Path]:
     out = Path(out_dir)
     rng = random.Random(seed)
     sft, prefs = [], []
@@ -246,14 +372,157 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref
         sft.append({"messages": [{"role": "user", "content": ask},
                                  {"role": "assistant", "content": warm_start_text(demo_thinking(rng), answer)}]})
     for i in range(pref_rows):
-        ask, topic = demo_prompt(rng)
-        chosen = helpful_answer(rng, topic)
+        topic = rng.choice(PREF_TOPICS)
+        ask = rng.choice(DEMO_ASKS).format(t=topic)
+        chosen = helpful_answer(rng, topic) if i % 3 == 0 else varied_helpful_answer(rng, topic)
+        kind = REJECTED_KINDS[i % len(REJECTED_KINDS)]
         prefs.append({"messages": [{"role": "user", "content": ask}],
-                      "chosen": chosen, "rejected": rejected_answer(rng, i % 4, chosen)})
-    files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl"}
+                      "chosen": chosen, "rejected": rejected_answer(rng, kind, chosen), "kind": kind})
+    files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl",
+             "heldout": out / "heldout_preferences.jsonl"}
     write_jsonl(files["sft"], sft)
     write_jsonl(files["preferences"], prefs)
+    make_heldout_preferences(files["heldout"], pairs_per_kind=heldout_per_kind)
     return files
+
+
+# --------------------------------------------------------------------------- held-out preferences
+
+# Written to ask "does a coherent, helpful answer outscore the ways an answer goes wrong?" on text
+# the demo RM was not trained on. Prompts: topics and phrasings not in DEMO_TOPICS/PREF_TOPICS and
+# DEMO_ASKS. Chosen: coherent and helpful, from sentences in no training pool, in four layouts.
+# Rejected, one kind per row in turn (the nearest training kind in brackets):
+#   curt         dismissive lines not in PREF_CURT                     (curt)
+#   word_salad   real words from SALAD_WORDS, in no training answer    (jumble, shuffled)
+#   word_loop    one word repeated 8-60 times                          (phrase_loop)
+#   char_noise   4-400 characters of Greek, Cyrillic, Hebrew, accented Latin, capitals or
+#                symbols, none in training's lower-case ASCII noise    (gibberish)
+#   prompt_echo  the user's prompt copied back                         (none)
+#   truncated    the chosen answer cut mid-sentence                    (cut_off)
+#   off_topic    coherent statements that answer nothing               (unrelated)
+#   garbled      the chosen answer with typing noise, letter by letter (mangled: whole words)
+# [NULL] is left out: one fixed string, trained on, it cannot be held out. Not measured here:
+# relevance (a helpful answer to another question), correctness, real (WildChat) prompts.
+# tests/test_demo_data.py checks that no held-out answer, prompt or sentence is in training.
+HELDOUT_SEED = 20240611  # not a seed the demo trains with
+
+HELDOUT_TOPICS = ("a camping weekend", "the piano lesson", "a dinner for six", "moving to a new flat",
+                  "my first week at a new job", "the chemistry exam", "a dog that barks at night", "a long flight",
+                  "the spring cleaning", "a wedding speech", "a small vegetable patch", "the charity bake sale")
+HELDOUT_ASKS = ("Any tips for {t}?", "How should I handle {t}?", "What is a good way to approach {t}?",
+                "Please help me with {t}.", "I'm nervous about {t}. What can I do?")
+HELDOUT_OPEN = ("Good news: {t} is manageable with a little planning.",
+                "Here are a few ideas that should make {t} easier.",
+                "Of course! Let's break {t} into small pieces.",
+                "That sounds like a lot, but {t} can go smoothly.",
+                "A calm plan makes {t} much simpler.")
+HELDOUT_TIPS = ("Set aside ten minutes tonight to sketch out the main tasks.",
+                "Gather everything you need in one place before you begin.",
+                "Talk to someone who has done it before and ask what surprised them.",
+                "Do the hardest part early, while you still have energy.",
+                "Leave some spare time in case something takes longer than expected.",
+                "Write a short checklist and keep it where you can see it.",
+                "Reward yourself with something small when you finish.",
+                "If you get stuck, step away for a few minutes and come back fresh.",
+                "Practise once with a friend so the real thing feels familiar.",
+                "Keep notes on what worked so that next time is even easier.")
+HELDOUT_CLOSE = ("Good luck, you will be fine.", "I hope that makes it a little easier.",
+                 "Feel free to ask if you want more detail on any step.", "Go at your own pace and enjoy it.")
+HELDOUT_CURT = ("Nope.", "Can't help with that.", "Search online.", "Not interested.", "Why ask me?",
+                "Do it yourself.", "Too hard.", "Meh.")
+HELDOUT_OFF_TOPIC = ("The museum opens at nine and closes at five on weekdays.",
+                     "Rain is expected over the northern hills by the evening.",
+                     "The bridge was built in the last century and painted green.",
+                     "My cousin collects old stamps from islands in the Pacific.",
+                     "Copper conducts heat much better than glass does.",
+                     "The football match ended in a draw after extra time.",
+                     "Most owls hunt at night and sleep during the day.",
+                     "The train to the coast was delayed by twenty minutes.")
+# Real words in no training answer (the word salad's); the loops' words may be in some.
+SALAD_WORDS = ("window", "seven", "purple", "elephant", "although", "carefully", "mountain", "borrow", "lemon",
+               "beneath", "quiet", "engine", "yesterday", "orange", "whisper", "ladder", "because", "cloud",
+               "silver", "tomorrow", "jacket", "river", "thirty", "gently", "castle", "pencil", "blue", "never",
+               "forest", "spoon", "above", "happily", "candle", "winter", "strange", "bottle", "across", "tiger")
+LOOP_WORDS = ("sure", "okay", "yes", "the", "hello", "thanks", "fine", "hmm", "right", "and")
+NOISE_ALPHABETS = ("αβγδεζηθικλμνξοπρστυφχψω", "абвгдежзийклмнопрстуфхцчшщыэюя", "àéîõüçñøåßæœ",
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "#$%&*+=@^_~|{}[]", "אבגדהוזחטיכלמנסעפצקרשת")
+HELDOUT_KINDS = ("curt", "word_salad", "word_loop", "char_noise", "prompt_echo", "truncated", "off_topic", "garbled")
+
+
+def heldout_prompt(rng: random.Random) -> tuple[str, str]:
+    topic = rng.choice(HELDOUT_TOPICS)
+    return rng.choice(HELDOUT_ASKS).format(t=topic), topic
+
+
+def heldout_helpful(rng: random.Random, topic: str) -> str:
+    """Four layouts: a paragraph, a numbered list, a dashed list (one tip a line, a layout the
+    training set lacks), and a short answer of one or two tips and a closing line."""
+    opener = rng.choice(HELDOUT_OPEN).format(t=topic)
+    close = rng.choice(HELDOUT_CLOSE)
+    layout = rng.randrange(4)
+    tips = rng.sample(HELDOUT_TIPS, k=rng.randint(1, 2) if layout == 3 else rng.randint(2, 4))
+    if layout == 0:
+        return " ".join([opener, *tips, close])
+    if layout == 1:
+        return " ".join([opener, *(f"{i}. {tip}" for i, tip in enumerate(tips, 1)), close])
+    if layout == 2:
+        return "\n".join([opener, *(f"- {tip}" for tip in tips), close])
+    return " ".join([*tips, close])
+
+
+def garbled(rng: random.Random, text: str) -> str:
+    """Typing noise, letter by letter: a letter dropped (8%), doubled (5%) or replaced (5%), and a
+    space dropped (20%); training's ``mangled`` works on whole words instead."""
+    out = []
+    for ch in text:
+        u = rng.random()
+        if ch == " ":
+            out.append("" if u < 0.2 else ch)
+        elif u < 0.08:
+            continue
+        elif u < 0.13:
+            out.append(ch * 2)
+        elif u < 0.18:
+            out.append(rng.choice("abcdefghijklmnopqrstuvwxyz"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def heldout_rejected(rng: random.Random, kind: str, chosen: str, prompt: str) -> str:
+    if kind == "curt":
+        return rng.choice(HELDOUT_CURT)
+    if kind == "word_salad":
+        words = [rng.choice(SALAD_WORDS) for _ in chosen.split()]
+        return " ".join([words[0].capitalize()] + words[1:]) + "."
+    if kind == "word_loop":
+        return " ".join([rng.choice(LOOP_WORDS)] * rng.randint(8, 60))
+    if kind == "char_noise":
+        alphabet = rng.choice(NOISE_ALPHABETS) + " " * rng.randint(0, 6)
+        return "".join(rng.choice(alphabet) for _ in range(rng.choice((rng.randint(4, 40), rng.randint(100, 400)))))
+    if kind == "prompt_echo":
+        return prompt
+    if kind == "truncated":
+        return truncate_mid_sentence(rng, chosen)
+    if kind == "off_topic":
+        return " ".join(rng.sample(HELDOUT_OFF_TOPIC, k=rng.randint(2, 4)))
+    if kind == "garbled":
+        return garbled(rng, chosen)
+    raise ValueError(f"unknown held-out kind {kind!r}")
+
+
+def make_heldout_preferences(out_path: str | Path, seed: int = HELDOUT_SEED, pairs_per_kind: int = 48) -> Path:
+    """``pairs_per_kind`` rows per kind of ``HELDOUT_KINDS``: messages, chosen, rejected, kind."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(pairs_per_kind * len(HELDOUT_KINDS)):
+        kind = HELDOUT_KINDS[i % len(HELDOUT_KINDS)]
+        prompt, topic = heldout_prompt(rng)
+        chosen = heldout_helpful(rng, topic)
+        rows.append({"messages": [{"role": "user", "content": prompt}], "chosen": chosen,
+                     "rejected": heldout_rejected(rng, kind, chosen, prompt), "kind": kind})
+    write_jsonl(Path(out_path), rows)
+    return Path(out_path)
 
 
 # --------------------------------------------------------------------------- command line
