@@ -103,6 +103,37 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
         assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
 
 
+def test_dapo_and_reinforce_pp_baseline_options_in_one_tp2_run(tiny_models, tmp_path):
+    """REINFORCE++-baseline, straight-through k3+, the adaptive KL controller, seq_mean_token_sum,
+    dynamic sampling and the overlong penalty, all in one GRPO run at TP=2 (their formulas are
+    checked in test_algorithms.py / test_updates.py / test_step_rollouts.py; here: the loop runs
+    them, and the controller's coefficient follows its formula from the logged KL, into the
+    checkpoint)."""
+    out = tmp_path / "run"
+    target, horizon, coef = 0.001, 10.0, 0.05
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_models, out, build={"parallel": {"tp": 2}},
+                       run={"total_steps": 2, "save_every": 1},
+                       algorithm={"advantage": "reinforce_pp_baseline", "kl_estimator": "k3+", "kl_coef": coef,
+                                  "kl_control": {"kind": "adaptive", "target": target, "horizon": horizon},
+                                  "aggregation": "seq_mean_token_sum",
+                                  "dynamic_sampling": {"enabled": True, "max_extra_rounds": 1}},
+                       reward={"overlong_buffer_tokens": 4})
+    torchrun(2, ["-m", "rlmt_megatron.cli.train", str(cfg)], timeout=600)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    n = 2 * 3  # prompts_per_step x samples_per_prompt: dynamic sampling keeps the batch's size
+    for r in rows:
+        assert math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert r["rollout/logprob_diff_max"] <= 1e-4
+        assert 1 <= r["dynamic_sampling/rounds"] <= 2 and r["reward/overlong_penalty_mean"] <= 0
+    expected = coef
+    for r in rows:
+        assert r["kl/coef"] == pytest.approx(expected, rel=1e-12)
+        expected *= 1 + min(max(r["kl/old_ref_seq_mean"] / target - 1, -0.2), 0.2) * n / horizon
+    extra = json.loads((out / "checkpoints" / "step_00000002" / "extra.json").read_text())
+    assert extra["kl_coef"] == pytest.approx(expected, rel=1e-12) and expected != coef
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one process (world of one), clear one-line errors, exit status 2.
 

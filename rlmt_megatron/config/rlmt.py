@@ -104,21 +104,47 @@ class RolloutConfig(StrictModel):
         return self
 
 
+class KLControlConfig(StrictModel):
+    """How ``algorithm.kl_coef`` evolves: ``fixed``, or ``adaptive`` (Ziegler et al. 2019, verl's
+    ``AdaptiveKLController``): after each step the coefficient moves towards ``target`` KL,
+    by at most 20% of ``samples / horizon`` (``algorithms/kl_control.py``)."""
+
+    kind: Literal["fixed", "adaptive"] = "fixed"
+    target: PositiveFloat = Field(0.1, description="adaptive: the KL (per-token mean, averaged over sequences) aimed at")
+    horizon: PositiveFloat = Field(10000.0, description="adaptive: samples over which an error is corrected")
+
+
+class DynamicSamplingConfig(StrictModel):
+    """DAPO's dynamic sampling (Yu et al. 2025; verl's ``filter_groups``): a prompt whose samples
+    all got the same reward teaches GRPO nothing (every advantage is 0), so such groups are
+    dropped and more prompts are sampled until ``data.prompts_per_step`` groups remain."""
+
+    enabled: bool = False
+    max_extra_rounds: NonNegativeInt = Field(
+        4, description="generation rounds after the first before the step goes on anyway; the batch is then "
+        "filled with dropped groups (advantage 0) so it keeps its size")
+
+
 class AlgorithmConfig(StrictModel):
     name: Literal["grpo", "ppo", "dpo"] = "grpo"
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
-        "grpo", description="name=grpo: grpo, dr_grpo, rloo (outcome estimators over the samples of one prompt) or "
-        "reinforce_pp (REINFORCE++: discounted returns whitened over the global batch, no groups)")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "grpo", description="name=grpo: grpo, dr_grpo, rloo (outcome estimators over the samples of one prompt), "
+        "reinforce_pp (REINFORCE++: discounted returns whitened over the global batch, no groups) or "
+        "reinforce_pp_baseline (REINFORCE++-baseline: reward minus its group's mean, whitened over the batch's tokens)")
     clip_low: NonNegativeFloat = 0.2
     clip_high: NonNegativeFloat = 0.2
     dual_clip_c: Optional[float] = Field(3.0, description="dual-clip constant (> 1) or null")
     kl_coef: NonNegativeFloat = Field(0.001, description="KL(policy || reference) coefficient; 0 = no reference model")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = Field(
+        "k3", description="k1, k2, k3 (Schulman's estimators); k1+ / k3+: that value with k2's gradient "
+        "(straight-through, verl's k3+)")
+    kl_control: KLControlConfig = Field(default_factory=KLControlConfig)
     kl_in: Literal["loss", "reward"] = Field(
         "loss", description="loss: kl_coef * KL is a term of the policy loss (GRPO style); reward: kl_coef * KL of "
         "the rollout policy is subtracted from every response token's reward before the advantages (PPO style)")
     entropy_coef: NonNegativeFloat = 0.001
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = "token_mean"
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     updates_per_rollout: PositiveInt = Field(1, description="optimizer steps per rollout batch (mini-batches, 1 epoch)")
     # PPO (gamma also REINFORCE++)
     gamma: float = Field(1.0, ge=0.0, le=1.0)
@@ -138,6 +164,12 @@ class AlgorithmConfig(StrictModel):
         if self.name != "grpo" and self.advantage != "grpo":
             raise ValueError(f"algorithm.advantage={self.advantage} applies to name=grpo only ({self.name} "
                              f"{'uses GAE' if self.name == 'ppo' else 'computes no advantages'}): remove it")
+        if self.kl_control.kind == "adaptive" and (self.kl_coef == 0 or self.name == "dpo"):
+            raise ValueError("algorithm.kl_control.kind=adaptive scales algorithm.kl_coef: it needs kl_coef > 0 and "
+                             "a KL penalty (grpo or ppo; dpo's beta is fixed)")
+        if self.dynamic_sampling.enabled and self.name != "grpo":
+            raise ValueError("algorithm.dynamic_sampling drops prompts whose samples all got one reward (their GRPO "
+                             f"advantages are 0); it applies to name=grpo, not {self.name}")
         if self.kl_in == "reward" and self.name == "dpo":
             raise ValueError("algorithm.kl_in=reward folds the KL penalty into the rewards that advantages are "
                              "computed from; dpo has neither (dpo_beta already ties it to the reference): "
@@ -153,6 +185,10 @@ class RewardConfig(StrictModel):
         8192, description="padded tokens per forward-only micro-batch of the reward model (it only scores, so "
         "this one budget is all it has; the trainer's roles take theirs from the batching section)")
     max_length: Optional[PositiveInt] = Field(None, description="RM inputs longer than this keep BOS + the tail")
+    overlong_buffer_tokens: NonNegativeInt = Field(
+        0, description="DAPO's soft overlong penalty: a response longer than rollout.max_new_tokens minus this many "
+        "tokens loses overlong_penalty_factor * (excess / buffer) reward, down to -factor at the limit; 0 = off")
+    overlong_penalty_factor: NonNegativeFloat = Field(1.0, description="the overlong penalty at the length limit")
 
 
 
@@ -179,6 +215,9 @@ class RLMTConfig(StrictModel):
             raise ValueError("algorithm.name=grpo compares samples of one prompt: rollout.samples_per_prompt must be >= 2")
         if a.name == "dpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algorithm.name=dpo pairs best vs worst: rollout.samples_per_prompt must be >= 2")
+        if self.reward.overlong_buffer_tokens > self.rollout.max_new_tokens:
+            raise ValueError(f"reward.overlong_buffer_tokens={self.reward.overlong_buffer_tokens} is longer than "
+                             f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.rollout.engine == "sglang" and not self.rollout.sglang_url:
             raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
         # Checked here so every rank fails together (the engine itself exists on rank 0 only).

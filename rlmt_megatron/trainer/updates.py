@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from rlmt_megatron.algorithms import fold_kl_into_rewards, gae, masked_whiten, reinforce_pp
+from rlmt_megatron.algorithms import fold_kl_into_rewards, gae, get_kl_estimator, masked_whiten, reinforce_pp
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
 from rlmt_megatron.config.rlmt import AlgorithmConfig
 from rlmt_megatron.distributed.collectives import dp_all_reduce, dp_gather, dp_rank_and_size, dp_shard, shard_bounds
@@ -116,6 +116,23 @@ def _token_rewards(a: AlgorithmConfig, local: Sequence[Rollout], old,
     return masks, rewards
 
 
+def _reference_kl(a: AlgorithmConfig, local: Sequence[Rollout], old, ref) -> dict[str, float]:
+    """KL(old policy || reference) of the global batch, as the adaptive KL controller reads it
+    (verl's ``current_kl``): each trainable rollout's mean over its response tokens of
+    ``a.kl_estimator``, averaged over the rollouts. Nothing without a reference model."""
+    if ref is None:
+        return {}
+    estimator = get_kl_estimator(a.kl_estimator)
+    total, count = 0.0, 0
+    for r, o, f in zip(local, old, ref):
+        if r.trainable:
+            start = len(r.prompt_ids) - 1
+            total += float(estimator(o[start:].double(), f[start:].double()).mean())
+            count += 1
+    total, count = dp_all_reduce([total, count])
+    return {"kl/old_ref_seq_mean": total / count} if count else {}
+
+
 def _token_samples(local: Sequence[Rollout], masks, advantages, old, ref) -> list[Sample]:
     out = []
     for i, r in enumerate(local):
@@ -140,17 +157,25 @@ def _reinforce_pp_advantages(a: AlgorithmConfig, masks, token_rewards) -> list[t
 def grpo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperature: float,
                 max_new_tokens: int) -> dict[str, float]:
     """Critic-free policy update: outcome advantages per prompt group (``grpo``, ``dr_grpo``,
-    ``rloo``) spread over the response, or REINFORCE++ token advantages (``reinforce_pp``)."""
+    ``rloo``) spread over the response, or REINFORCE++ token advantages (``reinforce_pp``, and
+    ``reinforce_pp_baseline``: group-centred scores whitened over the global batch's tokens)."""
     temperature = temperature or 1.0
     rank, size = dp_rank_and_size()
     lo, hi = shard_bounds(len(rollouts), rank, size)
     local = rollouts[lo:hi]
     timer = PhaseTimer()
     old, ref = _old_and_ref_logp(roles, [sequence_of(r) for r in local], temperature, timer)
-    metrics = _logprob_diff(local, old)
+    metrics = _logprob_diff(local, old) | _reference_kl(a, local, old, ref)
     if a.advantage == "reinforce_pp":
         masks, token_rewards = _token_rewards(a, local, old, ref)
         samples = _token_samples(local, masks, _reinforce_pp_advantages(a, masks, token_rewards), old, ref)
+    elif a.advantage == "reinforce_pp_baseline":
+        masks, token_rewards = _token_rewards(a, local, old, ref)
+        # the group means need every rollout's (KL-penalised) score: groups may span DP ranks
+        centered = group_advantages(rollouts, "dr_grpo", dp_gather([float(t.sum()) for t in token_rewards]))
+        advantages = masked_whiten([centered[lo + i] * m.double() for i, m in enumerate(masks)], masks,
+                                   reduce=dp_all_reduce)
+        samples = _token_samples(local, masks, advantages, old, ref)
     else:
         scores = None
         if a.kl_in == "reward" and a.kl_coef > 0:
@@ -192,7 +217,7 @@ def ppo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperatur
     policy_samples = _token_samples(local, masks, advs, old, ref)
     critic_samples = [Sample(s.input_ids, {"loss_mask": masks[i], "returns": returns[i].float(),
                                            "old_values": old_values[i].float()}) for i, s in enumerate(policy_samples)]
-    metrics = _logprob_diff(local, old)
+    metrics = _logprob_diff(local, old) | _reference_kl(a, local, old, ref)
     k = a.updates_per_rollout
     with timer.phase("critic_update"):
         value_loss = value_loss_fn(a.value_clip, a.aggregation, _norm_constant(a, max_new_tokens))
