@@ -4,7 +4,7 @@ every other module can use it and it can be tested in isolation.
 
 Every estimator or loss is a plain function registered by name in a small dict
 (``ADVANTAGE_ESTIMATORS``, ``KL_ESTIMATORS``, ``POLICY_LOSSES``, ``VALUE_LOSSES``,
-``SFT_LOSSES``, ``DPO_LOSSES``, ``AGGREGATIONS``); the matching ``get_*`` raises ValueError
+``SFT_LOSSES``, ``DPO_LOSSES``, ``AGGREGATIONS``, ``ROLLOUT_CORRECTIONS``); the matching ``get_*`` raises ValueError
 listing the valid names.
 """
 
@@ -44,6 +44,8 @@ from .policy_loss import (
     policy_objective,
     ppo_clip,
 )
+from .policy_variants import cispo, gspo, gspo_token, sequence_log_ratio
+from .rollout_correction import ROLLOUT_CORRECTIONS, get_rollout_correction, icepop, mis, tis
 from .bradley_terry import bradley_terry
 from .sft_loss import SFT_LOSSES, get_sft_loss, nll
 from .value_loss import VALUE_LOSSES, clipped_value_loss, get_value_loss
