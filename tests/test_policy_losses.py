@@ -30,7 +30,8 @@ from rlmt_megatron.algorithms import (
     tis,
 )
 from rlmt_megatron.config.rlmt import load_rlmt_config
-from test_algorithms import close, make_batch, ref_ppo
+from test_algorithms import close, make_batch
+from test_updates import config, roles, run_update, stand_ins, valid_actions  # noqa: F401 (stand_ins: a fixture)
 
 T = 7
 
@@ -90,8 +91,8 @@ def ref_loss_and_grad(name, lp, olp, adv, valid, lo, hi, weights=None, seq_mean=
 
 def ref_correction(name, olp, rlp, lengths, **kw):
     """(weight rows, keep rows) of a rollout correction."""
-    weight = [[0.0] * T for _ in lengths]
-    keep = [[False] * T for _ in lengths]
+    weight = [[0.0] * len(row) for row in olp]
+    keep = [[False] * len(row) for row in olp]
     for b, n in enumerate(lengths):
         rho = [math.exp(clamp(olp[b][t] - rlp[b][t], -20.0, 20.0)) for t in range(n)]
         if name == "mis":
@@ -302,3 +303,157 @@ def test_policy_objective_applies_the_correction_to_value_and_gradient(loss, nam
     close(grad, ref_grad, 1e-12)
     assert torch.equal(parts["pg_loss"], total)
     assert 0 < kept.sum() <= mask.sum() and (name == "tis") == bool((kept == mask.sum(-1)).all())
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["algorithm.name=ppo", "algorithm.policy_loss=gspo"], "needs one advantage per sequence"),
+    (["algorithm.advantage=reinforce_pp", "algorithm.policy_loss=gspo"], "use policy_loss=gspo_token"),
+    (["algorithm.policy_loss=cispo", "algorithm.dual_clip_c=2.0"], "dual_clip_c applies to policy_loss=ppo_clip only"),
+    (["algorithm.clip_low=1.0"], "only cispo allows clip_low=1"),
+    (["algorithm.name=dpo", "algorithm.rollout_correction.mode=tis"], "apply to grpo and ppo"),
+    (["algorithm.rollout_correction.mode=tis", "algorithm.rollout_correction.high=2"], "high applies to another"),
+    (["algorithm.rollout_correction.mode=mis", "algorithm.rollout_correction.tis_cap=2"], "tis_cap applies to another"),
+    (["algorithm.rollout_correction.mode=icepop", "algorithm.rollout_correction.low=1", "algorithm.rollout_correction.high=1"],
+     "is empty"),
+    (["algorithm.rollout_correction.mode=tis", "algorithm.rollout_correction.tis_cap=0.5"], "greater than or equal to 1"),
+    (["algorithm.rollout_correction.mode=trunc"], "'none', 'tis', 'mis' or 'icepop'"),
+    (["algorithm.policy_loss=grpo"], "'ppo_clip', 'gspo', 'gspo_token' or 'cispo'"),
+])
+def test_impossible_combinations_fail_at_load(overrides, message):
+    with pytest.raises(Exception, match=message):
+        load_rlmt_config(None, ["models.policy=a", "models.reward=b", "data.prompts=[p]", *overrides])
+
+
+def test_config_defaults_of_the_corrections():
+    def kwargs(*o):
+        return load_rlmt_config(None, ["models.policy=a", "models.reward=b", "data.prompts=[p]", *o]
+                                ).algorithm.rollout_correction.kwargs()
+
+    mode = "algorithm.rollout_correction.mode="
+    assert kwargs(mode + "tis") == {"cap": 2.0}
+    assert kwargs(mode + "icepop") == {"low": 0.5, "high": 5.0}
+    assert kwargs(mode + "mis") == {"low": 1 / 1.001, "high": 1.001, "seq_ratio": "geometric_mean"}
+    assert kwargs(mode + "mis", "algorithm.rollout_correction.seq_ratio=product") == {
+        "low": 0.5, "high": 2.0, "seq_ratio": "product"}
+
+
+# ----------------------------------------------------------------------------- the updates' wiring
+
+
+def padded_rows(samples, field):
+    width = max(s.fields[field].numel() for s in samples)
+    return [s.fields[field].double().tolist() + [0.0] * (width - s.fields[field].numel()) for s in samples]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+@pytest.mark.parametrize("name,kw", CORRECTIONS, ids=[f"{n}-{k.get('seq_ratio', '')}" for n, k in CORRECTIONS])
+def test_updates_apply_the_correction_from_the_engine_logprobs(stand_ins, algorithm, name, kw):
+    """What train_step receives: per policy sample, the correction's weight as ``is_weight`` and
+    its kept tokens as ``loss_mask``, from the trainer's old logprobs and the engine's (here the
+    old ones plus noise); the PPO critic still sees every token."""
+    rollouts, models = stand_ins
+    g = torch.Generator().manual_seed(8)
+    for r in rollouts:
+        old = models.old[tuple(r.prompt_ids + r.response_ids)][len(r.prompt_ids) - 1:].double()
+        r.engine_logprobs = (old + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)).tolist()
+    options = {"tis": [f"tis_cap={kw.get('cap')}"], "icepop": [f"low={kw.get('low')}", f"high={kw.get('high')}"],
+               "mis": [f"low={kw.get('low')}", f"high={kw.get('high')}", f"seq_ratio={kw.get('seq_ratio', 'geometric_mean')}"]}
+    cfg = config(f"algorithm.name={algorithm}", f"algorithm.rollout_correction.mode={name}",
+                 *(f"algorithm.rollout_correction.{o}" for o in options[name]))
+    r = roles(cfg)
+    metrics = run_update(cfg, r, rollouts)
+    ((samples, _),) = r.policy.calls
+    old = padded_rows(samples, "old_logp")
+    width = len(old[0])
+    valid = [valid_actions(x) + [False] * (width - len(valid_actions(x))) for x in rollouts]
+    engine = [[0.0] * width for _ in rollouts]
+    for b, x in enumerate(rollouts):
+        for j, lp in enumerate(x.engine_logprobs):
+            engine[b][len(x.prompt_ids) - 1 + j] = lp
+    # the hand formula takes right-aligned valid tokens: shift each row so its response starts at 0
+    starts = [len(x.prompt_ids) - 1 for x in rollouts]
+    shift = [lambda row, s=s: row[s:] + [0.0] * s for s in starts]
+    lengths = [sum(v) for v in valid]
+    ref_w, ref_keep = ref_correction(name, [f(o) for f, o in zip(shift, old)], [f(e) for f, e in zip(shift, engine)],
+                                     lengths, **kw)
+    got_w = [f(row) for f, row in zip(shift, padded_rows(samples, "is_weight"))]
+    got_keep = [f(row) for f, row in zip(shift, padded_rows(samples, "loss_mask"))]
+    close(got_w, ref_w, 1e-6)
+    assert [[bool(v) for v in row] for row in got_keep] == ref_keep
+    n_valid, n_masked = sum(lengths), sum(n - sum(k) for n, k in zip(lengths, ref_keep))
+    assert metrics["rollout_correction/masked_token_frac"] == pytest.approx(n_masked / n_valid)
+    kept_w = [w for row_w, row_k in zip(ref_w, ref_keep) for w, k in zip(row_w, row_k) if k]
+    assert metrics["rollout_correction/weight_mean"] == pytest.approx(sum(kept_w) / len(kept_w), rel=1e-6)
+    assert metrics["rollout_correction/weight_max"] == pytest.approx(max(kept_w), rel=1e-6)
+    if algorithm == "ppo":
+        ((critic_samples, _),) = r.critic.calls
+        assert [row[:width] for row in padded_rows(critic_samples, "loss_mask")] == [[float(v) for v in row] for row in valid]
+
+
+def test_a_step_whose_every_token_is_masked_trains_nothing(stand_ins):
+    rollouts, _ = stand_ins
+    cfg = config("algorithm.rollout_correction.mode=icepop", "algorithm.rollout_correction.low=1.0",
+                 "algorithm.rollout_correction.high=1.000001")  # engine logprobs are -1: no ratio is 1
+    r = roles(cfg)
+    metrics = run_update(cfg, r, rollouts)
+    assert r.policy.calls == [] and metrics["rollout_correction/skipped_update"] == 1.0
+    assert metrics["rollout_correction/masked_token_frac"] == 1.0
+
+
+# ----------------------------------------------------------------------------- one torchrun job
+
+
+@pytest.fixture(scope="module")
+def option_runs(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("policy_loss_options") / "results.pt"
+    torchrun(2, ["tests/workers/policy_loss_options_worker.py", "--model", str(tiny_models / "llama-policy"),
+                 "--out", str(out)], timeout=300)
+    return torch.load(out)
+
+
+def test_every_option_runs_in_a_grpo_update_at_tp2_and_changes_it(option_runs):
+    from workers.policy_loss_options_worker import OPTIONS
+
+    base = option_runs["baseline"]
+    for name in OPTIONS:
+        m = option_runs[name]["metrics"]
+        assert all(math.isfinite(v) for v in m.values()), (name, m)
+        assert m["grad_norm"] > 0 and option_runs[name]["moved"] > 1e-4, name
+        assert any(k.startswith("rollout_correction/") for k in m) == (name in ("tis", "mis", "icepop")), name
+        if name != "baseline":  # the option changed the update: other weights, another loss
+            assert option_runs[name]["vs_baseline"] > 1e-4, name
+            assert abs(m["loss/policy"] - base["metrics"]["loss/policy"]) > 1e-4, name
+    # the tiny clip ranges bite in the second (off-policy) mini-batch
+    for name in ("gspo", "gspo_token", "cispo"):
+        assert option_runs[name]["metrics"]["policy/clipfrac"] > 0, name
+
+
+@pytest.mark.parametrize("name,kw", [("tis", {"cap": 1.1}), ("mis", {"low": 1 / 1.1, "high": 1.1}),
+                                     ("icepop", {"low": 0.8, "high": 1.25})])
+def test_the_correction_metrics_of_the_run_match_the_formulas(option_runs, name, kw):
+    """Recomputed from the job's old and engine logprobs (the trainer's old logprobs of the update
+    are those of the same initial weights)."""
+    old_rows, engine_rows, lengths = [], [], []
+    for lp, (p, engine) in zip(option_runs["old_logp"], option_runs["rollouts"]):
+        resp = lp[p - 1:].double().tolist()
+        width = 8
+        old_rows.append(resp + [0.0] * (width - len(resp)))
+        engine_rows.append(engine + [0.0] * (width - len(engine)))
+        lengths.append(len(resp))
+    weight, keep = ref_correction(name, old_rows, engine_rows, lengths, **kw)
+    m = option_runs[name]["metrics"]
+    kept = [w for rw, rk in zip(weight, keep) for w, k in zip(rw, rk) if k]
+    masked = sum(lengths) - len(kept)
+    assert m["rollout_correction/masked_token_frac"] == pytest.approx(masked / sum(lengths), abs=1e-9)
+    assert m["rollout_correction/masked_seq_frac"] == pytest.approx(
+        sum(1 for n, rk in zip(lengths, keep) if sum(rk) < n) / len(lengths), abs=1e-9)
+    assert m["rollout_correction/weight_mean"] == pytest.approx(sum(kept) / len(kept), rel=1e-5)
+    assert m["rollout_correction/weight_max"] == pytest.approx(max(kept), rel=1e-5)
+    if name == "tis":
+        truncated = sum(1 for rw in weight for w in rw if w == 1.1)
+        assert truncated > 0 and m["rollout_correction/truncated_token_frac"] == pytest.approx(truncated / sum(lengths))
+    else:
+        assert 0 < masked < sum(lengths)
