@@ -756,6 +756,13 @@ def registry_checks():
         return (lambda: get_kl_estimator(name)(logp, ref)), [[ref_kl(base, a, b)
                                                                 for a, b in zip(r1, r2)] for r1, r2 in zip(rows["logp"], rows["ref"])]
 
+    def new_policy_loss(name):  # GSPO / CISPO: hand formulas in test_policy_losses.py
+        from test_policy_losses import ref_loss_and_grad
+
+        lo, hi = 0.2, 0.28
+        expected = ref_loss_and_grad(name, rows["logp"], rows["old"], rows["adv"], mask.tolist(), lo, hi)[0]
+        return (lambda: POLICY_LOSSES[name](logp, old, adv, mask, clip_low=lo, clip_high=hi)[0]), expected
+
     def dpo():
         z = [0.1 * ((a - c) - (b - d)) for a, b, c, d in zip(*(x.tolist() for x in pairs))]
         return (lambda: DPO_LOSSES["sigmoid"](*pairs, beta=0.1)[0]), [-ref_logsigmoid(v) for v in z]
@@ -774,7 +781,8 @@ def registry_checks():
         },
         "KL estimator": {name: kl(name) for name in ("k1", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+")},
         "policy loss": {"ppo_clip": ((lambda: POLICY_LOSSES["ppo_clip"](logp, old, adv, mask)[0]),
-                                     masked(lambda a, b, c: ref_ppo(a, b, c, 0.2, 0.2, 3.0), "logp", "old", "adv"))},
+                                     masked(lambda a, b, c: ref_ppo(a, b, c, 0.2, 0.2, 3.0), "logp", "old", "adv")),
+                        **{name: new_policy_loss(name) for name in ("gspo", "gspo_token", "cispo")}},
         "value loss": {"clipped_mse": ((lambda: VALUE_LOSSES["clipped_mse"](values, old, ret, mask)[0]),
                                        masked(lambda v, vo, r: ref_value(v, vo, r, 0.2), "values", "old", "ret"))},
         "SFT loss": {"nll": ((lambda: SFT_LOSSES["nll"](logp, mask)), masked(lambda x: -x, "logp"))},

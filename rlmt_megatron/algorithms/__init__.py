@@ -4,7 +4,7 @@ every other module can use it and it can be tested in isolation.
 
 Every estimator or loss is a plain function registered by name in a small dict
 (``ADVANTAGE_ESTIMATORS``, ``KL_ESTIMATORS``, ``POLICY_LOSSES``, ``VALUE_LOSSES``,
-``SFT_LOSSES``, ``DPO_LOSSES``, ``AGGREGATIONS``); the matching ``get_*`` raises ValueError
+``SFT_LOSSES``, ``DPO_LOSSES``, ``AGGREGATIONS``, ``ROLLOUT_CORRECTIONS``); the matching ``get_*`` raises ValueError
 listing the valid names.
 """
 
@@ -47,6 +47,8 @@ from .policy_loss import (
     policy_objective,
     ppo_clip,
 )
+from .policy_variants import cispo, gspo, gspo_token, sequence_log_ratio
+from .rollout_correction import ROLLOUT_CORRECTIONS, get_rollout_correction, icepop, mis, tis
 from .bradley_terry import bradley_terry
 from .reward_shaping import overlong_penalty
 from .sft_loss import SFT_LOSSES, get_sft_loss, nll
