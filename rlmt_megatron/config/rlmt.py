@@ -128,8 +128,8 @@ class AlgorithmConfig(StrictModel):
     dpo_beta: PositiveFloat = 0.1
     dpo_mode: Literal["online", "one_round"] = Field(
         "online", description="online: pairs from the current policy every step; one_round: the paper's — "
-        "pairs sampled from the initial model (the engine is never updated; a prompt seen again in a later "
-        "epoch is sampled afresh from that same initial model)")
+        "each prompt sampled once from the initial model (the engine is never updated) and its scored group "
+        "recorded in out_dir/one_round_rollouts, so a later epoch trains on the same pairs (trainer/one_round.py)")
 
     @model_validator(mode="after")
     def _check(self):

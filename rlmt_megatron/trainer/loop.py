@@ -35,6 +35,7 @@ from rlmt_megatron.config.rlmt import RLMTConfig
 from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
 from rlmt_megatron.trainer.run_folder import claim_run_folder, load_resume_state
 from rlmt_megatron.trainer.experience import check_trainable
+from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
 from rlmt_megatron.trainer.updates import UPDATES
@@ -94,6 +95,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
         restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
     saved = {step: resume_dir} if resume_dir is not None else {}
+    # one_round DPO: each prompt sampled once from the initial model, recalled in later epochs
+    pair_set = None if cfg.engine_follows_policy else OneRoundStore(out, resuming=resume_dir is not None)
     supervisor = RolloutSupervisor(cfg.rollout, cfg.weight_sync, roles.policy, model_dir, out, stop, restarts,
                                    follows_policy=cfg.engine_follows_policy, engine_dtype=cfg.engine_dtype(),
                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
@@ -127,15 +130,27 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 with activity(f"step {step}"), timer.phase("step"):
                     batch = sampler.next_batch()
                     conversations = [p.messages for p in batch]
-                    with activity("rollout"), timer.phase("rollout"):
-                        prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer,
-                                                                 conversations)
-                        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step)
-                        rollouts = supervisor.generate(prompt_ids, params)
-                    supervisor.sleep()  # colocated engines free their GPU memory for training
-                    with activity("reward"), timer.phase("reward"):
-                        parse_and_score(cfg.format, roles.tokenizer, roles.scorer, rollouts, conversations)
-                        check_trainable(rollouts)
+                    prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer,
+                                                             conversations)
+                    params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step)
+
+                    def sample(positions: list[int]) -> list:
+                        """Generate and score the prompts at these batch positions."""
+                        with activity("rollout"), timer.phase("rollout"):
+                            got = supervisor.generate([prompt_ids[i] for i in positions], params)
+                        supervisor.sleep()  # colocated engines free their GPU memory for training
+                        with activity("reward"), timer.phase("reward"):
+                            parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got,
+                                            [conversations[i] for i in positions])
+                        for r in got:
+                            r.prompt_index = positions[r.prompt_index]
+                        return got
+
+                    if pair_set is None:
+                        rollouts = sample(list(range(len(batch))))
+                    else:
+                        rollouts, recalled = pair_set.rollouts(step, batch, prompt_ids, sample)
+                    check_trainable(rollouts)
                     with activity("train"), timer.phase("train"):
                         metrics = update(cfg.algorithm, roles, rollouts, temperature=cfg.rollout.temperature,
                                          max_new_tokens=cfg.rollout.max_new_tokens) or {"skipped_update": 1.0}
@@ -153,6 +168,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             metrics.update(rollout_metrics(rollouts, roles.tokenizer, truncated), **timer.metrics())
             metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
             metrics["rollout/restarts"] = float(supervisor.restarts)
+            if pair_set is not None:
+                metrics["rollout/recalled_prompts"] = float(recalled)
             metrics.update(peak_memory_metrics())
             if is_rank0():
                 logger.log(step, metrics)
