@@ -200,8 +200,8 @@ class AlgorithmConfig(StrictModel):
     dpo_beta: PositiveFloat = 0.1
     dpo_mode: Literal["online", "one_round"] = Field(
         "online", description="online: pairs from the current policy every step; one_round: the paper's — "
-        "pairs sampled from the initial model (the engine is never updated; a prompt seen again in a later "
-        "epoch is sampled afresh from that same initial model)")
+        "each prompt sampled once from the initial model (the engine is never updated) and its scored group "
+        "recorded in out_dir/one_round_rollouts, so a later epoch trains on the same pairs (trainer/one_round.py)")
     # Policy loss of grpo/ppo (algorithms/policy_loss.py, policy_variants.py) and rollout correction
     policy_loss: Literal["ppo_clip", "gspo", "gspo_token", "cispo"] = Field(
         "ppo_clip", description="ppo_clip; gspo / gspo_token (sequence-level ratio; clip_low/clip_high are its "

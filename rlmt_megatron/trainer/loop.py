@@ -37,6 +37,7 @@ from rlmt_megatron.config.rlmt import RLMTConfig
 from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
 from rlmt_megatron.trainer.run_folder import claim_run_folder, load_resume_state
 from rlmt_megatron.trainer.experience import check_trainable
+from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import rollout_metrics
 from rlmt_megatron.trainer.step_rollouts import collect_step_rollouts
@@ -101,6 +102,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     if resume_dir is not None and kl.kind == "adaptive":
         kl_control.coef = extra["kl_coef"]
     saved = {step: resume_dir} if resume_dir is not None else {}
+    # one_round DPO: each prompt sampled once from the initial model, recalled in later epochs
+    pair_set = None if cfg.engine_follows_policy else OneRoundStore(out, resuming=resume_dir is not None)
     supervisor = RolloutSupervisor(cfg.rollout, cfg.weight_sync, roles.policy, model_dir, out, stop, restarts,
                                    follows_policy=cfg.engine_follows_policy, engine_dtype=cfg.engine_dtype(),
                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
@@ -132,7 +135,7 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             timer = PhaseTimer()
             try:
                 with activity(f"step {step}"), timer.phase("step"):
-                    got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer)
+                    got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer, pair_set)
                     rollouts = got.rollouts
                     check_trainable(rollouts)
                     with activity("train"), timer.phase("train"):

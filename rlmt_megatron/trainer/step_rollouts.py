@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from rlmt_megatron.trainer.experience import Rollout
+from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, sampling_params, shape_rewards
 from rlmt_megatron.trainer.watchdog import activity
 
@@ -54,8 +56,11 @@ def _assemble(groups: list[tuple], metrics: dict[str, float]) -> StepRollouts:
     return StepRollouts([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], rollouts, metrics)
 
 
-def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer) -> StepRollouts:
-    """Generate and score this step's rollouts (every rank; the engine calls are collective)."""
+def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
+                          pair_set: Optional[OneRoundStore] = None) -> StepRollouts:
+    """Generate and score this step's rollouts (every rank; the engine calls are collective).
+    ``pair_set``: one_round DPO's fixed pair set, which recalls the groups of prompts sampled in
+    an earlier epoch instead of generating them again (``trainer/one_round.py``)."""
     dynamic = cfg.algorithm.dynamic_sampling
     want = cfg.data.prompts_per_step
     kept: list[tuple] = []
@@ -64,19 +69,30 @@ def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer) -> 
     while True:
         batch = sampler.next_batch()
         conversations = [p.messages for p in batch]
-        with activity("rollout"), timer.phase("rollout"):
-            prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer,
-                                                     conversations)
-            params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, rounds)
-            rollouts = supervisor.generate(prompt_ids, params)
-        supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
-        with activity("reward"), timer.phase("reward"):
-            parse_and_score(cfg.format, roles.tokenizer, roles.scorer, rollouts, conversations)
-            shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, rollouts)
+        prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer, conversations)
+        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, rounds)
+
+        def sample(positions: list[int]) -> list[Rollout]:
+            """Generate and score the prompts at these batch positions (``prompt_index`` = position)."""
+            with activity("rollout"), timer.phase("rollout"):
+                got = supervisor.generate([prompt_ids[i] for i in positions], params)
+            supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
+            with activity("reward"), timer.phase("reward"):
+                parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got, [conversations[i] for i in positions])
+                shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, got)
+            for r in got:
+                r.prompt_index = positions[r.prompt_index]
+            return got
+
+        if pair_set is None:
+            rollouts, metrics = sample(list(range(len(batch)))), {}
+        else:
+            rollouts, recalled = pair_set.rollouts(step, batch, prompt_ids, sample)
+            metrics = {"rollout/recalled_prompts": float(recalled)}
         groups = _groups(batch, conversations, truncated, rollouts)
         rounds += 1
         if not dynamic.enabled:
-            return _assemble(groups, {})
+            return _assemble(groups, metrics)
         for g in groups:
             (kept if informative(g[3]) else dropped).append(g)
         if len(kept) >= want or rounds > dynamic.max_extra_rounds:
