@@ -5,6 +5,7 @@ with several groups and right-padded masks; float64 must match to 1e-10, float32
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -39,7 +40,10 @@ from rlmt_megatron.algorithms import (
     outcome_to_token_rewards,
     policy_objective,
     ppo_clip,
+    KLController,
+    overlong_penalty,
     reinforce_pp,
+    reinforce_pp_baseline,
     require_finite,
     rloo,
     sigmoid_dpo,
@@ -182,6 +186,8 @@ def ref_aggregate(mode, loss, lengths, norm_constant):
         return sum(loss[b][t] for b, n in enumerate(lengths) for t in range(n)) / tokens
     if mode == "seq_mean_token_mean":
         return sum(sum(loss[b][:n]) / n for b, n in enumerate(lengths) if n > 0) / seqs
+    if mode == "seq_mean_token_sum":
+        return sum(loss[b][t] for b, n in enumerate(lengths) for t in range(n)) / seqs
     return sum(loss[b][t] for b, n in enumerate(lengths) for t in range(n)) / (seqs * norm_constant)
 
 
@@ -362,6 +368,30 @@ def test_token_placement_helpers(dtype, tol):
             assert spread[b, t].item() == (seq[b].item() if t < n else 0.0)
 
 
+def ref_reinforce_pp_baseline(rewards, ids, lengths, T):
+    """Each reward minus its group's mean (0 for a group of one or of equal rewards), on every
+    valid token, whitened over all valid tokens."""
+    groups = ref_group_stats(rewards, ids)
+    centered = [0.0 if len(groups[g]) == 1 or max(groups[g]) == min(groups[g]) else r - sum(groups[g]) / len(groups[g])
+                for r, g in zip(rewards, ids)]
+    return ref_whiten([[centered[b] if t < n else 0.0 for t in range(T)] for b, n in enumerate(lengths)], lengths)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_reinforce_pp_baseline_matches_reference(dtype, tol):
+    lengths, mask, rnd = make_batch(dtype, B=9)
+    rewards = rnd(9)
+    rewards[6:9] = 0.5  # a group of equal rewards
+    ids = [0, 0, 1, 1, 1, 2, 3, 3, 3]  # group 2 has one sample
+    adv = reinforce_pp_baseline(rewards, mask, group_ids=ids)
+    close(adv, ref_reinforce_pp_baseline(rewards.double().tolist(), ids, lengths, 7), tol)
+    assert_zero_on_padding(adv, mask)
+    # two data-parallel ranks whitening their shares after the global group means: the same numbers
+    tokens = broadcast_to_tokens(dr_grpo(rewards, group_ids=ids), mask)
+    other = FakeAllReduce(tokens[4:].double().tolist(), lengths[4:])
+    close(masked_whiten(tokens[:4], mask[:4], other), adv[:4], tol)
+
+
 # ----------------------------------------------------------------------------- KL
 
 
@@ -384,6 +414,21 @@ def test_kl_estimators_match_reference(dtype, tol, name):
 def test_kl_is_exactly_zero_when_policy_equals_reference(dtype, name):
     logp = -torch.rand(4, 5, dtype=dtype) * 10
     assert torch.equal(get_kl_estimator(name)(logp, logp.clone()), torch.zeros_like(logp))
+
+
+@pytest.mark.parametrize("name,base", [("k1+", "k1"), ("k3+", "k3"), ("low_var_kl+", "k3")])
+def test_straight_through_kl_has_the_estimators_value_and_k2s_gradient(name, base):
+    g = torch.Generator().manual_seed(11)
+    logp = (-torch.rand(4, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    ref = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 3
+    weights = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    est = get_kl_estimator(name)(logp, ref)
+    lp, rp = logp.detach().tolist(), ref.tolist()
+    close(est.detach(), [[ref_kl(base, a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(lp, rp)], 1e-12)
+    (est * weights).sum().backward()
+    # d/dlogp of 0.5 (logp - ref)^2 = logp - ref, token by token
+    expected = [[w * (a - b) for w, a, b in zip(rw, r1, r2)] for rw, r1, r2 in zip(weights.tolist(), lp, rp)]
+    close(logp.grad, expected, 1e-12)
 
 
 def test_kl_differentiable_in_logp():
@@ -707,8 +752,16 @@ def registry_checks():
         return per_token(fn, lengths, 5, *(rows[n] for n in names))
 
     def kl(name):
-        return (lambda: get_kl_estimator(name)(logp, ref)), [[ref_kl("k3" if name == "low_var_kl" else name, a, b)
+        base = {"low_var_kl": "k3", "k1+": "k1", "k3+": "k3", "low_var_kl+": "k3"}.get(name, name)  # "+": value of the base
+        return (lambda: get_kl_estimator(name)(logp, ref)), [[ref_kl(base, a, b)
                                                                 for a, b in zip(r1, r2)] for r1, r2 in zip(rows["logp"], rows["ref"])]
+
+    def new_policy_loss(name):  # GSPO / CISPO: hand formulas in test_policy_losses.py
+        from test_policy_losses import ref_loss_and_grad
+
+        lo, hi = 0.2, 0.28
+        expected = ref_loss_and_grad(name, rows["logp"], rows["old"], rows["adv"], mask.tolist(), lo, hi)[0]
+        return (lambda: POLICY_LOSSES[name](logp, old, adv, mask, clip_low=lo, clip_high=hi)[0]), expected
 
     def dpo():
         z = [0.1 * ((a - c) - (b - d)) for a, b, c, d in zip(*(x.tolist() for x in pairs))]
@@ -721,12 +774,15 @@ def registry_checks():
             "rloo": ((lambda: ADVANTAGE_ESTIMATORS["rloo"](rewards, ids)), ref_rloo(rl, ids)),
             "reinforce_pp": ((lambda: ADVANTAGE_ESTIMATORS["reinforce_pp"](tokens, mask, 0.9)[0]),
                              ref_reinforce_pp(rows["tokens"], lengths, 5, 0.9)[0]),
+            "reinforce_pp_baseline": ((lambda: ADVANTAGE_ESTIMATORS["reinforce_pp_baseline"](rewards, mask, ids)),
+                                      ref_reinforce_pp_baseline(rl, ids, lengths, 5)),
             "gae": ((lambda: ADVANTAGE_ESTIMATORS["gae"](tokens, values, mask, 0.9, 0.8)[0]),
                     ref_gae(rows["tokens"], rows["values"], lengths, 5, 0.9, 0.8)[0]),
         },
-        "KL estimator": {name: kl(name) for name in ("k1", "k2", "k3", "low_var_kl")},
+        "KL estimator": {name: kl(name) for name in ("k1", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+")},
         "policy loss": {"ppo_clip": ((lambda: POLICY_LOSSES["ppo_clip"](logp, old, adv, mask)[0]),
-                                     masked(lambda a, b, c: ref_ppo(a, b, c, 0.2, 0.2, 3.0), "logp", "old", "adv"))},
+                                     masked(lambda a, b, c: ref_ppo(a, b, c, 0.2, 0.2, 3.0), "logp", "old", "adv")),
+                        **{name: new_policy_loss(name) for name in ("gspo", "gspo_token", "cispo")}},
         "value loss": {"clipped_mse": ((lambda: VALUE_LOSSES["clipped_mse"](values, old, ret, mask)[0]),
                                        masked(lambda v, vo, r: ref_value(v, vo, r, 0.2), "values", "old", "ret"))},
         "SFT loss": {"nll": ((lambda: SFT_LOSSES["nll"](logp, mask)), masked(lambda x: -x, "logp"))},
@@ -752,14 +808,14 @@ def test_registries(getter, registry, kind):
         assert getter(name) is fn
         call, expected = checks[name]
         close(call(), expected, 1e-10)
-    with pytest.raises(ValueError, match=f"unknown {kind} 'nope'; valid names: " + ", ".join(sorted(registry))):
+    with pytest.raises(ValueError, match=re.escape(f"unknown {kind} 'nope'; valid names: " + ", ".join(sorted(registry)))):
         getter("nope")
 
 
 def test_registry_contents():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"}
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "low_var_kl"}
-    assert set(AGGREGATIONS) == {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"}
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"}
+    assert set(AGGREGATIONS) == {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"}
 
 
 def test_package_imports_nothing_else_from_the_project():
@@ -771,3 +827,30 @@ def test_package_imports_nothing_else_from_the_project():
             "(m.startswith('rlmt_megatron.') and not m.startswith('rlmt_megatron.algorithms'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- KL controller, reward shaping
+
+
+def test_adaptive_kl_controller_follows_the_target():
+    ctl = KLController(0.05, target=0.1, horizon=1000.0)
+    coef = 0.05
+    for kl, n in [(0.3, 64), (0.12, 64), (0.05, 32), (0.0, 64), (float("nan"), 64)]:
+        if math.isfinite(kl):
+            error = min(max(kl / 0.1 - 1.0, -0.2), 0.2)
+            coef = coef * (1.0 + error * n / 1000.0)
+        assert ctl.update(kl, n) == pytest.approx(coef, rel=1e-15)
+    fixed = KLController(0.05)
+    assert [fixed.update(kl, 64) for kl in (0.3, 0.0)] == [0.05, 0.05] and not fixed.adaptive
+    with pytest.raises(ValueError, match="needs both target and horizon"):
+        KLController(0.05, target=0.1)
+
+
+def test_overlong_penalty_matches_dapo():
+    max_len, buffer, factor = 20, 8, 0.5
+    lengths = list(range(0, 21))
+    expected = [0.0 if n <= max_len - buffer else factor * ((max_len - buffer) - n) / buffer for n in lengths]
+    close(overlong_penalty(torch.tensor(lengths), max_len, buffer, factor), expected, 1e-15)
+    assert float(overlong_penalty(torch.tensor([20]), 20, 8)) == -1.0
+    with pytest.raises(ValueError, match="must be in \\[0, 20\\]"):
+        overlong_penalty(torch.tensor([21]), 20, 8)

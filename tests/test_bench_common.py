@@ -19,7 +19,7 @@ def test_matmul_params_equal_the_linear_weights_transformers_builds():
 
 @pytest.mark.parametrize("ms, tflops", [(310.7, 463), (302.4, 476), (252.8, 570), (246.7, 584)])
 def test_flops_reproduce_the_rates_measured_on_an_h100(ms, tflops):
-    # ../shared/ARCHITECTURE.md: 4 Llama-3.1-8B-shaped layers + 128K head, 4 x 4096 tokens,
+    # docs/benchmarks.md, the H100 table: 4 Llama-3.1-8B-shaped layers + 128K head, 4 x 4096 tokens,
     # forward+backward, "model FLOPs, causal attention counted once": the rates printed there.
     shape = common.DecoderShape.llama31_8b(layers=4)
     rate = 4 * 4096 * shape.train_flops_per_token(4096) / (ms / 1e3) / 1e12

@@ -48,8 +48,9 @@ def rescore_with_transformers(tiny: Path, out: Path, step: int) -> tuple[list[fl
 
 RUNS = {
     "grpo-tp2": ({"name": "grpo"}, {"tp": 2}),
-    "grpo-pp2-rm-tp2": ({"name": "grpo"}, {"pp": 2}),  # the reward model on its own TP=2 groups
-    "ppo-tp2": ({"name": "ppo"}, {"tp": 2}),
+    # the reward model on its own TP=2 groups; GSPO with IcePop masking through the CLI and loop
+    "grpo-pp2-rm-tp2": ({"name": "grpo", "policy_loss": "gspo", "rollout_correction": {"mode": "icepop"}}, {"pp": 2}),
+    "ppo-tp2": ({"name": "ppo", "policy_loss": "gspo_token", "rollout_correction": {"mode": "mis"}}, {"tp": 2}),
     "ppo-pp2": ({"name": "ppo"}, {"pp": 2}),
     "dpo-tp2": ({"name": "dpo"}, {"tp": 2}),
     "dpo-pp2": ({"name": "dpo", "dpo_mode": "one_round"}, {"pp": 2}),
@@ -89,6 +90,9 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
         assert [r["weight_version"] for r in rows] == [1, 2]
     expected_keys = {"ppo": {"loss/policy", "loss/value", "critic/grad_norm", "kl"}, "grpo": {"loss/policy", "kl", "entropy"},
                      "dpo": {"loss/dpo", "dpo/pairs"}}[algorithm["name"]]
+    if "rollout_correction" in algorithm:  # engine and trainer agree: nothing is masked
+        expected_keys |= {"rollout_correction/weight_mean", "rollout_correction/masked_token_frac"}
+        assert all(r["rollout_correction/masked_token_frac"] == 0 for r in rows)
     assert expected_keys <= set(rows[0])
     logged, ref = rescore_with_transformers(tiny_models, out, step=2)
     assert logged == pytest.approx(ref, abs=1e-4)
@@ -101,6 +105,38 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
     assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-5
     if run == "grpo-tp2":
         assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_dapo_and_reinforce_pp_baseline_options_in_one_tp2_run(tiny_models, tmp_path):
+    """REINFORCE++-baseline, straight-through k3+, the adaptive KL controller, seq_mean_token_sum,
+    dynamic sampling, the overlong penalty, CISPO and TIS, all in one GRPO run at TP=2 (their formulas are
+    checked in test_algorithms.py / test_updates.py / test_step_rollouts.py; here: the loop runs
+    them, and the controller's coefficient follows its formula from the logged KL, into the
+    checkpoint)."""
+    out = tmp_path / "run"
+    target, horizon, coef = 0.001, 10.0, 0.05
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_models, out, build={"parallel": {"tp": 2}},
+                       run={"total_steps": 2, "save_every": 1},
+                       algorithm={"advantage": "reinforce_pp_baseline", "kl_estimator": "k3+", "kl_coef": coef,
+                                  "kl_control": {"kind": "adaptive", "target": target, "horizon": horizon},
+                                  "aggregation": "seq_mean_token_sum", "policy_loss": "cispo",
+                                  "rollout_correction": {"mode": "tis"},
+                                  "dynamic_sampling": {"enabled": True, "max_extra_rounds": 1}},
+                       reward={"overlong_buffer_tokens": 4})
+    torchrun(2, ["-m", "rlmt_megatron.cli.train", str(cfg)], timeout=600)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    n = 2 * 3  # prompts_per_step x samples_per_prompt: dynamic sampling keeps the batch's size
+    for r in rows:
+        assert math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert r["rollout/logprob_diff_max"] <= 1e-4
+        assert 1 <= r["dynamic_sampling/rounds"] <= 2 and r["reward/overlong_penalty_mean"] <= 0
+    expected = coef
+    for r in rows:
+        assert r["kl/coef"] == pytest.approx(expected, rel=1e-12)
+        expected *= 1 + min(max(r["kl/old_ref_seq_mean"] / target - 1, -0.2), 0.2) * n / horizon
+    extra = json.loads((out / "checkpoints" / "step_00000002" / "extra.json").read_text())
+    assert extra["kl_coef"] == pytest.approx(expected, rel=1e-12) and expected != coef
 
 
 # ---------------------------------------------------------------------------------------------

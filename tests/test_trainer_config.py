@@ -13,7 +13,7 @@ from rlmt_megatron.config.rlmt import RLMTConfig, load_rlmt_config
 from rlmt_megatron.trainer.supervised import SupervisedConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-RECIPES = sorted((EXAMPLES / "rlmt").rglob("*.yaml"))  # rlmt/sft_warmstart.yaml, rlmt/{1node,4nodes}/*.yaml
+RECIPES = sorted((EXAMPLES / "rlmt").rglob("*.yaml"))  # rlmt/sft_*.yaml, rlmt/{1node,4nodes}/*.yaml
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -24,9 +24,12 @@ def test_shipped_recipes_validate(path):
         return
     cfg = load_rlmt_config(path)
     assert isinstance(cfg, RLMTConfig)
-    assert cfg.rollout.temperature == 0.7 and cfg.rollout.max_new_tokens == 4096  # the paper's sampling
-    assert cfg.data.max_prompt_tokens == 1024
+    assert cfg.rollout.max_new_tokens == 4096  # the authors' data.max_response_length / MAX_TOKENS
+    assert (cfg.rollout.temperature, cfg.rollout.top_p) in ((0.7, 1.0), (0.8, 0.95))
     assert cfg.optim.total_steps == cfg.run.total_steps * (cfg.algorithm.updates_per_rollout if cfg.algorithm.name != "dpo" else 1)
+    # 2 epochs over the 7,544 prompts with the last partial batch dropped (4 for the Llama zero GRPO runs)
+    epochs = 4 if cfg.algorithm.name == "grpo" and "llama3.1-8b-zero" in path.name else 2
+    assert cfg.run.total_steps == epochs * (7544 // cfg.data.prompts_per_step)
 
 
 RL_RECIPES = [p for p in RECIPES if not p.name.startswith("sft")]
@@ -70,8 +73,8 @@ def test_recipes_carry_the_papers_hyperparameters(layout, model, start, thinking
 
 def test_recipe_files_are_exactly_what_the_table_writes():
     written = MAKE_RECIPES.recipes()
-    assert {p.resolve() for p in written} == {p.resolve() for p in RL_RECIPES}  # no file missing, none extra
-    assert len(written) == len(TABLE)
+    assert {p.resolve() for p in written} == {p.resolve() for p in RECIPES}  # no file missing, none extra
+    assert len(written) == len(TABLE) + len(RECIPES) - len(RL_RECIPES)  # + the SFT warm-starts
     for path, text in written.items():
         assert path.read_bytes() == text.encode(), path.name
     proc = subprocess.run([sys.executable, "tools/make_recipes.py", "--check"], capture_output=True, text=True,
@@ -163,3 +166,20 @@ def test_each_role_starts_from_its_own_folder_or_the_policys():
         ("models.policy", "p"), ("models.policy", "p"), ("models.policy", "p"), ("models.reward", "r")]
     own = ModelsConfig(policy="p", reward="r", reference="ref", critic="c")
     assert (own.source("reference"), own.source("critic")) == (("models.reference", "ref"), ("models.critic", "c"))
+
+
+def test_supervised_warmup_ratio_and_overlong():
+    from rlmt_megatron.trainer.supervised import supervised_optim
+
+    base = ["model=m", "data=[d.jsonl]", "batch_size=16", "epochs=2"]
+    cfg = load_config(None, base + ["warmup_ratio=0.1"], cls=SupervisedConfig)
+    optim = supervised_optim(cfg, 6001)  # ceil(6001 / 16) = 376 steps per epoch
+    assert optim.total_steps == 752 and optim.warmup_steps == 76  # ceil(0.1 x 752), the HF Trainer's rounding
+    assert supervised_optim(load_config(None, base, cls=SupervisedConfig), 6001).warmup_steps == 0
+    assert cfg.overlong == "drop" and cfg.tokenizer is None
+    with pytest.raises(InputFileError, match="warmup_ratio and optim.warmup_steps"):
+        load_config(None, base + ["warmup_ratio=0.1", "optim.warmup_steps=5"], cls=SupervisedConfig)
+    with pytest.raises(InputFileError, match="warmup_ratio"):
+        load_config(None, base + ["warmup_ratio=1.5"], cls=SupervisedConfig)
+    with pytest.raises(InputFileError, match="overlong"):
+        load_config(None, base + ["overlong=cut"], cls=SupervisedConfig)

@@ -280,6 +280,30 @@ def test_reinforce_pp_whitens_returns_over_the_batch(stand_ins, kl_in, gamma):
     assert evaluate_loss(samples, loss_fn, models) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_reinforce_pp_baseline_centres_each_group_and_whitens_over_the_batch(stand_ins, kl_in):
+    rollouts, models = stand_ins
+    cfg = config("algorithm.advantage=reinforce_pp_baseline", f"algorithm.kl_in={kl_in}", "algorithm.kl_coef=0.05",
+                 "algorithm.kl_estimator=k3+")
+    r = roles(cfg)
+    metrics = run_update(cfg, r, rollouts)
+    ((samples, loss_fn),) = r.policy.calls
+    scores = [sum(ref_token_rewards(x, models, 0.05 if kl_in == "reward" else 0.0, "k3")) for x in rollouts]
+    centred = ref_outcome_advantages(rollouts, scores, "dr_grpo")
+    valid = [valid_actions(x) for x in rollouts]
+    assert_rows(samples, "advantages", ref_whiten([[c] * len(ok) for c, ok in zip(centred, valid)], valid))
+    expected = ref_policy_loss(samples, models, cfg.algorithm, kl_in_loss=kl_in == "loss")
+    assert evaluate_loss(samples, loss_fn, models) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # what the adaptive KL controller reads: per trainable rollout, the mean k3 over its response
+    per_seq = []
+    for x in rollouts:
+        if trainable(x):
+            n, first = actions(x)
+            old, ref = models.old[seq(x)].double().tolist(), models.ref[seq(x)].double().tolist()
+            per_seq.append(sum(ref_kl("k3", old[t], ref[t]) for t in range(first, n)) / (n - first))
+    assert metrics["kl/old_ref_seq_mean"] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-9)
+
+
 def test_reinforce_pp_needs_no_groups():
     load_rlmt_config(None, ["models.policy=a", "models.reward=b", "data.prompts=[p]", "rollout.samples_per_prompt=1",
                             "algorithm.advantage=reinforce_pp"])
@@ -406,7 +430,8 @@ class ThreadRanks:
     ["algorithm.name=ppo", "algorithm.kl_in=reward", "algorithm.kl_coef=0.05", "algorithm.gamma=0.95", "algorithm.lam=0.9"],
     ["algorithm.advantage=reinforce_pp", "algorithm.kl_in=reward", "algorithm.kl_coef=0.05", "algorithm.gamma=0.9"],
     ["algorithm.advantage=rloo", "algorithm.kl_in=reward", "algorithm.kl_coef=0.05"],
-], ids=["ppo", "reinforce_pp", "rloo"])
+    ["algorithm.advantage=reinforce_pp_baseline", "algorithm.kl_in=reward", "algorithm.kl_coef=0.05"],
+], ids=["ppo", "reinforce_pp", "rloo", "reinforce_pp_baseline"])
 def test_two_data_parallel_ranks_train_on_the_same_numbers_as_one(stand_ins, monkeypatch, overrides):
     rollouts, _ = stand_ins
     cfg = config(*overrides, "algorithm.kl_estimator=k1")

@@ -1,25 +1,23 @@
 #!/usr/bin/env python
 """Write the paper's RLMT recipes, for 1 and 4 nodes of 8xH100, from one table.
 
-    python tools/make_recipes.py            # (re)write examples/rlmt/{1node,4nodes}/*.yaml
+    python tools/make_recipes.py            # (re)write examples/rlmt/{1node,4nodes}/*.yaml, examples/rlmt/sft_*.yaml
     python tools/make_recipes.py --check    # exit 1 if a shipped recipe differs from the table
 
+Every value is the one the authors ran, read from their released code, princeton-pli/RLMT at
+commit 2cde311b9dad4b71a9d49eacf8f921c0026a5a95 (``AUTHORS`` below); the file and the key are named
+next to each value. Where a value cannot be expressed here, the comment says so and what we do
+instead.
+
 Grid: {Llama-3.1-8B, Qwen2.5-7B} x {instruct warm-start, base warm-start, base zero} x
-{GRPO, PPO, DPO} x {thinking, no thinking} (zero is a thinking format only: the format module has no
-plain-text template without thinking). Hyperparameters are the paper's and the authors' released
-configs (princeton-pli/RLMT training/ppo_grpo/configs/*.yaml, training/sft_dpo/scripts/
-launch_dpo_example.sh), summarised in /work/shared/ARCHITECTURE.md:
+{thinking, no thinking} x {GRPO, PPO, DPO}, and the SFT warm-starts the warm-start runs start from.
+The authors released a GRPO config for each of the 12 (model, start, thinking) runs, PPO configs
+for the Llama base warm-start runs only and one DPO script for every DPO run; the other PPO
+recipes carry the released PPO values over (their headers say so).
 
-- instruct: lr 3e-7, strict answer extraction; base and zero: lr 1e-6, non-strict;
-- GRPO: 8 samples per prompt, 64 prompts per step (128 for instruct-think, trained as 2 mini-batches
-  of 64 as the authors' ppo_mini_batch_size does), KL k3 0.001 in the loss, entropy 0.001,
-  clip 0.2 with dual clip 3, token-mean, constant lr, 120 steps (the paper keeps ~120-135);
-- PPO: 1 sample per prompt, GAE gamma = lambda = 1, critic from the policy with lr 1e-5, value
-  clip 0.5, no KL term (the authors' PPO configs set use_kl_loss False), so no reference model;
-- DPO (on-policy, one round): 8 samples from the initial model, best vs worst, beta 0.1, lr 3e-7
-  cosine with 5% warmup, weight decay 1e-4 (the authors' DPO script), 2 epochs = 234 steps.
-
-Layouts (checked by ``rlmt-train RECIPE --dry-run``, whose exact command heads every file):
+Layouts (checked by ``rlmt-train RECIPE --dry-run``, whose exact command heads every file); the
+authors ran everything on 1 node of 8xH100 with FSDP (their batch sizes are global, so they hold
+on any layout):
 
 - 1 node, colocated SGLang on the 8 trainer GPUs: policy (critic, reference) TP 4 with sequence
   parallelism, DP 2; the reward model on the same layout; 8K-token micro-batches.
@@ -32,24 +30,38 @@ Layouts (checked by ``rlmt-train RECIPE --dry-run``, whose exact command heads e
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the format module's templates, when run as a script
+
+from rlmt_megatron.thinking.templates import ZERO_NOTHINK_CHAT_TEMPLATE  # noqa: E402
+
 OUT = REPO / "examples" / "rlmt"
 PROMPTS = "../shared/data/wildchat-if/wildchat-if_train.parquet"
 REWARD = "/path/to/Skywork-Reward-Llama-3.1-8B-v0.2"
 
+AUTHORS = "princeton-pli/RLMT@2cde311b"
+CONFIGS = "training/ppo_grpo/configs"  # one verl config per run, e.g. grpo__llamainstruct__warm-start__think.yaml
+# The prompt set: 7,544 rows (training/ppo_grpo/data/wildchat-if_train.parquet). verl's dataloader
+# drops the last partial batch (training/ppo_grpo/verl/trainer/ppo/ray_trainer.py,
+# _create_dataloader: drop_last=True) and runs len(dataloader) x trainer.total_epochs steps; our
+# PromptSampler drops it too (data.md), so run.total_steps = epochs x (7544 // prompts per step).
+NUM_PROMPTS = 7544
+
 MODELS = {
-    "llama3.1-8b": {"hub": "Llama-3.1-8B", "engine_tp": 8},
-    "qwen2.5-7b": {"hub": "Qwen2.5-7B", "engine_tp": 4},
+    "llama3.1-8b": {"hub": "Llama-3.1-8B", "engine_tp": 8, "authors": "llama"},
+    "qwen2.5-7b": {"hub": "Qwen2.5-7B", "engine_tp": 4, "authors": "qwen"},
 }
-STARTS = {  # start -> (thinking variants, strict, lr)
+STARTS = {  # start -> (thinking variants, strict, lr); strict and lr are also in each run's row below
     "instruct": (("think", "nothink"), True, 3.0e-7),
     "base": (("think", "nothink"), False, 1.0e-6),
-    "zero": (("think",), False, 1.0e-6),
+    "zero": (("think", "nothink"), False, 1.0e-6),
 }
 ALGORITHMS = ("grpo", "ppo", "dpo")
 LAYOUTS = {
@@ -62,54 +74,204 @@ LAYOUTS = {
 }
 
 
+class Run(NamedTuple):
+    """One of the authors' verl runs: the values that differ between their configs. Each field is
+    the key of ``training/ppo_grpo/configs/<run>.yaml`` named after it."""
+
+    prompts: int  # data.train_batch_size (prompts per step); our data.prompts_per_step
+    temperature: float  # actor_rollout_ref.rollout.temperature
+    top_p: float  # actor_rollout_ref.rollout.top_p
+    max_prompt: int  # data.max_prompt_length; our data.max_prompt_tokens
+    epochs: int  # trainer.total_epochs; our run.total_steps = epochs x (7544 // prompts)
+    save_freq: int  # trainer.save_freq; our run.save_every
+    lr: float  # actor_rollout_ref.actor.optim.lr
+    strict: bool  # reward_model.strict; our format.strict
+
+
+# The table: (algorithm, model, start, thinking) -> the authors' run. Every value below is read from
+# princeton-pli/RLMT training/ppo_grpo/configs/<the file named at the end of its row>.
+#            prompts  temp  top_p  prompt epochs save  lr      strict
+RUNS = {
+    ("grpo", "llama3.1-8b", "instruct", "think"): Run(128, 0.8, 0.95, 1024, 2, 45, 3e-7, True),  # grpo__llamainstruct__warm-start__think.yaml
+    ("grpo", "llama3.1-8b", "instruct", "nothink"): Run(64, 0.7, 1.0, 1024, 2, 45, 3e-7, True),  # grpo__llamainstruct__warm-start__nothink.yaml
+    ("grpo", "llama3.1-8b", "base", "think"): Run(64, 0.7, 1.0, 1024, 2, 45, 1e-6, False),  # grpo__llamabase__warm-start__think.yaml
+    ("grpo", "llama3.1-8b", "base", "nothink"): Run(64, 0.7, 1.0, 1024, 2, 45, 1e-6, False),  # grpo__llamabase__warm-start__nothink.yaml
+    ("grpo", "llama3.1-8b", "zero", "think"): Run(64, 0.7, 1.0, 896, 4, 45, 1e-6, False),  # grpo__llamabase__zero__think.yaml
+    ("grpo", "llama3.1-8b", "zero", "nothink"): Run(64, 0.7, 1.0, 896, 4, 45, 1e-6, False),  # grpo__llamabase__zero__nothink.yaml
+    ("grpo", "qwen2.5-7b", "instruct", "think"): Run(128, 0.8, 0.95, 1024, 2, 45, 3e-7, True),  # grpo__qweninstruct__warm-start__think.yaml
+    ("grpo", "qwen2.5-7b", "instruct", "nothink"): Run(64, 0.7, 1.0, 1024, 2, 45, 3e-7, True),  # grpo__qweninstruct__warm-start__nothink.yaml
+    ("grpo", "qwen2.5-7b", "base", "think"): Run(64, 0.7, 1.0, 1024, 2, 45, 1e-6, False),  # grpo__qwenbase__warm-start__think.yaml
+    ("grpo", "qwen2.5-7b", "base", "nothink"): Run(128, 0.8, 0.95, 1024, 2, 45, 1e-6, False),  # grpo__qwenbase__warm-start__nothink.yaml
+    ("grpo", "qwen2.5-7b", "zero", "think"): Run(64, 0.7, 1.0, 896, 2, 50, 1e-6, False),  # grpo__qwenbase__zero__think.yaml
+    ("grpo", "qwen2.5-7b", "zero", "nothink"): Run(64, 0.7, 1.0, 896, 2, 45, 1e-6, False),  # grpo__qwenbase__zero__nothink.yaml
+    ("ppo", "llama3.1-8b", "base", "think"): Run(64, 0.7, 1.0, 896, 2, 55, 1e-6, False),  # ppo__llamabase__warm-start__think.yaml
+    ("ppo", "llama3.1-8b", "base", "nothink"): Run(64, 0.7, 1.0, 896, 2, 55, 1e-6, False),  # ppo__llamabase__warm-start__nothink.yaml
+}
+PPO_TEMPLATE = ("llama3.1-8b", "base")  # the only PPO runs released: the others take their values, with
+# the learning rate and strictness of the same (model, start) GRPO run (actor.optim.lr, reward_model.strict).
+
+# Values every GRPO config shares (training/ppo_grpo/configs/grpo__*.yaml):
+GRPO = {
+    "samples_per_prompt": 8,  # actor_rollout_ref.rollout.n
+    "max_new_tokens": 4096,  # data.max_response_length
+    "mini_batch_prompts": 64,  # actor.ppo_mini_batch_size: train_batch_size / 64 optimizer steps per rollout, 1 epoch (actor.ppo_epochs)
+    "clip": 0.2,  # actor.clip_ratio_low, actor.clip_ratio_high
+    "dual_clip_c": 3.0,  # actor.clip_ratio_c
+    "kl_coef": 0.001,  # actor.use_kl_loss: True, actor.kl_loss_coef (algorithm.use_kl_in_reward: False)
+    "kl_estimator": "k3",  # actor.kl_loss_type: low_var_kl (k3)
+    "entropy_coef": 0.001,  # actor.entropy_coeff
+    "advantage": "grpo",  # algorithm.adv_estimator: grpo, norm_adv_by_std_in_grpo: True
+    # actor.loss_agg_mode says token-mean, but with actor.ppo_micro_batch_size_per_gpu: 1 the fork's
+    # dp_actor.update_policy takes the token mean inside each one-sequence micro-batch, scales it by
+    # 1/gradient_accumulation and FSDP averages the ranks: the mean over sequences of per-sequence
+    # token means (docs/rlmt_train.md, "Loss weighting of the authors' runs").
+    "aggregation": "seq_mean_token_mean",
+    "weight_decay": 0.01,  # actor.optim.weight_decay (AdamW, betas (0.9, 0.999): fsdp_workers.py, optim.AdamW)
+    "lr_schedule": "constant",  # actor.optim.warmup_style: constant, lr_warmup_steps_ratio: 0
+    "clip_grad": 1.0,  # actor.grad_clip
+}
+# Values both PPO configs share (training/ppo_grpo/configs/ppo__llamabase__warm-start__*.yaml):
+PPO = {
+    "samples_per_prompt": 1,  # actor_rollout_ref.rollout.n
+    "kl_coef": 0.0,  # actor.use_kl_loss: False, algorithm.use_kl_in_reward: False: no reference model
+    "gamma": 1.0, "lam": 1.0,  # algorithm.gamma, algorithm.lam (adv_estimator: gae)
+    "value_clip": 0.5,  # critic.cliprange_value
+    "critic_lr": 1.0e-5,  # critic.optim.lr (constant, weight_decay 0.01); the critic starts from the policy (critic.model.path)
+    # actor.loss_agg_mode: token-mean with actor.ppo_micro_batch_size_per_gpu: 16, more than the 8
+    # sequences a GPU holds (64 prompts x n=1 / 8 GPUs): each rank's token mean over all its
+    # sequences, averaged over the ranks, which is token_mean when the ranks hold as many tokens.
+    # (On 8 GPUs the fork's own check, fsdp_workers.py "should be divisible by
+    # ppo_micro_batch_size_per_gpu", rejects 16 against 8 as released.) The critic's micro-batches
+    # of 2 sequences (critic.ppo_micro_batch_size: 16 over 8 GPUs) cannot be expressed: it takes the
+    # same token_mean.
+    "aggregation": "token_mean",
+}
+# The DPO runs: training/sft_dpo/scripts/launch_dpo_example.sh (training) and
+# training/sft_dpo/utils/scripts/launch_sample_responses_example.sh (the pairs).
+DPO = {
+    "samples_per_prompt": 8,  # NUM_SAMPLES=8, best vs worst (utils/src/build_dpo_dataset.py)
+    "temperature": 0.7, "top_p": 1.0,  # TEMPERATURE=0.7; sample_responses.py sets no top_p (vLLM's 1.0)
+    "max_new_tokens": 4096,  # MAX_TOKENS=4096
+    "max_prompt": 4096,  # MAX_MODEL_LEN=8192 minus MAX_TOKENS: the prompts are not cut shorter
+    "pairs_per_step": 128,  # micro_batch_size=1 x gradient_accumulation_steps=16 x 8 GPUs
+    "epochs": 2,  # epochs=2 over the fixed pair set (algorithm.dpo_mode: one_round)
+    "lr": 3.0e-7, "min_lr": 0.0, "lr_schedule": "cosine",  # lr=3e-7, min_lr=0, --lr_scheduler_type=cosine
+    "warmup_ratio": 0.05,  # --warmup_ratio=0.05: ceil(0.05 x steps) as the HF Trainer rounds it
+    "weight_decay": 1.0e-4,  # weight_decay=1e-4
+    "adam_beta2": 0.95,  # --adam_beta1=0.9 --adam_beta2=0.95
+    "beta": 0.1,  # beta=0.1
+}
+# The SFT warm-starts: training/sft_dpo/scripts/launch_sft_example.sh (mode=llama / mode=qwen).
+SFT = {
+    "batch_size": {"llama3.1-8b": 16, "qwen2.5-7b": 8},  # micro_batch_size=1 x 8 GPUs x gradient_accumulation_steps (2 llama, 1 qwen)
+    "lr": 4.0e-6, "lr_schedule": "cosine",  # lr=4e-6, --lr_scheduler_type=cosine
+    "warmup_ratio": 0.1,  # warmup_ratio=0.1
+    "epochs": 2,  # epochs=2
+    "weight_decay": 1.0e-4,  # weight_decay=1e-4
+    "adam_beta2": 0.95,  # --adam_beta1=0.9 --adam_beta2=0.95
+    "max_length": 20000,  # max_length=20000 -> --block_size -> SFTConfig.max_seq_length, which truncates (not drops)
+}
+
+
 def recipe_name(algo: str, model: str, start: str, thinking: str) -> str:
-    return f"{algo}_{model}_zero.yaml" if start == "zero" else f"{algo}_{model}-{start}_{thinking}.yaml"
+    return f"{algo}_{model}-{start}_{thinking}.yaml"
+
+
+def sft_name(model: str, start: str, thinking: str) -> str:
+    return f"sft_{model}-{start}_{thinking}.yaml"
 
 
 def policy_path(model: str, start: str, thinking: str) -> str:
     hub = MODELS[model]["hub"]
     if start == "zero":
         return f"/path/to/{hub}"  # the base model itself
-    return f"/path/to/{model}-{start}-sft-{thinking}"  # output of the SFT warm-start (rlmt-sft)
+    return f"/path/to/{model}-{start}-sft-{thinking}"  # output of the SFT warm-start (rlmt-sft, sft_*.yaml)
+
+
+def authors_run(algo: str, model: str, start: str, thinking: str) -> Optional[str]:
+    """The authors' config file of this run, or None where they released none."""
+    if algo == "dpo" or (algo, model, start, thinking) not in RUNS:
+        return None
+    kind = "zero" if start == "zero" else "warm-start"
+    family = MODELS[model]["authors"] + ("instruct" if start == "instruct" else "base")
+    return f"{CONFIGS}/{algo}__{family}__{kind}__{thinking}.yaml"
+
+
+def run_values(algo: str, model: str, start: str, thinking: str) -> Run:
+    if algo == "ppo" and (algo, model, start, thinking) not in RUNS:
+        grpo = RUNS[("grpo", model, start, thinking)]
+        return RUNS[("ppo", *PPO_TEMPLATE, thinking)]._replace(lr=grpo.lr, strict=grpo.strict)
+    return RUNS[(algo, model, start, thinking)]
+
+
+def checkpoints(total: int, every: int) -> int:
+    """How many checkpoints a run saves: every ``every`` steps and at the last step."""
+    return total // every + (1 if total % every else 0)
 
 
 def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict:
-    _, strict, lr = STARTS[start]
     lay = LAYOUTS[layout]
-    kind = "zero" if start == "zero" else ("warm_start" if thinking == "think" else "no_think")
-    headline = algo == "grpo" and start == "instruct" and thinking == "think"
-    stem = recipe_name(algo, model, start, thinking)[:-5]
-    prompts = 128 if headline else 64
-    steps = 234 if algo == "dpo" else 120
-    optim = {"lr": 3.0e-7 if algo == "dpo" else lr, "lr_schedule": "cosine" if algo == "dpo" else "constant",
-             "weight_decay": 1.0e-4 if algo == "dpo" else 0.01, "clip_grad": 1.0}
-    if algo == "dpo":
-        optim["warmup_steps"] = 12  # 5% of 234
-    algorithm: dict = {"name": algo}
-    if algo == "grpo":
-        algorithm.update(advantage="grpo", clip_low=0.2, clip_high=0.2, dual_clip_c=3.0, kl_coef=0.001,
-                         kl_estimator="k3", entropy_coef=0.001, aggregation="token_mean",
-                         updates_per_rollout=2 if headline else 1)
-    elif algo == "ppo":
-        algorithm.update(gamma=1.0, lam=1.0, value_clip=0.5, clip_low=0.2, clip_high=0.2, dual_clip_c=3.0,
-                         kl_coef=0.0, entropy_coef=0.001, aggregation="token_mean")
+    if start == "zero":
+        kind = "zero"  # reward_model.longcot_config: the converted model's, delimiter <response>
     else:
-        algorithm.update(dpo_beta=0.1, dpo_mode="one_round")
+        kind = "warm_start" if thinking == "think" else "no_think"  # longcot_config: null for *__nothink
+    stem = recipe_name(algo, model, start, thinking)[:-5]
+    fmt: dict = {"kind": kind}
+    if start == "zero" and thinking == "nothink":
+        # convert_base_to_nothink_prompted_model.py's NOTHINK_CHAT_TEMPLATE (answer in <response>)
+        fmt["zero_template"] = ZERO_NOTHINK_CHAT_TEMPLATE
+    algorithm: dict = {"name": algo}
+    if algo == "dpo":
+        d = DPO
+        fmt["strict"] = STARTS[start][1]
+        prompts = d["pairs_per_step"]  # at most one pair per prompt
+        steps = d["epochs"] * (NUM_PROMPTS // prompts)
+        optim = {"lr": d["lr"], "min_lr": d["min_lr"], "lr_schedule": d["lr_schedule"],
+                 "warmup_steps": math.ceil(d["warmup_ratio"] * steps), "weight_decay": d["weight_decay"],
+                 "adam_beta2": d["adam_beta2"], "clip_grad": 1.0}  # HF Trainer max_grad_norm default 1.0
+        algorithm.update(dpo_beta=d["beta"], dpo_mode="one_round")
+        rollout = {"samples_per_prompt": d["samples_per_prompt"], "temperature": d["temperature"], "top_p": d["top_p"],
+                   "max_new_tokens": d["max_new_tokens"]}
+        max_prompt, save_every = d["max_prompt"], 0  # save_strategy="no": the final model only
+        keep = 1
+    else:
+        r = run_values(algo, model, start, thinking)
+        fmt["strict"] = r.strict
+        prompts = r.prompts
+        steps = r.epochs * (NUM_PROMPTS // prompts)
+        g = GRPO
+        optim = {"lr": r.lr, "lr_schedule": g["lr_schedule"], "weight_decay": g["weight_decay"],
+                 "clip_grad": g["clip_grad"]}
+        algorithm.update(clip_low=g["clip"], clip_high=g["clip"], dual_clip_c=g["dual_clip_c"],
+                         entropy_coef=g["entropy_coef"])
+        if algo == "grpo":
+            algorithm.update(advantage=g["advantage"], kl_coef=g["kl_coef"], kl_estimator=g["kl_estimator"],
+                             aggregation=g["aggregation"], updates_per_rollout=r.prompts // g["mini_batch_prompts"])
+            n = g["samples_per_prompt"]
+        else:
+            algorithm.update(gamma=PPO["gamma"], lam=PPO["lam"], value_clip=PPO["value_clip"], kl_coef=PPO["kl_coef"],
+                             aggregation=PPO["aggregation"], updates_per_rollout=r.prompts // g["mini_batch_prompts"])
+            n = PPO["samples_per_prompt"]
+        rollout = {"samples_per_prompt": n, "temperature": r.temperature, "top_p": r.top_p,
+                   "max_new_tokens": g["max_new_tokens"]}
+        max_prompt, save_every = r.max_prompt, r.save_freq
+        keep = checkpoints(steps, save_every)  # trainer.max_actor_ckpt_to_keep: null keeps every one
     cfg: dict = {
-        "run": {"out_dir": f"runs/{stem}", "total_steps": steps, "save_every": 20, "keep_last": 2, "seed": 1234},
+        "run": {"out_dir": f"runs/{stem}", "total_steps": steps, "save_every": save_every, "keep_last": keep,
+                "seed": 1234},
         "models": {"policy": policy_path(model, start, thinking), "reward": REWARD},
         "build": {"parallel": dict(lay["parallel"]), "precision": {"params_dtype": "bfloat16"}},
-        "data": {"prompts": [PROMPTS], "max_prompt_tokens": 1024, "prompts_per_step": prompts},
-        "format": {"kind": kind, "strict": strict},
+        "data": {"prompts": [PROMPTS], "max_prompt_tokens": max_prompt, "prompts_per_step": prompts},
+        "format": fmt,
         "rollout": {"engine": "sglang", "placement": lay["placement"], "sglang_url": lay["sglang_url"],
-                    "engine_tp_size": MODELS[model]["engine_tp"],
-                    "samples_per_prompt": 1 if algo == "ppo" else 8, "temperature": 0.7, "max_new_tokens": 4096},
+                    "engine_tp_size": MODELS[model]["engine_tp"], **rollout},
         "weight_sync": {"bucket_mb": 1024},
         "algorithm": algorithm,
         "optim": optim,
     }
     if algo == "ppo":
-        cfg["critic_optim"] = {"lr": 1.0e-5, "lr_schedule": "constant", "weight_decay": 0.01, "clip_grad": 1.0}
+        cfg["critic_optim"] = {"lr": PPO["critic_lr"], "lr_schedule": "constant", "weight_decay": GRPO["weight_decay"],
+                               "clip_grad": GRPO["clip_grad"]}
     tokens = lay["max_tokens"][algo]  # the forward-only passes keep the training budget the layouts were sized with
     cfg["batching"] = {"train_tokens_per_microbatch": tokens, "logprob_tokens_per_microbatch": tokens}
     if lay["reward_parallel"]:
@@ -119,7 +281,42 @@ def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict
     return cfg
 
 
-def header(algo: str, model: str, start: str, thinking: str, layout: str, path: str) -> str:
+def build_sft(model: str, start: str, thinking: str) -> dict:
+    hub = MODELS[model]["hub"]
+    cfg: dict = {"model": f"/path/to/{hub}-Instruct" if start == "instruct" else f"/path/to/{hub}"}
+    if model == "llama3.1-8b" and start == "base":
+        cfg["tokenizer"] = f"/path/to/{hub}-Instruct"  # base_tokenizer="Llama-3.1-8B-Instruct" (its chat template)
+    s = SFT
+    cfg.update({
+        "data": [f"/path/to/sft_{thinking}.jsonl"],
+        "out_dir": f"runs/sft_{model}-{start}_{thinking}",
+        "epochs": s["epochs"], "batch_size": s["batch_size"][model],
+        "max_length": s["max_length"], "overlong": "truncate", "warmup_ratio": s["warmup_ratio"],
+        "build": {"parallel": {"tp": 4, "sequence_parallel": True}, "precision": {"params_dtype": "bfloat16"}},
+        "optim": {"lr": s["lr"], "lr_schedule": s["lr_schedule"], "weight_decay": s["weight_decay"],
+                  "adam_beta2": s["adam_beta2"], "clip_grad": 1.0},  # HF Trainer max_grad_norm default 1.0
+        "batching": {"train_tokens_per_microbatch": 8192},
+        "monitoring": {"wandb": {"project": "rlmt", "group": f"sft-{model}-{start}-{thinking}"}},
+    })
+    return cfg
+
+
+def _kept_note(algo: str, steps: int, save_every: int, prompts: int) -> str:
+    """Which checkpoint the paper evaluates. training/README.md: the scripts 'train for 2 epochs
+    (234 steps), whereas we take the checkpoint around step 117 (specifically, step 135)'. The
+    recipe cannot pick a checkpoint; it keeps every one (run.keep_last), as verl did."""
+    if algo == "dpo":
+        return "# Kept model: the final one (launch_dpo_example.sh: save_strategy=no)."
+    if prompts == 64 and 135 % save_every == 0:
+        return f"# Kept checkpoint: the paper evaluates step 135 (training/README.md), not the last of the {steps}."
+    if prompts == 64:
+        return (f"# Kept checkpoint: the paper names step 135 (training/README.md); this run's authors saved every "
+                f"{save_every} (steps {135 // save_every * save_every}, {(135 // save_every + 1) * save_every}), as here.")
+    return (f"# Kept checkpoint: the paper names step 135 of its 64-prompt runs (training/README.md), "
+            f"{135 * 64} prompts: step {135 * 64 // prompts} here (saves every {save_every}, as the authors).")
+
+
+def header(algo: str, model: str, start: str, thinking: str, layout: str, path: str, cfg: dict) -> str:
     lay = LAYOUTS[layout]
     hub = MODELS[model]["hub"]
     what = {"instruct": f"{hub}-Instruct warm-started by SFT", "base": f"{hub} (base) warm-started by SFT",
@@ -134,14 +331,57 @@ def header(algo: str, model: str, start: str, thinking: str, layout: str, path: 
         launch = [f"#   on the engine node:  {sglang.replace(' --enable-memory-saver', '')}",
                   f"#   on the {nodes - 1} trainer nodes: launch/torchrun.sh {path} rollout.sglang_url=http://HOST:30000"]
     dry = f"rlmt-train {path} --dry-run" + (f" --nodes {nodes}" if nodes != 1 else "")
+    source = authors_run(algo, model, start, thinking)
+    if algo == "dpo":
+        source_line = ("# Values: princeton-pli/RLMT training/sft_dpo/scripts/launch_dpo_example.sh and "
+                       "training/sft_dpo/utils/scripts/launch_sample_responses_example.sh.")
+    elif source is None:
+        source_line = (f"# Values: the authors released PPO configs for Llama-3.1-8B base warm-start only; this recipe "
+                       f"takes theirs ({CONFIGS}/ppo__llamabase__warm-start__{thinking}.yaml) with the learning rate "
+                       f"and strictness of the matching GRPO run.")
+    else:
+        source_line = f"# Values: princeton-pli/RLMT {source}."
     return "\n".join([
         f"# RLMT {algo.upper()}: {what}, {think}.",
         f"# {nodes} node(s) of 8xH100, rollouts on SGLang {lay['placement']} (TP {tp}).",
+        source_line,
+        _kept_note(algo, cfg["run"]["total_steps"], cfg["run"]["save_every"], cfg["data"]["prompts_per_step"]),
         "# Generated by tools/make_recipes.py from its table: edit the table, not this file.",
         "# Replace the /path/to/ folders (the dry run then reads their config.json).",
         *launch,
         f"# dry run: {dry}",
     ]) + "\n"
+
+
+def sft_header(model: str, start: str, thinking: str, path: str) -> str:
+    hub = MODELS[model]["hub"]
+    base = f"{hub}-Instruct" if start == "instruct" else f"{hub} (base)"
+    data = ("thinking traces in the warm-start format <think>\\n{plan}\\n</think>\\n\\n{answer}" if thinking == "think"
+            else "the same responses without their thinking traces")
+    return "\n".join([
+        f"# The SFT warm-start of {base}, {'with' if thinking == 'think' else 'without'} thinking: ~6K prompts with {data},",
+        "# loss on the assistant turns only, 2 epochs. Its out_dir/hf is the policy of the "
+        f"{model}-{start}_{thinking} RL recipes.",
+        "# Values: princeton-pli/RLMT training/sft_dpo/scripts/launch_sft_example.sh "
+        f"(mode={MODELS[model]['authors']}).",
+        "# Generated by tools/make_recipes.py from its table: edit the table, not this file.",
+        f"#   torchrun --nproc-per-node 8 -m rlmt_megatron.cli.supervised sft {path}",
+    ]) + "\n"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the zero chat template) as literal blocks, readable in the recipe."""
+
+
+def _str(dumper, value: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _dump(cfg: dict) -> str:
+    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=110)
 
 
 def recipes() -> dict[Path, str]:
@@ -153,10 +393,18 @@ def recipes() -> dict[Path, str]:
                     for algo in ALGORITHMS:
                         rel = Path("examples/rlmt") / layout / recipe_name(algo, model, start, thinking)
                         cfg = build(algo, model, start, thinking, layout)
-                        text = header(algo, model, start, thinking, layout, str(rel))
-                        text += yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110)
-                        out[REPO / rel] = text
+                        text = header(algo, model, start, thinking, layout, str(rel), cfg)
+                        out[REPO / rel] = text + _dump(cfg)
+    for model in MODELS:
+        for start in ("instruct", "base"):
+            for thinking in STARTS[start][0]:
+                rel = Path("examples/rlmt") / sft_name(model, start, thinking)
+                out[REPO / rel] = sft_header(model, start, thinking, str(rel)) + _dump(build_sft(model, start, thinking))
     return out
+
+
+def _shipped() -> list[Path]:
+    return [f for d in LAYOUTS for f in (OUT / d).glob("*.yaml")] + list(OUT.glob("sft*.yaml"))
 
 
 def main(argv=None) -> int:
@@ -166,12 +414,15 @@ def main(argv=None) -> int:
     wanted = recipes()
     if args.check:
         stale = [str(f.relative_to(REPO)) for f, text in wanted.items() if not f.is_file() or f.read_text() != text]
-        extra = [str(f.relative_to(REPO)) for d in LAYOUTS for f in (OUT / d).glob("*.yaml") if f not in wanted]
+        extra = [str(f.relative_to(REPO)) for f in _shipped() if f not in wanted]
         for f in stale:
             print(f"differs from the table: {f}", file=sys.stderr)
         for f in extra:
             print(f"not in the table: {f}", file=sys.stderr)
         return 1 if stale or extra else 0
+    for f in _shipped():
+        if f not in wanted:
+            f.unlink()
     for f, text in wanted.items():
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(text)

@@ -14,6 +14,8 @@ Argument order, the same for every estimator of a kind:
   token rewards with ``outcome_to_token_rewards`` (and ``fold_kl_into_rewards`` for a KL
   penalty in the reward). Their batch statistics (``masked_whiten``) may be taken over every
   data-parallel rank through a ``reduce`` callback, so each rank can pass only its shard.
+- ``reinforce_pp_baseline``: ``(rewards [B], mask, group_ids=None, group_size=None, ...)``, a
+  sequence-level group baseline whitened over tokens; returns advantages ``[B, T]``.
 """
 
 from __future__ import annotations
@@ -264,6 +266,31 @@ def reinforce_pp(
     return masked_whiten(returns, m, reduce, eps), returns
 
 
+def reinforce_pp_baseline(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: GroupIds | None = None,
+    group_size: int | None = None,
+    reduce: Reduce | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al., 2025; verl's ``reinforce_plus_plus_baseline``): [B, T].
+
+    1. each sequence's reward minus its group's mean (the samples of one prompt; ``dr_grpo``,
+       so a group of one, or of equal rewards, gets 0: no baseline to compare with);
+    2. spread over the sequence's valid tokens;
+    3. ``masked_whiten`` over every valid token of the batch (with ``reduce``, of every
+       data-parallel rank): the global batch's spread sets the scale, not each group's std.
+
+    ``rewards [B]`` may be the sequences' summed token rewards (a KL penalty folded in). The
+    group means need whole groups: with data parallelism compute step 1 on the global batch
+    and call ``masked_whiten`` on each rank's share, as the trainer does.
+    """
+    centered = dr_grpo(rewards, group_ids=group_ids, group_size=group_size)
+    m = _check_token_mask(mask, rewards.numel())
+    return masked_whiten(broadcast_to_tokens(centered, m), m, reduce, eps)
+
+
 def gae(
     token_rewards: torch.Tensor,
     values: torch.Tensor,
@@ -307,6 +334,7 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor,
     "dr_grpo": dr_grpo,
     "rloo": rloo,
     "reinforce_pp": reinforce_pp,
+    "reinforce_pp_baseline": reinforce_pp_baseline,
     "gae": gae,
 }
 

@@ -16,6 +16,7 @@ Modes (``G_tok`` valid tokens, ``G_seq`` sequences with >= 1 valid token, in the
 
 - ``token_mean``:              sum_tokens loss / G_tok
 - ``seq_mean_token_mean``:     sum_seqs (sum_t loss / n_tokens(seq)) / G_seq
+- ``seq_mean_token_sum``:      sum_tokens loss / G_seq                     (DAPO's sequence sum)
 - ``seq_mean_token_sum_norm``: sum_tokens loss / (G_seq * norm_constant)   (Dr.GRPO)
 
 Sequences with no valid token add nothing and are not counted in ``G_seq``.
@@ -98,6 +99,15 @@ def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, norms: GlobalNor
     return per_seq.sum() / g_seq
 
 
+def seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor, norms: GlobalNormalizers) -> torch.Tensor:
+    """Contribution ``sum_{valid t} loss / G_seq``: each sequence's token sum, averaged over the
+    sequences (verl's ``seq-mean-token-sum``, listed with DAPO's options): a long response's
+    tokens weigh as much as a short one's, and the loss scale grows with response length."""
+    g_seq = _positive(norms.num_seqs, "global sequence count (norms.num_seqs)")
+    loss, _ = _prepare(loss, mask)
+    return loss.sum() / g_seq
+
+
 def seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor, norms: GlobalNormalizers) -> torch.Tensor:
     """Contribution ``sum_{valid t} loss / (G_seq * norm_constant)`` (Dr.GRPO): a constant per-token weight,
     so neither response length nor batch composition rescales a token's gradient."""
@@ -111,6 +121,7 @@ def seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor, norms: Globa
 AGGREGATIONS: dict[str, Aggregation] = {
     "token_mean": token_mean,
     "seq_mean_token_mean": seq_mean_token_mean,
+    "seq_mean_token_sum": seq_mean_token_sum,
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
 }
 

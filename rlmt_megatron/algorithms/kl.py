@@ -42,7 +42,25 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (torch.exp(d) - d - 1).clamp(-K3_CLAMP, K3_CLAMP)
 
 
-KL_ESTIMATORS: dict[str, KLEstimator] = {"k1": k1, "k2": k2, "k3": k3, "low_var_kl": k3}
+def straight_through(estimator: KLEstimator) -> KLEstimator:
+    """``estimator``'s value with ``k2``'s gradient (verl's ``k1+`` / ``k3+``): k1 and k3 estimate
+    the KL's value without bias, but their expected gradient is not the KL's gradient; k2's is
+    (to first order in the log ratio). ``value + (k2 - k2.detach())``, so the forward result is
+    the estimator's exactly and the backward pass is k2's: ``logp - ref_logp`` per token."""
+
+    def combined(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        grad = k2(logp, ref_logp)
+        return estimator(logp, ref_logp).detach() + (grad - grad.detach())
+
+    combined.__name__ = f"{estimator.__name__}_straight_through"
+    return combined
+
+
+k1_plus = straight_through(k1)
+k3_plus = straight_through(k3)
+
+KL_ESTIMATORS: dict[str, KLEstimator] = {"k1": k1, "k2": k2, "k3": k3, "low_var_kl": k3,
+                                         "k1+": k1_plus, "k3+": k3_plus, "low_var_kl+": k3_plus}
 
 
 def get_kl_estimator(name: str) -> KLEstimator:

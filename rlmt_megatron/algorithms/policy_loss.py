@@ -14,6 +14,7 @@ import torch
 
 from .checks import as_bool_mask, lookup, require_finite, require_ndim, require_same_shape
 from .kl import get_kl_estimator
+from .policy_variants import cispo, gspo, gspo_token
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -79,7 +80,7 @@ def ppo_clip(
     return torch.where(m, loss, zero), diagnostics
 
 
-POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo_clip": ppo_clip}
+POLICY_LOSSES: dict[str, PolicyLoss] = {"ppo_clip": ppo_clip, "gspo": gspo, "gspo_token": gspo_token, "cispo": cispo}
 
 
 def get_policy_loss(name: str) -> PolicyLoss:
@@ -99,8 +100,10 @@ def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Knobs of ``policy_objective``. ``kl_in_loss``: add ``kl_coef * KL`` to the loss (GRPO style);
-    otherwise KL belongs in the reward (``fold_kl_into_rewards``, PPO style)."""
+    """Knobs of ``policy_objective``. ``loss``: a ``POLICY_LOSSES`` name (``clip_low``/``clip_high``
+    are its clip range; ``dual_clip_c`` applies to ``ppo_clip`` only). ``kl_in_loss``: add
+    ``kl_coef * KL`` to the loss (GRPO style); otherwise KL belongs in the reward
+    (``fold_kl_into_rewards``, PPO style)."""
 
     loss: str = "ppo_clip"
     clip_low: float = 0.2
@@ -120,19 +123,25 @@ def policy_objective(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cfg: PolicyLossConfig,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token total loss ``pg + kl_coef * KL [if kl_in_loss] - entropy_coef * entropy``, 0 on padding.
+    """Per-token total loss ``w * pg + kl_coef * KL [if kl_in_loss] - entropy_coef * entropy``, 0 on padding.
 
-    Returns ``(total [B, T], components)``: ``pg_loss`` plus the policy loss's diagnostics, and,
-    when the inputs are given, the raw per-token ``kl`` and ``entropy`` (unscaled, for metrics;
-    detached unless they enter the loss).
+    ``is_weight`` (optional, [B, T], detached): the rollout-correction weight ``w`` of each token
+    (``rollout_correction``), applied to the policy-gradient term only, as verl applies its
+    ``rollout_is_weights``. Returns ``(total [B, T], components)``: ``pg_loss`` (weighted) plus
+    the policy loss's diagnostics, and, when the inputs are given, the raw per-token ``kl`` and
+    ``entropy`` (unscaled, for metrics; detached unless they enter the loss).
     """
-    pg, components = get_policy_loss(cfg.loss)(
-        logp, old_logp, advantages, mask,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c,
-    )
+    clip = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high}
+    if cfg.loss == "ppo_clip":
+        clip["dual_clip_c"] = cfg.dual_clip_c
+    pg, components = get_policy_loss(cfg.loss)(logp, old_logp, advantages, mask, **clip)
     m = as_bool_mask("mask", mask)
     zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
+    if is_weight is not None:
+        require_same_shape("logp", logp, is_weight=is_weight)
+        pg = torch.where(m, pg * is_weight.detach(), zero)
     components = {"pg_loss": pg, **components}
     total = pg
     if cfg.kl_in_loss and ref_logp is None:

@@ -104,21 +104,93 @@ class RolloutConfig(StrictModel):
         return self
 
 
+class KLControlConfig(StrictModel):
+    """How ``algorithm.kl_coef`` evolves: ``fixed``, or ``adaptive`` (Ziegler et al. 2019, verl's
+    ``AdaptiveKLController``): after each step the coefficient moves towards ``target`` KL,
+    by at most 20% of ``samples / horizon`` (``algorithms/kl_control.py``)."""
+
+    kind: Literal["fixed", "adaptive"] = "fixed"
+    target: PositiveFloat = Field(0.1, description="adaptive: the KL (per-token mean, averaged over sequences) aimed at")
+    horizon: PositiveFloat = Field(10000.0, description="adaptive: samples over which an error is corrected")
+
+
+class DynamicSamplingConfig(StrictModel):
+    """DAPO's dynamic sampling (Yu et al. 2025; verl's ``filter_groups``): a prompt whose samples
+    all got the same reward teaches GRPO nothing (every advantage is 0), so such groups are
+    dropped and more prompts are sampled until ``data.prompts_per_step`` groups remain."""
+
+    enabled: bool = False
+    max_extra_rounds: NonNegativeInt = Field(
+        4, description="generation rounds after the first before the step goes on anyway; the batch is then "
+        "filled with dropped groups (advantage 0) so it keeps its size")
+
+
+class RolloutCorrectionConfig(StrictModel):
+    """Correction for the rollout engine's sampler differing from the trainer's old policy, from the
+    ratio ``pi_old / pi_rollout`` of each response token (``algorithms/rollout_correction.py``)."""
+
+    mode: Literal["none", "tis", "mis", "icepop"] = Field(
+        "none", description="none; tis: weight each token by min(ratio, tis_cap); mis: drop sequences whose ratio "
+        "(seq_ratio) is outside [low, high]; icepop: drop tokens whose ratio is outside [low, high], weight the rest "
+        "by their ratio")
+    tis_cap: Optional[float] = Field(None, ge=1.0, description="tis: the truncation cap C (>= 1); null: 2.0")
+    seq_ratio: Optional[Literal["geometric_mean", "product"]] = Field(
+        None, description="mis: the sequence ratio, geometric_mean (exp of the mean token log ratio) or product; "
+        "null: geometric_mean")
+    low: Optional[float] = Field(None, ge=0.0, le=1.0, description="mis/icepop: lower end of the kept band; null: "
+                                 "icepop 0.5, mis 1/high")
+    high: Optional[float] = Field(None, ge=1.0, description="mis/icepop: upper end of the kept band; null: icepop 5.0, "
+                                  "mis 1.001 (geometric_mean) or 2.0 (product)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        used = {"none": set(), "tis": {"tis_cap"}, "mis": {"seq_ratio", "low", "high"}, "icepop": {"low", "high"}}
+        stray = sorted(k for k in ("tis_cap", "seq_ratio", "low", "high")
+                       if getattr(self, k) is not None and k not in used[self.mode])
+        if stray:
+            raise ValueError(f"{', '.join(stray)} {'applies' if len(stray) == 1 else 'apply'} to another "
+                             f"rollout_correction.mode than {self.mode}: remove {'it' if len(stray) == 1 else 'them'}")
+        if self.mode in ("mis", "icepop"):
+            low, high = self.band()
+            if not low < high:
+                raise ValueError(f"rollout_correction band [low, high] = [{low:g}, {high:g}] is empty")
+        return self
+
+    def band(self) -> tuple[float, float]:
+        """(low, high) of mis/icepop with the defaults filled in."""
+        if self.mode == "icepop":
+            return (0.5 if self.low is None else self.low), (5.0 if self.high is None else self.high)
+        high = self.high if self.high is not None else (2.0 if self.seq_ratio == "product" else 1.001)
+        return (1.0 / high if self.low is None else self.low), high
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``algorithms.get_rollout_correction(mode)`` (mode != none)."""
+        if self.mode == "tis":
+            return {"cap": 2.0 if self.tis_cap is None else self.tis_cap}
+        low, high = self.band()
+        return {"low": low, "high": high} | ({"seq_ratio": self.seq_ratio or "geometric_mean"} if self.mode == "mis" else {})
+
+
 class AlgorithmConfig(StrictModel):
     name: Literal["grpo", "ppo", "dpo"] = "grpo"
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
-        "grpo", description="name=grpo: grpo, dr_grpo, rloo (outcome estimators over the samples of one prompt) or "
-        "reinforce_pp (REINFORCE++: discounted returns whitened over the global batch, no groups)")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "grpo", description="name=grpo: grpo, dr_grpo, rloo (outcome estimators over the samples of one prompt), "
+        "reinforce_pp (REINFORCE++: discounted returns whitened over the global batch, no groups) or "
+        "reinforce_pp_baseline (REINFORCE++-baseline: reward minus its group's mean, whitened over the batch's tokens)")
     clip_low: NonNegativeFloat = 0.2
     clip_high: NonNegativeFloat = 0.2
     dual_clip_c: Optional[float] = Field(3.0, description="dual-clip constant (> 1) or null")
     kl_coef: NonNegativeFloat = Field(0.001, description="KL(policy || reference) coefficient; 0 = no reference model")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = Field(
+        "k3", description="k1, k2, k3 (Schulman's estimators); k1+ / k3+: that value with k2's gradient "
+        "(straight-through, verl's k3+)")
+    kl_control: KLControlConfig = Field(default_factory=KLControlConfig)
     kl_in: Literal["loss", "reward"] = Field(
         "loss", description="loss: kl_coef * KL is a term of the policy loss (GRPO style); reward: kl_coef * KL of "
         "the rollout policy is subtracted from every response token's reward before the advantages (PPO style)")
     entropy_coef: NonNegativeFloat = 0.001
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = "token_mean"
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     updates_per_rollout: PositiveInt = Field(1, description="optimizer steps per rollout batch (mini-batches, 1 epoch)")
     # PPO (gamma also REINFORCE++)
     gamma: float = Field(1.0, ge=0.0, le=1.0)
@@ -128,8 +200,14 @@ class AlgorithmConfig(StrictModel):
     dpo_beta: PositiveFloat = 0.1
     dpo_mode: Literal["online", "one_round"] = Field(
         "online", description="online: pairs from the current policy every step; one_round: the paper's — "
-        "pairs sampled from the initial model (the engine is never updated; a prompt seen again in a later "
-        "epoch is sampled afresh from that same initial model)")
+        "each prompt sampled once from the initial model (the engine is never updated) and its scored group "
+        "recorded in out_dir/one_round_rollouts, so a later epoch trains on the same pairs (trainer/one_round.py)")
+    # Policy loss of grpo/ppo (algorithms/policy_loss.py, policy_variants.py) and rollout correction
+    policy_loss: Literal["ppo_clip", "gspo", "gspo_token", "cispo"] = Field(
+        "ppo_clip", description="ppo_clip; gspo / gspo_token (sequence-level ratio; clip_low/clip_high are its "
+        "range, the paper's 3e-4 / 4e-4); cispo (clipped stop-gradient IS weight times log-prob; clip_low=1 removes "
+        "the lower bound)")
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
 
     @model_validator(mode="after")
     def _check(self):
@@ -138,6 +216,25 @@ class AlgorithmConfig(StrictModel):
         if self.name != "grpo" and self.advantage != "grpo":
             raise ValueError(f"algorithm.advantage={self.advantage} applies to name=grpo only ({self.name} "
                              f"{'uses GAE' if self.name == 'ppo' else 'computes no advantages'}): remove it")
+        if self.kl_control.kind == "adaptive" and (self.kl_coef == 0 or self.name == "dpo"):
+            raise ValueError("algorithm.kl_control.kind=adaptive scales algorithm.kl_coef: it needs kl_coef > 0 and "
+                             "a KL penalty (grpo or ppo; dpo's beta is fixed)")
+        if self.dynamic_sampling.enabled and self.name != "grpo":
+            raise ValueError("algorithm.dynamic_sampling drops prompts whose samples all got one reward (their GRPO "
+                             f"advantages are 0); it applies to name=grpo, not {self.name}")
+        if self.name == "dpo" and (self.policy_loss != "ppo_clip" or self.rollout_correction.mode != "none"):
+            raise ValueError("algorithm.policy_loss and algorithm.rollout_correction apply to grpo and ppo; dpo has "
+                             "its own loss (dpo_beta): remove them")
+        if self.policy_loss == "gspo" and (self.name == "ppo" or self.advantage == "reinforce_pp"):
+            raise ValueError(f"algorithm.policy_loss=gspo needs one advantage per sequence, but "
+                             f"{'ppo (GAE)' if self.name == 'ppo' else 'advantage=reinforce_pp'} gives one per token: "
+                             "use policy_loss=gspo_token")
+        if self.policy_loss != "ppo_clip" and "dual_clip_c" in self.model_fields_set and self.dual_clip_c is not None:
+            raise ValueError(f"algorithm.dual_clip_c applies to policy_loss=ppo_clip only, not {self.policy_loss}: "
+                             "remove it")
+        if not (self.clip_low <= 1.0 if self.policy_loss == "cispo" else self.clip_low < 1.0):
+            raise ValueError(f"algorithm.clip_low={self.clip_low:g}: the ratio's lower clip bound 1 - clip_low must "
+                             f"stay above 0 for {self.policy_loss} (only cispo allows clip_low=1: no lower bound)")
         if self.kl_in == "reward" and self.name == "dpo":
             raise ValueError("algorithm.kl_in=reward folds the KL penalty into the rewards that advantages are "
                              "computed from; dpo has neither (dpo_beta already ties it to the reference): "
@@ -153,7 +250,10 @@ class RewardConfig(StrictModel):
         8192, description="padded tokens per forward-only micro-batch of the reward model (it only scores, so "
         "this one budget is all it has; the trainer's roles take theirs from the batching section)")
     max_length: Optional[PositiveInt] = Field(None, description="RM inputs longer than this keep BOS + the tail")
-
+    overlong_buffer_tokens: NonNegativeInt = Field(
+        0, description="DAPO's soft overlong penalty: a response longer than rollout.max_new_tokens minus this many "
+        "tokens loses overlong_penalty_factor * (excess / buffer) reward, down to -factor at the limit; 0 = off")
+    overlong_penalty_factor: NonNegativeFloat = Field(1.0, description="the overlong penalty at the length limit")
 
 
 class RLMTConfig(StrictModel):
@@ -179,6 +279,9 @@ class RLMTConfig(StrictModel):
             raise ValueError("algorithm.name=grpo compares samples of one prompt: rollout.samples_per_prompt must be >= 2")
         if a.name == "dpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algorithm.name=dpo pairs best vs worst: rollout.samples_per_prompt must be >= 2")
+        if self.reward.overlong_buffer_tokens > self.rollout.max_new_tokens:
+            raise ValueError(f"reward.overlong_buffer_tokens={self.reward.overlong_buffer_tokens} is longer than "
+                             f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.rollout.engine == "sglang" and not self.rollout.sglang_url:
             raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
         # Checked here so every rank fails together (the engine itself exists on rank 0 only).

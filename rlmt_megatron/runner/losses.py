@@ -6,7 +6,8 @@ shares of global means (summed over micro-batches and DP ranks by the engine), s
 reported ``kl`` or ``entropy`` is the token mean over the whole global batch.
 
 Sample fields used (per action, length L-1; see ``runner/batching.py``):
-- policy: ``loss_mask``, ``old_logp``, ``advantages``, optional ``ref_logp``;
+- policy: ``loss_mask``, ``old_logp``, ``advantages``, optional ``ref_logp`` and ``is_weight``
+  (the rollout-correction weight of each token, ``algorithms/rollout_correction.py``);
 - critic: ``loss_mask``, ``returns``, ``old_values``;
 - sft: ``loss_mask``;
 - dpo: ``loss_mask``, ``ref_logp`` (unless reference-free); samples come in (chosen, rejected)
@@ -40,7 +41,8 @@ def policy_loss_fn(
     temperature: float = 1.0,
     norm_constant: Optional[float] = None,
 ):
-    """PPO-clip objective (+KL, -entropy) on the policy's vocab-parallel logits."""
+    """The policy objective (``cfg.loss``: PPO-clip, GSPO, CISPO; +KL, -entropy; times the samples'
+    ``is_weight`` when they carry one) on the policy's vocab-parallel logits."""
     want_entropy = True  # reported every step; costs one extra all-reduced scalar per token
 
     def loss_fn(logits: torch.Tensor, mb: TrainMicroBatch, norms: GlobalNormalizers):
@@ -50,7 +52,8 @@ def policy_loss_fn(
         logp, entropy = vocab_parallel_logprobs_and_entropy(
             logits[:, :-1], mb.targets, vocab_size, temperature, with_entropy=want_entropy
         )
-        total, parts = policy_objective(logp, f["old_logp"], f.get("ref_logp"), entropy, f["advantages"], mask, cfg)
+        total, parts = policy_objective(logp, f["old_logp"], f.get("ref_logp"), entropy, f["advantages"], mask, cfg,
+                                        is_weight=f.get("is_weight"))
         share = aggregate(total, mask, dataclasses.replace(norms, norm_constant=norm_constant), aggregation)
         metrics = {
             "loss/policy": _token_mean_share(parts["pg_loss"], mask, norms),

@@ -13,6 +13,7 @@ watchdog reports stuck ranks (``trainer/watchdog.py``).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -22,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from rlmt_megatron.algorithms.kl_control import KLController
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.rng_state import capture_rng_state, restore_rng_state
 from rlmt_megatron.checkpoint.train_state import list_checkpoints, prune_checkpoints, save_train_state
@@ -35,8 +37,10 @@ from rlmt_megatron.config.rlmt import RLMTConfig
 from rlmt_megatron.trainer.rollout_supervisor import EngineGaveUp, RolloutSupervisor
 from rlmt_megatron.trainer.run_folder import claim_run_folder, load_resume_state
 from rlmt_megatron.trainer.experience import check_trainable
+from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
-from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, rollout_metrics, sampling_params
+from rlmt_megatron.trainer.rollout_phase import rollout_metrics
+from rlmt_megatron.trainer.step_rollouts import collect_step_rollouts
 from rlmt_megatron.trainer.updates import UPDATES
 from rlmt_megatron.trainer.stop import (
     RunStopped,
@@ -93,7 +97,13 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
         step, version = extra["step"], extra["weight_version"]
         restarts = extra.get("engine_restarts", 0)
         sampler.load_state_dict(extra["sampler"])
+    kl = cfg.algorithm.kl_control  # the coefficient is state: an adaptive one resumes where it was
+    kl_control = KLController(cfg.algorithm.kl_coef, *((kl.target, kl.horizon) if kl.kind == "adaptive" else ()))
+    if resume_dir is not None and kl.kind == "adaptive":
+        kl_control.coef = extra["kl_coef"]
     saved = {step: resume_dir} if resume_dir is not None else {}
+    # one_round DPO: each prompt sampled once from the initial model, recalled in later epochs
+    pair_set = None if cfg.engine_follows_policy else OneRoundStore(out, resuming=resume_dir is not None)
     supervisor = RolloutSupervisor(cfg.rollout, cfg.weight_sync, roles.policy, model_dir, out, stop, restarts,
                                    follows_policy=cfg.engine_follows_policy, engine_dtype=cfg.engine_dtype(),
                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
@@ -105,7 +115,7 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             with activity("checkpoint"):
                 saved[at] = save_train_state(ckpt_root, at, engines, {
                     "step": at, "weight_version": version, "sampler": sampler.state_dict(),
-                    "engine_restarts": supervisor.restarts})
+                    "engine_restarts": supervisor.restarts, "kl_coef": kl_control.coef})
             if is_rank0():
                 prune_checkpoints(ckpt_root, cfg.run.keep_last)
         return saved.get(at)
@@ -125,20 +135,15 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             timer = PhaseTimer()
             try:
                 with activity(f"step {step}"), timer.phase("step"):
-                    batch = sampler.next_batch()
-                    conversations = [p.messages for p in batch]
-                    with activity("rollout"), timer.phase("rollout"):
-                        prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer,
-                                                                 conversations)
-                        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step)
-                        rollouts = supervisor.generate(prompt_ids, params)
-                    supervisor.sleep()  # colocated engines free their GPU memory for training
-                    with activity("reward"), timer.phase("reward"):
-                        parse_and_score(cfg.format, roles.tokenizer, roles.scorer, rollouts, conversations)
-                        check_trainable(rollouts)
+                    got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer, pair_set)
+                    rollouts = got.rollouts
+                    check_trainable(rollouts)
                     with activity("train"), timer.phase("train"):
-                        metrics = update(cfg.algorithm, roles, rollouts, temperature=cfg.rollout.temperature,
+                        algorithm = cfg.algorithm.model_copy(update={"kl_coef": kl_control.coef})
+                        metrics = update(algorithm, roles, rollouts, temperature=cfg.rollout.temperature,
                                          max_new_tokens=cfg.rollout.max_new_tokens) or {"skipped_update": 1.0}
+                    metrics["kl/coef"] = kl_control.coef  # the coefficient this step used
+                    kl_control.update(metrics.get("kl/old_ref_seq_mean", math.nan), len(rollouts))
                     if supervisor.follows_policy:
                         with timer.phase("sync"):
                             version += 1
@@ -150,13 +155,13 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 if isinstance(e, StepAbandoned):
                     _stop(cfg, out, stop, step - 1, checkpoint(step - 1), abandoned=step)
                 _engine_failed(out, e, step - 1, checkpoint(step - 1))
-            metrics.update(rollout_metrics(rollouts, roles.tokenizer, truncated), **timer.metrics())
+            metrics.update(rollout_metrics(rollouts, roles.tokenizer, sum(got.truncated)), **got.metrics, **timer.metrics())
             metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
             metrics["rollout/restarts"] = float(supervisor.restarts)
             metrics.update(peak_memory_metrics())
             if is_rank0():
                 logger.log(step, metrics)
-                write_samples(out, step, _sample_rows(rollouts, conversations, roles.tokenizer, batch),
+                write_samples(out, step, _sample_rows(rollouts, got.conversations, roles.tokenizer, got.prompts),
                               first_k=cfg.monitoring.samples_per_step)
                 progress.update(step, metrics)
             if step == cfg.run.total_steps or (cfg.run.save_every and step % cfg.run.save_every == 0):

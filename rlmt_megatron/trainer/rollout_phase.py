@@ -11,10 +11,13 @@ import contextlib
 import math
 from typing import Optional, Sequence
 
+import torch
+
+from rlmt_megatron.algorithms.reward_shaping import overlong_penalty
 from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.types import SamplingParams
-from rlmt_megatron.config.rlmt import RolloutConfig
+from rlmt_megatron.config.rlmt import RewardConfig, RolloutConfig
 from rlmt_megatron.thinking import build_prompt_ids, parse_response, stop_settings
 from rlmt_megatron.thinking.templates import ThinkingFormatConfig
 from rlmt_megatron.trainer.experience import Rollout
@@ -22,21 +25,24 @@ from rlmt_megatron.trainer.stop import Interrupted, StepAbandoned, StopSignals
 from rlmt_megatron.trainer.watchdog import activity
 
 
-def sampling_params(r: RolloutConfig, fmt: ThinkingFormatConfig, tokenizer, run_seed: int, step: int) -> SamplingParams:
+def sampling_params(r: RolloutConfig, fmt: ThinkingFormatConfig, tokenizer, run_seed: int, step: int,
+                    round_: int = 0) -> SamplingParams:
     stop, stop_ids = stop_settings(fmt, tokenizer)
-    # A seed per step: a resumed run samples exactly what the uninterrupted run sampled.
+    # A seed per step (and per extra generation round of dynamic sampling): a resumed run
+    # samples exactly what the uninterrupted run sampled.
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          stop=stop, stop_token_ids=stop_ids, n=r.samples_per_prompt, seed=run_seed * 100003 + step)
+                          stop=stop, stop_token_ids=stop_ids, n=r.samples_per_prompt,
+                          seed=run_seed * 100003 + step + round_ * 2**32)
 
 
 def prompt_token_ids(fmt: ThinkingFormatConfig, max_prompt_tokens: int, tokenizer,
-                     conversations: Sequence[list[dict]]) -> tuple[list[list[int]], int]:
-    """Templated prompt ids (left-truncated) and how many were truncated."""
-    ids, truncated = [], 0
+                     conversations: Sequence[list[dict]]) -> tuple[list[list[int]], list[bool]]:
+    """Templated prompt ids (left-truncated) and, per prompt, whether it was truncated."""
+    ids, truncated = [], []
     for messages in conversations:
         p, cut = build_prompt_ids(messages, tokenizer, fmt, max_prompt_tokens)
         ids.append(p)
-        truncated += int(cut)
+        truncated.append(bool(cut))
     return ids, truncated
 
 
@@ -92,6 +98,18 @@ def parse_and_score(fmt: ThinkingFormatConfig, tokenizer, scorer, rollouts: list
         r.reward = value
 
 
+def shape_rewards(reward: RewardConfig, max_new_tokens: int, rollouts: Sequence[Rollout]) -> None:
+    """DAPO's soft overlong penalty (``reward.overlong_buffer_tokens``; off at 0) added to each
+    finite reward, and kept in ``extras["overlong_penalty"]``."""
+    if not reward.overlong_buffer_tokens:
+        return
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.long)
+    penalties = overlong_penalty(lengths, max_new_tokens, reward.overlong_buffer_tokens, reward.overlong_penalty_factor)
+    for r, p in zip(rollouts, penalties.tolist()):
+        r.extras["overlong_penalty"] = p
+        r.reward = r.reward + p
+
+
 def rollout_metrics(rollouts: Sequence[Rollout], tokenizer, truncated_prompts: int) -> dict[str, float]:
     finite = [r.reward for r in rollouts if math.isfinite(r.reward)]
     n = len(rollouts)
@@ -104,7 +122,9 @@ def rollout_metrics(rollouts: Sequence[Rollout], tokenizer, truncated_prompts: i
 
     thinking = [tokens(r.extras.get("thinking")) for r in rollouts]
     answer = [tokens(r.extras.get("answer")) for r in rollouts]
-    return {
+    penalties = [r.extras["overlong_penalty"] for r in rollouts if "overlong_penalty" in r.extras]
+    shaping = {"reward/overlong_penalty_mean": sum(penalties) / n} if penalties else {}
+    return shaping | {
         "reward/mean": mean,
         "reward/std": std,
         "reward/min": min(finite) if finite else math.nan,

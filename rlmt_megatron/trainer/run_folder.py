@@ -40,9 +40,12 @@ BACKUP_DIR = "previous_runs"
 # must go on working (the requeue contract of trainer/stop.py).
 RESULTS = ("checkpoints", "metrics.jsonl", "metrics.jsonl.prev", "samples", "final_hf")
 # Moved aside with the results on backup: the rest of that run's record, so the new run's
-# config, logs, W&B run and exit status are only its own. Not listed, so left in place: what
-# every start rebuilds from the config (rollout_init_hf/, rollout_init_fp8/, weight_sync/).
-RECORD = ("config.yaml", "exit_status.json", "tensorboard", "wandb", "wandb_run_id", "watchdog", "plots")
+# config, logs, W&B run and exit status are only its own (and one_round DPO's recorded samples,
+# which a fresh start that finds them, left by an attempt that completed no step, discards:
+# trainer/one_round.py). Not listed, so left in place: what every start rebuilds from the config
+# (rollout_init_hf/, rollout_init_fp8/, weight_sync/).
+RECORD = ("config.yaml", "exit_status.json", "tensorboard", "wandb", "wandb_run_id", "watchdog", "plots",
+          "one_round_rollouts")
 
 
 class RunFolderError(RLMTError):

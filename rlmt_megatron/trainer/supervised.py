@@ -11,10 +11,10 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from rlmt_megatron.checkpoint.hf_export import save_hf_folder
 from rlmt_megatron.checkpoint.load import load_model
@@ -34,17 +34,34 @@ from rlmt_megatron.runner.losses import reward_model_loss_fn, sft_loss_fn
 
 class SupervisedConfig(StrictModel):
     model: str = Field(..., description="HF folder or rlmt checkpoint to start from")
+    tokenizer: Optional[str] = Field(
+        None, description="HF folder whose tokenizer (and chat template) renders the data and is written with the "
+        "result; default: the model's. A base model without a chat template takes its instruct sibling's (the "
+        "authors' SFT of Llama-3.1-8B uses the Llama-3.1-8B-Instruct tokenizer)")
     data: list[str] = Field(..., min_length=1, description="jsonl files (SFT: messages; RM: messages, chosen, rejected)")
     out_dir: str = "runs/supervised"
     seed: int = 1234
     epochs: PositiveInt = 2
     batch_size: PositiveInt = Field(64, description="sequences (SFT) or preference pairs (RM) per optimizer step")
-    max_length: PositiveInt = Field(4096, description="SFT rows longer than this are dropped and counted")
+    max_length: PositiveInt = Field(4096, description="longest SFT row in tokens (whole conversation)")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="SFT rows longer than max_length: drop (skip and count) or truncate (keep the first "
+        "max_length tokens, as TRL's SFTTrainer does with max_seq_length)")
+    warmup_ratio: Optional[float] = Field(
+        None, ge=0.0, lt=1.0, description="warm-up as a fraction of the run: optim.warmup_steps = ceil(ratio x "
+        "total steps), the HF Trainer's rule; the run length is only known once the data is read. Excludes "
+        "optim.warmup_steps")
     build: ModelBuildConfig = Field(default_factory=ModelBuildConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=4e-6, lr_schedule="cosine"))
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="micro-batch token budget "
                                      "(train_tokens_per_microbatch; the supervised stages run no forward-only pass)")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_ratio is not None and "warmup_steps" in self.optim.model_fields_set:
+            raise ValueError("warmup_ratio and optim.warmup_steps both set the warm-up: keep one")
+        return self
 
 
 def preference_samples(paths: list[str], tokenizer) -> list[Sample]:
@@ -64,13 +81,24 @@ def preference_samples(paths: list[str], tokenizer) -> list[Sample]:
     return out
 
 
-def sft_samples(paths: list[str], tokenizer, max_length: int) -> list[Sample]:
+def sft_samples(paths: list[str], tokenizer, max_length: int, overlong: str = "drop") -> list[Sample]:
     from rlmt_megatron.data.sft import load_sft_samples
 
     samples: list[Sample] = []
     for path in paths:
-        samples.extend(load_sft_samples(path, tokenizer, max_length))
+        samples.extend(load_sft_samples(path, tokenizer, max_length, overlong))
     return samples
+
+
+def supervised_optim(cfg: SupervisedConfig, num_units: int) -> OptimConfig:
+    """The optimizer config of a run over ``num_units`` sequences (pairs): the schedule spans
+    ``epochs x ceil(units / batch_size)`` steps, and ``warmup_ratio`` becomes
+    ``ceil(ratio x steps)`` warm-up steps (the HF Trainer's rule)."""
+    total = cfg.epochs * math.ceil(num_units / cfg.batch_size)
+    update: dict = {"total_steps": total}
+    if cfg.warmup_ratio is not None:
+        update["warmup_steps"] = math.ceil(cfg.warmup_ratio * total)
+    return cfg.optim.model_copy(update=update)
 
 
 def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) -> Path:
@@ -78,13 +106,14 @@ def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) 
 
     out = Path(cfg.out_dir)
     initialize(cfg.build.parallel, cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer_src = cfg.tokenizer or cfg.model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
     unit = 2 if kind == "reward_model" else 1
-    samples = preference_samples(cfg.data, tokenizer) if kind == "reward_model" else sft_samples(cfg.data, tokenizer, cfg.max_length)
+    samples = (preference_samples(cfg.data, tokenizer) if kind == "reward_model"
+               else sft_samples(cfg.data, tokenizer, cfg.max_length, cfg.overlong))
     units = [samples[i:i + unit] for i in range(0, len(samples), unit)]
-    steps_per_epoch = math.ceil(len(units) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    optim = cfg.optim.model_copy(update={"total_steps": total})
+    optim = supervised_optim(cfg, len(units))
+    total = optim.total_steps
     role = "reward" if kind == "reward_model" else "policy"
     engine = ModelRunner(load_model(cfg.model, role, cfg.build), optim, cfg.batching)
     loss = reward_model_loss_fn() if kind == "reward_model" else sft_loss_fn(engine.built.spec.vocab_size)
@@ -114,7 +143,7 @@ def run_supervised(cfg: SupervisedConfig, kind: Literal["sft", "reward_model"]) 
             if is_rank0():
                 logger.log(step, metrics)
                 progress.update(step, metrics)
-    save_hf_folder(engine.built, out / "hf", tokenizer_src=cfg.model)
+    save_hf_folder(engine.built, out / "hf", tokenizer_src=tokenizer_src)
     barrier()
     if is_rank0():
         logger.close()

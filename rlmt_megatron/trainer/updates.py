@@ -16,6 +16,12 @@ loss; ``reward`` subtracts ``kl_coef * KL(old policy, reference)`` from each res
 reward before the advantages (``fold_kl_into_rewards``): GAE (PPO) and REINFORCE++ carry it to
 earlier tokens, the outcome estimators (GRPO, Dr.GRPO, RLOO) compare the sequences' summed token
 rewards ``r - kl_coef * sum_t KL_t``, as verl does with ``use_kl_in_reward``.
+
+Rollout correction (``algorithm.rollout_correction``, grpo and ppo): before the update, each
+policy sample's response tokens are compared with the engine's logprobs of the same tokens
+(``Rollout.engine_logprobs``): the masked tokens leave its ``loss_mask`` and every token gets an
+``is_weight`` that multiplies its policy-gradient loss (``_rollout_correction``). A step whose
+every token is masked trains nothing (``rollout_correction/skipped_update``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from rlmt_megatron.algorithms import fold_kl_into_rewards, gae, masked_whiten, reinforce_pp
+from rlmt_megatron.algorithms import (
+    fold_kl_into_rewards,
+    gae,
+    get_kl_estimator,
+    get_rollout_correction,
+    masked_whiten,
+    reinforce_pp,
+)
 from rlmt_megatron.algorithms.policy_loss import PolicyLossConfig
 from rlmt_megatron.config.rlmt import AlgorithmConfig
 from rlmt_megatron.distributed.collectives import dp_all_reduce, dp_gather, dp_rank_and_size, dp_shard, shard_bounds
@@ -56,6 +69,40 @@ def _logprob_diff(local: Sequence[Rollout], old_logp: Sequence[torch.Tensor]) ->
     return {"rollout/logprob_diff_mean": total / max(count, 1.0), "rollout/logprob_diff_max": worst}
 
 
+def _rollout_correction(a: AlgorithmConfig, local: Sequence[Rollout], samples: list[Sample]) -> tuple[dict[str, float], float]:
+    """Apply ``a.rollout_correction`` to the policy samples in place (new ``loss_mask``, added
+    ``is_weight``); returns its metrics over the global batch and the number of tokens kept in it."""
+    rc = a.rollout_correction
+    correct, kwargs = get_rollout_correction(rc.mode), rc.kwargs()
+    weight_sum = kept = valid = truncated = masked = seqs = seqs_masked = 0.0
+    weight_max = 0.0
+    for r, s in zip(local, samples):
+        f = s.fields
+        mask = f["loss_mask"].bool()
+        engine = torch.zeros(mask.numel(), dtype=torch.float64)
+        if r.response_ids:
+            if len(r.engine_logprobs) != len(r.response_ids):
+                raise ValueError(f"a rollout has {len(r.engine_logprobs)} engine logprobs for {len(r.response_ids)} "
+                                 "response tokens: rollout_correction needs one per token")
+            engine[len(r.prompt_ids) - 1:] = torch.tensor(r.engine_logprobs, dtype=torch.float64)
+        weight, keep, diag = correct(f["old_logp"].double()[None], engine[None], mask[None], **kwargs)
+        weight, keep = weight[0], keep[0]
+        f["loss_mask"], f["is_weight"] = keep.to(f["loss_mask"].dtype), weight.float()
+        n_masked = float(diag["masked"].sum())
+        weight_sum, kept, valid = weight_sum + float(weight.sum()), kept + float(keep.sum()), valid + float(mask.sum())
+        truncated, masked = truncated + float(diag["truncated"].sum()), masked + n_masked
+        seqs, seqs_masked = seqs + float(mask.any()), seqs_masked + float(n_masked > 0)
+        weight_max = max(weight_max, float(weight.max()) if keep.any() else 0.0)
+    weight_sum, kept, valid, truncated, masked, seqs, seqs_masked = dp_all_reduce(
+        [weight_sum, kept, valid, truncated, masked, seqs, seqs_masked])
+    (weight_max,) = dp_all_reduce([weight_max], op="max")
+    return {"rollout_correction/weight_mean": weight_sum / max(kept, 1.0),
+            "rollout_correction/weight_max": weight_max,
+            "rollout_correction/truncated_token_frac": truncated / max(valid, 1.0),
+            "rollout_correction/masked_token_frac": masked / max(valid, 1.0),
+            "rollout_correction/masked_seq_frac": seqs_masked / max(seqs, 1.0)}, kept
+
+
 def _minibatches(samples: list[Sample], k: int) -> list[list[Sample]]:
     n = len(samples)
     if n < k:
@@ -75,7 +122,7 @@ def _train(engine, samples: list[Sample], loss_fn, updates: int, unit_size: int 
 
 def _policy_loss(a: AlgorithmConfig, vocab: int, temperature: float, max_new_tokens: int):
     return policy_loss_fn(
-        PolicyLossConfig(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c,
+        PolicyLossConfig(loss=a.policy_loss, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip_c=a.dual_clip_c,
                          kl_in_loss=a.kl_in == "loss" and a.kl_coef > 0, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
                          entropy_coef=a.entropy_coef),
         vocab, a.aggregation, temperature=temperature, norm_constant=_norm_constant(a, max_new_tokens),
@@ -116,6 +163,23 @@ def _token_rewards(a: AlgorithmConfig, local: Sequence[Rollout], old,
     return masks, rewards
 
 
+def _reference_kl(a: AlgorithmConfig, local: Sequence[Rollout], old, ref) -> dict[str, float]:
+    """KL(old policy || reference) of the global batch, as the adaptive KL controller reads it
+    (verl's ``current_kl``): each trainable rollout's mean over its response tokens of
+    ``a.kl_estimator``, averaged over the rollouts. Nothing without a reference model."""
+    if ref is None:
+        return {}
+    estimator = get_kl_estimator(a.kl_estimator)
+    total, count = 0.0, 0
+    for r, o, f in zip(local, old, ref):
+        if r.trainable:
+            start = len(r.prompt_ids) - 1
+            total += float(estimator(o[start:].double(), f[start:].double()).mean())
+            count += 1
+    total, count = dp_all_reduce([total, count])
+    return {"kl/old_ref_seq_mean": total / count} if count else {}
+
+
 def _token_samples(local: Sequence[Rollout], masks, advantages, old, ref) -> list[Sample]:
     out = []
     for i, r in enumerate(local):
@@ -140,17 +204,25 @@ def _reinforce_pp_advantages(a: AlgorithmConfig, masks, token_rewards) -> list[t
 def grpo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperature: float,
                 max_new_tokens: int) -> dict[str, float]:
     """Critic-free policy update: outcome advantages per prompt group (``grpo``, ``dr_grpo``,
-    ``rloo``) spread over the response, or REINFORCE++ token advantages (``reinforce_pp``)."""
+    ``rloo``) spread over the response, or REINFORCE++ token advantages (``reinforce_pp``, and
+    ``reinforce_pp_baseline``: group-centred scores whitened over the global batch's tokens)."""
     temperature = temperature or 1.0
     rank, size = dp_rank_and_size()
     lo, hi = shard_bounds(len(rollouts), rank, size)
     local = rollouts[lo:hi]
     timer = PhaseTimer()
     old, ref = _old_and_ref_logp(roles, [sequence_of(r) for r in local], temperature, timer)
-    metrics = _logprob_diff(local, old)
+    metrics = _logprob_diff(local, old) | _reference_kl(a, local, old, ref)
     if a.advantage == "reinforce_pp":
         masks, token_rewards = _token_rewards(a, local, old, ref)
         samples = _token_samples(local, masks, _reinforce_pp_advantages(a, masks, token_rewards), old, ref)
+    elif a.advantage == "reinforce_pp_baseline":
+        masks, token_rewards = _token_rewards(a, local, old, ref)
+        # the group means need every rollout's (KL-penalised) score: groups may span DP ranks
+        centered = group_advantages(rollouts, "dr_grpo", dp_gather([float(t.sum()) for t in token_rewards]))
+        advantages = masked_whiten([centered[lo + i] * m.double() for i, m in enumerate(masks)], masks,
+                                   reduce=dp_all_reduce)
+        samples = _token_samples(local, masks, advantages, old, ref)
     else:
         scores = None
         if a.kl_in == "reward" and a.kl_coef > 0:
@@ -162,6 +234,13 @@ def grpo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperatu
         trained = advantages[[i for i, r in enumerate(rollouts) if r.trainable]]
         metrics["advantages/mean"] = float(trained.mean()) if trained.numel() else 0.0
         metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
+    if a.rollout_correction.mode != "none":
+        corrected, kept = _rollout_correction(a, local, samples)
+        metrics.update(corrected)
+        if kept == 0:
+            metrics["rollout_correction/skipped_update"] = 1.0
+            metrics.update(timer.metrics())
+            return metrics
     vocab = roles.policy.built.spec.vocab_size
     with timer.phase("update"):
         metrics.update(_train(roles.policy, samples, _policy_loss(a, vocab, temperature, max_new_tokens),
@@ -192,15 +271,22 @@ def ppo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperatur
     policy_samples = _token_samples(local, masks, advs, old, ref)
     critic_samples = [Sample(s.input_ids, {"loss_mask": masks[i], "returns": returns[i].float(),
                                            "old_values": old_values[i].float()}) for i, s in enumerate(policy_samples)]
-    metrics = _logprob_diff(local, old)
+    metrics = _logprob_diff(local, old) | _reference_kl(a, local, old, ref)
     k = a.updates_per_rollout
     with timer.phase("critic_update"):
         value_loss = value_loss_fn(a.value_clip, a.aggregation, _norm_constant(a, max_new_tokens))
         metrics.update(_train(roles.critic, critic_samples, value_loss, k))
     metrics = {("critic/" + key if key in ("grad_norm", "lr") else key): v for key, v in metrics.items()}
-    with timer.phase("update"):
-        loss = _policy_loss(a, roles.policy.built.spec.vocab_size, temperature, max_new_tokens)
-        metrics.update(_train(roles.policy, policy_samples, loss, k))
+    kept = 1.0
+    if a.rollout_correction.mode != "none":  # the critic above trains on every token
+        corrected, kept = _rollout_correction(a, local, policy_samples)
+        metrics.update(corrected)
+    if kept == 0:
+        metrics["rollout_correction/skipped_update"] = 1.0
+    else:
+        with timer.phase("update"):
+            loss = _policy_loss(a, roles.policy.built.spec.vocab_size, temperature, max_new_tokens)
+            metrics.update(_train(roles.policy, policy_samples, loss, k))
     metrics.update(timer.metrics())
     return metrics
 

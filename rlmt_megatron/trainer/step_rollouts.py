@@ -1,0 +1,103 @@
+"""A step's scored rollouts: prompts from the sampler, generated, parsed, rewarded and shaped,
+with DAPO's dynamic sampling when ``algorithm.dynamic_sampling`` is on.
+
+Dynamic sampling (Yu et al. 2025, "DAPO"; verl's ``filter_groups``): a prompt whose samples all
+got the same reward has GRPO advantage 0 for every sample, so it only dilutes the batch. Such
+groups are dropped and the next prompts are generated, round after round, until
+``data.prompts_per_step`` informative groups are collected (the first ones, in sampling order);
+after ``max_extra_rounds`` extra rounds the batch is filled with dropped groups instead, so every
+step trains on the same number of prompts (their advantages are 0: they add only the KL and
+entropy terms). Each round has its own sampling seed, so a resumed run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rlmt_megatron.trainer.experience import Rollout
+from rlmt_megatron.trainer.one_round import OneRoundStore
+from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, sampling_params, shape_rewards
+from rlmt_megatron.trainer.watchdog import activity
+
+
+@dataclass
+class StepRollouts:
+    """What a step trains on: the prompts (sampler records), their conversations, whether each
+    was truncated, and the rollouts (``prompt_index`` = position in ``prompts``)."""
+
+    prompts: list
+    conversations: list[list[dict]]
+    truncated: list[bool]
+    rollouts: list[Rollout]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def informative(group: list[Rollout]) -> bool:
+    """Whether GRPO learns anything from this prompt: two different finite rewards."""
+    finite = [r.reward for r in group if math.isfinite(r.reward)]
+    return len(finite) >= 2 and max(finite) != min(finite)
+
+
+def _groups(batch: list, conversations: list, truncated: list[bool], rollouts: list[Rollout]) -> list[tuple]:
+    by_prompt: list[list[Rollout]] = [[] for _ in batch]
+    for r in rollouts:
+        by_prompt[r.prompt_index].append(r)
+    return list(zip(batch, conversations, truncated, by_prompt))
+
+
+def _assemble(groups: list[tuple], metrics: dict[str, float]) -> StepRollouts:
+    rollouts = []
+    for index, (_, _, _, members) in enumerate(groups):
+        for r in members:
+            r.prompt_index = index
+            rollouts.append(r)
+    return StepRollouts([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], rollouts, metrics)
+
+
+def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
+                          pair_set: Optional[OneRoundStore] = None) -> StepRollouts:
+    """Generate and score this step's rollouts (every rank; the engine calls are collective).
+    ``pair_set``: one_round DPO's fixed pair set, which recalls the groups of prompts sampled in
+    an earlier epoch instead of generating them again (``trainer/one_round.py``)."""
+    dynamic = cfg.algorithm.dynamic_sampling
+    want = cfg.data.prompts_per_step
+    kept: list[tuple] = []
+    dropped: list[tuple] = []
+    rounds = 0
+    while True:
+        batch = sampler.next_batch()
+        conversations = [p.messages for p in batch]
+        prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer, conversations)
+        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, rounds)
+
+        def sample(positions: list[int]) -> list[Rollout]:
+            """Generate and score the prompts at these batch positions (``prompt_index`` = position)."""
+            with activity("rollout"), timer.phase("rollout"):
+                got = supervisor.generate([prompt_ids[i] for i in positions], params)
+            supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
+            with activity("reward"), timer.phase("reward"):
+                parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got, [conversations[i] for i in positions])
+                shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, got)
+            for r in got:
+                r.prompt_index = positions[r.prompt_index]
+            return got
+
+        if pair_set is None:
+            rollouts, metrics = sample(list(range(len(batch)))), {}
+        else:
+            rollouts, recalled = pair_set.rollouts(step, batch, prompt_ids, sample)
+            metrics = {"rollout/recalled_prompts": float(recalled)}
+        groups = _groups(batch, conversations, truncated, rollouts)
+        rounds += 1
+        if not dynamic.enabled:
+            return _assemble(groups, metrics)
+        for g in groups:
+            (kept if informative(g[3]) else dropped).append(g)
+        if len(kept) >= want or rounds > dynamic.max_extra_rounds:
+            break
+    filled = max(0, want - len(kept))
+    metrics = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/dropped_groups": float(len(dropped)),
+               "dynamic_sampling/filled_groups": float(filled)}
+    return _assemble(kept[:want] + dropped[:filled], metrics)
