@@ -46,8 +46,15 @@ def rescore_with_transformers(tiny: Path, out: Path, step: int) -> tuple[list[fl
     return logged, ref
 
 
+# grpo-tp2 also runs REINFORCE++-baseline, straight-through k3+, the adaptive KL controller,
+# seq_mean_token_sum, dynamic sampling, CISPO and TIS through the CLI and the loop (their formulas:
+# test_algorithms.py, test_updates.py, test_policy_losses.py, test_step_rollouts.py)
+KL_TARGET, KL_HORIZON, KL_COEF = 0.001, 10.0, 0.05
 RUNS = {
-    "grpo-tp2": ({"name": "grpo"}, {"tp": 2}),
+    "grpo-tp2": ({"name": "grpo", "advantage": "reinforce_pp_baseline", "kl_estimator": "k3+", "kl_coef": KL_COEF,
+                  "kl_control": {"kind": "adaptive", "target": KL_TARGET, "horizon": KL_HORIZON},
+                  "aggregation": "seq_mean_token_sum", "dynamic_sampling": {"enabled": True, "max_extra_rounds": 1},
+                  "policy_loss": "cispo", "rollout_correction": {"mode": "tis"}}, {"tp": 2}),
     # the reward model on its own TP=2 groups; GSPO with IcePop masking through the CLI and loop
     "grpo-pp2-rm-tp2": ({"name": "grpo", "policy_loss": "gspo", "rollout_correction": {"mode": "icepop"}}, {"pp": 2}),
     "ppo-tp2": ({"name": "ppo", "policy_loss": "gspo_token", "rollout_correction": {"mode": "mis"}}, {"tp": 2}),
@@ -105,38 +112,13 @@ def test_algorithm_runs(run, tiny_models, tmp_path):
     assert max((final[k] - start[k]).abs().max().item() for k in start) > 1e-5
     if run == "grpo-tp2":
         assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
-
-
-def test_dapo_and_reinforce_pp_baseline_options_in_one_tp2_run(tiny_models, tmp_path):
-    """REINFORCE++-baseline, straight-through k3+, the adaptive KL controller, seq_mean_token_sum,
-    dynamic sampling, the overlong penalty, CISPO and TIS, all in one GRPO run at TP=2 (their formulas are
-    checked in test_algorithms.py / test_updates.py / test_step_rollouts.py; here: the loop runs
-    them, and the controller's coefficient follows its formula from the logged KL, into the
-    checkpoint)."""
-    out = tmp_path / "run"
-    target, horizon, coef = 0.001, 10.0, 0.05
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_models, out, build={"parallel": {"tp": 2}},
-                       run={"total_steps": 2, "save_every": 1},
-                       algorithm={"advantage": "reinforce_pp_baseline", "kl_estimator": "k3+", "kl_coef": coef,
-                                  "kl_control": {"kind": "adaptive", "target": target, "horizon": horizon},
-                                  "aggregation": "seq_mean_token_sum", "policy_loss": "cispo",
-                                  "rollout_correction": {"mode": "tis"},
-                                  "dynamic_sampling": {"enabled": True, "max_extra_rounds": 1}},
-                       reward={"overlong_buffer_tokens": 4})
-    torchrun(2, ["-m", "rlmt_megatron.cli.train", str(cfg)], timeout=600)
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
-    n = 2 * 3  # prompts_per_step x samples_per_prompt: dynamic sampling keeps the batch's size
-    for r in rows:
-        assert math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
-        assert r["rollout/logprob_diff_max"] <= 1e-4
-        assert 1 <= r["dynamic_sampling/rounds"] <= 2 and r["reward/overlong_penalty_mean"] <= 0
-    expected = coef
-    for r in rows:
-        assert r["kl/coef"] == pytest.approx(expected, rel=1e-12)
-        expected *= 1 + min(max(r["kl/old_ref_seq_mean"] / target - 1, -0.2), 0.2) * n / horizon
-    extra = json.loads((out / "checkpoints" / "step_00000002" / "extra.json").read_text())
-    assert extra["kl_coef"] == pytest.approx(expected, rel=1e-12) and expected != coef
+        # the adaptive controller's coefficient follows its formula from the logged KL, into the checkpoint
+        expected, n = KL_COEF, 2 * 3  # prompts_per_step x samples: dynamic sampling keeps the batch's size
+        for r in rows:
+            assert r["kl/coef"] == pytest.approx(expected, rel=1e-12) and 1 <= r["dynamic_sampling/rounds"] <= 2
+            expected *= 1 + min(max(r["kl/old_ref_seq_mean"] / KL_TARGET - 1, -0.2), 0.2) * n / KL_HORIZON
+        saved = json.loads((out / "checkpoints" / "step_00000002" / "extra.json").read_text())
+        assert saved["kl_coef"] == pytest.approx(expected, rel=1e-12) and expected != KL_COEF
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,24 +92,8 @@ def test_fresh_run_in_a_used_folder_is_refused_or_backed_up(tiny_models, tmp_pat
     assert not (out / LOCK_NAME).exists()
 
 
-def test_a_folder_in_use_is_refused_and_the_lock_goes_even_when_the_run_fails(tiny_models, tmp_path):
-    out = tmp_path / "run"
-    cfg = write_train_config(tmp_path / "cfg.yaml", tiny_models, out, run=ONE_STEP)
-    holder = write_lock(out, os.getpid())  # this test process: alive
-    line = error_line(train(cfg))
-    assert line == (f"error: run.out_dir {out} is in use by another run (host {socket.gethostname()}, pid "
-                    f"{os.getpid()}, since 2024-01-02T03:04:05+00:00); wait for it to end or stop it, or pick another "
-                    "run.out_dir"), line
-    assert json.loads((out / LOCK_NAME).read_text()) == holder  # the holder's lock stays
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing else touched
-    (out / LOCK_NAME).unlink()
-
-    # A run that fails after taking the lock (no usable prompt) leaves no lock behind.
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    failed = train(cfg, f"data.prompts=[{empty}]")
-    assert error_line(failed) == f"error: {empty}: no usable prompt rows (0 of 0 rows kept)"
-    assert not (out / LOCK_NAME).exists()
+# A folder in use (a live run holds the lock), and the lock removed when a run fails: the fault
+# campaign (test_fault_campaign.py) runs both at TP=2.
 
 
 # ---------------------------------------------------------------------------------------------
