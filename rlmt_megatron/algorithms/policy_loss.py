@@ -13,10 +13,8 @@ from typing import Callable
 import torch
 
 from .checks import as_bool_mask, lookup, require_finite, require_ndim, require_same_shape
-from .kl import get_kl_estimator
+from .kl import LOG_RATIO_CLAMP, get_kl_estimator
 from .policy_variants import cispo, gspo, gspo_token
-
-LOG_RATIO_CLAMP = 20.0
 
 PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

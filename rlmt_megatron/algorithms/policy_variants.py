@@ -42,10 +42,14 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return diff.sum(dim=-1, keepdim=True) / n
 
 
-def _clipped_surrogate(ratio, adv, clip_low, clip_high, m):
+def _clipped_surrogate(ratio, adv, clip_low, clip_high, m) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's pessimistic bound on ``ratio`` per token (0 on padding) and the diagnostics."""
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     loss1 = -adv * ratio
     loss2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    return torch.maximum(loss1, loss2), (loss2 > loss1) & m
+    clipped = (loss2 > loss1) & m
+    diagnostics = {"ratio": torch.where(m, ratio.detach(), zero), "clipped": clipped.to(ratio.dtype)}
+    return torch.where(m, torch.maximum(loss1, loss2), zero), diagnostics
 
 
 def gspo(
@@ -70,11 +74,8 @@ def gspo(
     (3e-4 / 4e-4), since ``s_i`` is a per-token geometric mean. No dual clip.
     """
     m = _check(logp, old_logp, advantages, mask, clip_low, clip_high, False)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     ratio = torch.exp(sequence_log_ratio(logp, old_logp, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(logp)
-    loss, clipped = _clipped_surrogate(ratio, advantages.detach(), clip_low, clip_high, m)
-    diagnostics = {"ratio": torch.where(m, ratio.detach(), zero), "clipped": clipped.to(logp.dtype)}
-    return torch.where(m, loss, zero), diagnostics
+    return _clipped_surrogate(ratio, advantages.detach(), clip_low, clip_high, m)
 
 
 def gspo_token(
@@ -101,9 +102,7 @@ def gspo_token(
     seq = sequence_log_ratio(logp, old_logp, m).detach()
     log_ratio = (logp - logp.detach() + seq).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(torch.where(m, log_ratio, zero))
-    loss, clipped = _clipped_surrogate(ratio, advantages.detach(), clip_low, clip_high, m)
-    diagnostics = {"ratio": torch.where(m, ratio.detach(), zero), "clipped": clipped.to(logp.dtype)}
-    return torch.where(m, loss, zero), diagnostics
+    return _clipped_surrogate(ratio, advantages.detach(), clip_low, clip_high, m)
 
 
 def cispo(
