@@ -53,24 +53,36 @@ def main():
     p.add_argument("--adam-eps", type=float, default=1.0)
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--clip", type=float, default=0.0)
+    # several runs in one job (each from the same initial weights): NAME:MBS:CLIP,...; the output
+    # is then {NAME: result}. One job instead of one per variant: the start-up is most of the cost.
+    p.add_argument("--variants", default=None)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     build = ModelBuildConfig(parallel=ParallelConfig(tp=a.tp, pp=a.pp, vpp=a.vpp))
     dp = bootstrap.initialize(build.parallel)
     from megatron.core import parallel_state
 
-    engine = ModelRunner(
-        load_model(a.model, "policy", build),
-        OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=0.0, clip_grad=a.clip, adam_eps=a.adam_eps,
-                    use_distributed_optimizer=not a.no_distributed_optimizer),
-        BatchingConfig(max_samples_per_microbatch=a.mbs, train_tokens_per_microbatch=1 << 20),
-    )
-    rank = parallel_state.get_data_parallel_rank()
-    mine = global_batch(1024)[rank::dp]
-    history = [engine.train_step(mine, nll_token_mean) for _ in range(a.steps)]
-    state = gather_hf_state_dict(engine.built)
+    def train(mbs: int, clip: float) -> dict:
+        engine = ModelRunner(
+            load_model(a.model, "policy", build),
+            OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=0.0, clip_grad=clip, adam_eps=a.adam_eps,
+                        use_distributed_optimizer=not a.no_distributed_optimizer),
+            BatchingConfig(max_samples_per_microbatch=mbs, train_tokens_per_microbatch=1 << 20),
+        )
+        rank = parallel_state.get_data_parallel_rank()
+        mine = global_batch(1024)[rank::dp]
+        history = [engine.train_step(mine, nll_token_mean) for _ in range(a.steps)]
+        return {"state": gather_hf_state_dict(engine.built), "history": history}
+
+    if a.variants is None:
+        result = train(a.mbs, a.clip)
+    else:
+        result = {}
+        for variant in a.variants.split(","):
+            name, mbs, clip = variant.split(":")
+            result[name] = train(int(mbs), float(clip))
     if torch.distributed.get_rank() == 0:
-        torch.save({"state": state, "history": history}, a.out)
+        torch.save(result, a.out)
     bootstrap.shutdown()
 
 
