@@ -1,7 +1,7 @@
 """One-round DPO trains two epochs over one fixed pair set (the authors' DPO): a prompt met again in
 a later epoch gets back the responses the initial model gave it the first time. The groups are
 recorded in the run folder, where a resumed run reads them back (``OneRoundStore``); the resume
-itself is the loop's usual one (test_faults.py)."""
+itself is the loop's usual one (test_fault_campaign.py)."""
 
 import json
 

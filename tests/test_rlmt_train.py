@@ -10,7 +10,7 @@ and the tiny reward model. What is checked against independent references:
   on the RM's own chat template, and must equal the logged rewards (also with the RM on its own
   TP=2 layout beside a PP=2 policy);
 Resume after SIGKILL (and SIGTERM, and a killed engine) against an uninterrupted run is in
-test_faults.py's chain.
+the fault campaign's chain (test_fault_campaign.py).
 """
 
 import json
