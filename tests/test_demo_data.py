@@ -27,7 +27,7 @@ def rows(path):
 
 
 def test_demo_sets_are_what_the_reward_model_and_sft_stages_need(tmp_path):
-    files = make_demo_data(tmp_path, seed=0, sft_rows=40, pref_rows=40)
+    files = make_demo_data(tmp_path, seed=0, sft_rows=40, pref_rows=40, degraded_rows=12)
     sft = rows(files["sft"])
     assert len(sft) == 40
     for i, row in enumerate(sft):
@@ -38,7 +38,8 @@ def test_demo_sets_are_what_the_reward_model_and_sft_stages_need(tmp_path):
         # helpful (several sentences) on even rows, a curt line of at most four words on odd ones
         assert (len(answer.split()) > 10) if i % 2 == 0 else (len(answer.split()) <= 4), (i, answer)
     prefs = rows(files["preferences"])
-    assert len(prefs) == 40
+    assert len(prefs) == 52 and {p["kind"] for p in prefs[40:]} == {"degraded"}  # checked on their own below
+    prefs = prefs[:40]
     kinds = ("curt", "shuffled", "gibberish", "null", "phrase_loop", "cut_off", "unrelated", "jumble", "mangled")
     for i, p in enumerate(prefs):
         chosen, rejected = p["chosen"], p["rejected"]
@@ -72,10 +73,10 @@ def test_same_seed_same_bytes_other_seed_other_rows(tmp_path):
     for key in ("sft", "preferences"):
         assert a[key].read_bytes() == b[key].read_bytes()
         assert a[key].read_bytes() != c[key].read_bytes()
-    assert len(rows(a["sft"])) == 256 and len(rows(a["preferences"])) == 1008  # the demo's sizes
+    assert len(rows(a["sft"])) == 256 and len(rows(a["preferences"])) == 1008 + 336  # the demo's sizes
     # the held-out set has a seed of its own: the demo's seed does not change it
     assert a["heldout"].read_bytes() == b["heldout"].read_bytes() == c["heldout"].read_bytes()
-    assert len(rows(a["heldout"])) == 8 * 48
+    assert len(rows(a["heldout"])) == 9 * 48
     d, e = (make_heldout_preferences(tmp_path / f"h{seed}.jsonl", seed=seed) for seed in (HELDOUT_SEED, 5))
     assert d.read_bytes() == a["heldout"].read_bytes() and e.read_bytes() != d.read_bytes()
 
@@ -123,7 +124,7 @@ def test_heldout_set_shares_no_answer_prompt_or_sentence_with_training(tmp_path)
     train_words = set(re.findall(r"[a-z]+", "\n".join(worded).lower()))
     held = rows(files["heldout"])
     assert {r["kind"] for r in held} == {"curt", "word_salad", "word_loop", "char_noise", "prompt_echo", "truncated",
-                                         "off_topic", "garbled"}
+                                         "off_topic", "garbled", "more_broken"}
     assert all(sum(r["kind"] == k for r in held) == 48 for k in {r["kind"] for r in held})
     for r in held:
         (user,) = r["messages"]
@@ -142,6 +143,8 @@ def test_heldout_kinds_are_what_they_say(tmp_path):
         chosen, rejected, prompt = r["chosen"], r["rejected"], r["messages"][0]["content"]
         # chosen: the pools' opener (for this topic), tips and closer, numbered or dashed, nothing else
         topic = prompt_topic(prompt)
+        if r["kind"] == "more_broken":  # the less broken of two versions of such an answer: below
+            continue
         rest = chosen
         for unit in sorted([o.format(t=topic) for o in HELDOUT_OPEN] + list(HELDOUT_TIPS + HELDOUT_CLOSE), key=len,
                            reverse=True):
@@ -216,3 +219,142 @@ def test_rm_accuracy_scores_pairs_as_transformers_does(tiny_models, tmp_path):
                             [ref[i, "rejected"] for i in range(len(pairs))])
     assert json.loads((tmp_path / "acc.json").read_text()) == want
     assert proc.stdout.strip().splitlines()[-1] == accuracy_line(want)
+
+
+# ---------------------------------------------------------------------------------------------
+# graded breakage: the degraded training pairs, the held-out more_broken pairs, and the
+# rule-based answer-quality judge (testing/answer_quality.py) the demo's summary reports
+
+CLEAN = ("Sure, here is a simple plan for the garden. First, write down what you need. "
+         "Then check each step twice. I hope this helps, and good luck!")
+# Each form is one of the ways a tiny policy breaks an answer, applied to CLEAN by hand.
+BROKEN_ONCE = {
+    "word dropped": "Sure, here is a simple plan for the garden. First, write what you need. "
+                    "Then check each step twice. I hope this helps, and good luck!",
+    "fragment repeated": "Sure, here is a simple plan for the garden. First, write down what you need. "
+                         "Then check each step check each step twice. I hope this helps, and good luck!",
+    "junk inserted": "Sure, here is a simple plan for the garden. First, write down </think> what you need. "
+                     "Then check each step twice. I hope this helps, and good luck!",
+    "broken off": "Sure, here is a simple plan for the garden. First, write down "
+                  "Then check each step twice. I hope this helps, and good luck!",
+    "halves mixed": "Sure, here is a simple plan for the garden. First, write down each step twice. "
+                    "I hope this helps, and good luck!",
+    "sentence repeated": "Sure, here is a simple plan for the garden. First, write down what you need. "
+                         "First, write down what you need. I hope this helps, and good luck!",
+    "word cut short": "Sure, here is a simple plan for the garden. First, wri down what you need. "
+                      "Then check each step twice. I hope this helps, and good luck!",
+}
+# CLEAN broken more and more: each line is the one before with more damage.
+WORSE_AND_WORSE = [
+    CLEAN,
+    "Sure, here is a simple plan for the garden. First, write what you need. Then check each step twice. "
+    "I hope this helps, and good luck!",
+    "Sure, here is a simple plan for the garden. First, write what you need. Then check each step check each step "
+    "twice. I hope this helps, and good luck!",
+    "Sure, here is a simple plan for the garden. First, write what 42 you need. Then check each step check each step "
+    "twice. I hope this he",
+    "Sure, here is a simple for the garden. First, write what 42 you </think> Then check each step check each "
+    "twi. I ho this he",
+    "Sure, here is for the garden. Fir write what 42 you </think> Then chec each check each twi. I ho this he",
+    "Sure, here for gar. Fir wri what 42 you </think> Th chec each check. I ho th he",
+    "Sur, her fo gar. Fir wri wha 42 yo </think> Th chec eac chec. I ho th he",
+]
+
+
+def test_answer_quality_scores_a_clean_answer_high_and_each_broken_form_lower():
+    from rlmt_megatron.testing.answer_quality import answer_quality
+
+    assert answer_quality(CLEAN) == 1.0
+    # other pool sentences, a numbered list, the held-out pools, any topic in the slot
+    assert answer_quality("Happy to help with the mountain picnic. 1. Start early so nothing is rushed. "
+                          "2. Pack the food the day before. Tell me how it goes.") == 1.0
+    assert answer_quality("Of course! Let's break moving house into small pieces. Gather everything you need in "
+                          "one place before you begin. Good luck, you will be fine.") == 1.0
+    for form, text in BROKEN_ONCE.items():
+        assert 0.3 < answer_quality(text) < 0.99, form
+    # what is not a helpful answer earns nothing: [NULL], curt lines, common words, noise, other prose
+    for text in ("[NULL]", "", "No.", "I do not know.", "a a a. the the. and a the", "xq zzv </think> 93 \ufffd",
+                 "The cat slept all afternoon on the warm step. Snow fell on the hills last night."):
+        assert answer_quality(text) == 0.0, text
+    # one good sentence is part of an answer, not a whole one
+    assert 0.3 < answer_quality("Happy to help with the garden.") < 0.6
+
+
+def test_answer_quality_falls_with_every_added_damage():
+    from rlmt_megatron.testing.answer_quality import answer_quality
+
+    scores = [answer_quality(text) for text in WORSE_AND_WORSE]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert scores[0] == 1.0 and scores[-1] < 0.1
+
+
+def test_spearman_with_ties():
+    from rlmt_megatron.testing.answer_quality import ranks, spearman
+
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [0, 0, 0]) is None
+    assert spearman([1, 2, 3, 4], [0, 0, 1, 1]) == pytest.approx(0.8944, abs=1e-4)
+
+
+def test_degraded_pairs_prefer_the_less_broken_version(tmp_path):
+    from rlmt_megatron.testing.answer_quality import answer_quality
+    from rlmt_megatron.testing.demo_data import PREF_TOPICS
+
+    files = make_demo_data(tmp_path, sft_rows=8, pref_rows=9, degraded_rows=96)
+    prefs = rows(files["preferences"])
+    deg = prefs[9:]
+    assert len(deg) == 96 and {p["kind"] for p in deg} == {"degraded"}
+    clean = 0
+    for p in deg:
+        (user,) = p["messages"]
+        assert any(t in user["content"] for t in PREF_TOPICS)
+        assert p["chosen"] != p["rejected"]
+        # chosen is a helpful answer itself, or a lightly broken one; either way the judge ranks
+        # it at least as high as the rejected one for nearly every pair
+        clean += answer_quality(p["chosen"]) == 1.0
+    agree = sum(answer_quality(p["chosen"]) > answer_quality(p["rejected"]) for p in deg) / len(deg)
+    assert agree >= 0.85, agree
+    assert 30 <= clean <= 66, clean  # about half are clean answers over broken ones
+    # the rows before them are the nine kinds as they were: their own generator is untouched
+    assert rows(make_demo_data(tmp_path / "b", sft_rows=8, pref_rows=9, degraded_rows=0)["preferences"]) == prefs[:9]
+
+
+def test_heldout_more_broken_pairs_use_heldout_pools_only(tmp_path):
+    from rlmt_megatron.testing.answer_quality import answer_quality
+    from rlmt_megatron.testing.demo_data import DEGRADE_MARKUP, HELDOUT_DEGRADE_POOLS, HELDOUT_KINDS
+
+    held = rows(make_heldout_preferences(tmp_path / "h.jsonl", pairs_per_kind=24))
+    assert [r["kind"] for r in held[:8 * 24]] == [HELDOUT_KINDS[i % 8] for i in range(8 * 24)]
+    more = held[8 * 24:]
+    assert len(more) == 24 and {r["kind"] for r in more} == {"more_broken"}
+    assert not set(HELDOUT_DEGRADE_POOLS["markup"]) & set(DEGRADE_MARKUP)
+    for r in more:
+        prompt_topic(r["messages"][0]["content"])  # a held-out prompt
+        assert r["chosen"] != r["rejected"]
+        assert not any(m in r["rejected"] for m in DEGRADE_MARKUP)  # none of training's junk markup
+    assert sum(answer_quality(r["chosen"]) > answer_quality(r["rejected"]) for r in more) >= 0.85 * len(more)
+
+
+def test_summary_lines_report_reward_quality_and_their_correlation(tmp_path):
+    from rlmt_megatron.testing.answer_quality import summary_lines
+
+    run = tmp_path / "grpo"
+    (run / "samples").mkdir(parents=True)
+    metrics = []
+    for step in range(1, 11):
+        late = step > 5
+        metrics.append({"step": step, "reward/mean": 1.0 + step, "format/ok_rate": 0.5 if not late else 1.0,
+                        "rollout/logprob_diff_mean": 1e-7})
+        samples = [{"answer": WORSE_AND_WORSE[-1 - i if late else -1], "reward": float(i), "format_ok": True}
+                   for i in range(4)] + [{"answer": "[NULL]", "reward": -5.0, "format_ok": False}]
+        (run / "samples" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    first, second = summary_lines(run)
+    assert first.startswith("reward/mean: first 2 steps +2.50 -> last 2 steps +10.50 (format-ok answers only "
+                            "+1.50 -> +1.50); answer quality (rule-based, 0..1) ")
+    assert "format/ok_rate 0.50 -> 1.00; engine vs trainer logprob diff (mean) 1.0e-07 at most" in first
+    # the late samples' better answers got the higher rewards: a positive rank correlation
+    assert second.startswith("RM score vs answer quality on the policy's samples of steps 1-2 and 9-10: Spearman +")
+    assert "over the 16 format-ok answers" in second and "over all 20, [NULL] included" in second

@@ -150,3 +150,17 @@ def test_run_demo_prints_a_line_before_each_stage(tmp_path):
                 stage_seen = False
                 order.append(c)
     assert order == list(commands)
+
+
+def test_run_demo_summary_reports_the_rule_based_answer_quality(tmp_path):
+    """The closing summary comes from testing/answer_quality.py (reward, format rate, the answers'
+    rule-based quality and its rank correlation with the RM's scores), run on the GRPO folder."""
+    lines = DEMO.read_text().splitlines()
+    (summary,) = [ln for ln in lines if "rlmt_megatron.testing.answer_quality" in ln and not ln.startswith("#")]
+    assert summary.strip() == 'python -m rlmt_megatron.testing.answer_quality "$out/grpo"'
+    assert lines.index(summary) > max(i for i, ln in enumerate(lines) if ln.startswith("rlmt-plot "))
+    proc = subprocess.run([sys.executable, "-m", "rlmt_megatron.testing.answer_quality", str(tmp_path),
+                           "--answer", "Happy to help with the garden. Then check each step twice.", "--answer", "No."],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [ln.split("\t")[0] for ln in proc.stdout.splitlines()] == ["0.917", "0.000"]

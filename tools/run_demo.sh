@@ -3,13 +3,16 @@
 #   1. build tiny HF models (Llama policy, Llama reward model, locally trained tokenizer);
 #   2. train the reward model on synthetic preferences (rlmt-train-rm) so its scores mean
 #      something: coherent helpful answers beat curt, shuffled, looping, cut-off, unrelated,
-#      gibberish and [NULL] ones; then print its accuracy on a held-out preference set written
-#      with other prompts, other sentences and other kinds of bad answer (testing/rm_accuracy.py);
+#      gibberish and [NULL] ones, and less broken text beats more broken text; then print its
+#      accuracy on a held-out preference set written with other prompts, other sentences and
+#      other kinds of bad answer (testing/rm_accuracy.py);
 #   3. SFT warm-start in the thinking format <think>…</think> answer (rlmt-sft);
 #   4. GRPO against the reward model on WildChat-IF prompts (../shared/data/wildchat-if; the
 #      bundled examples/data/synthetic_prompts.jsonl when that folder is absent), policy at TP=2
 #      over two processes;
-#   5. plot the curves (rlmt-plot).
+#   5. plot the curves (rlmt-plot) and print the summary: reward and format rate of the first and
+#      last steps, the answers' quality by a rule-based judge independent of the RM, and how well
+#      the RM's scores rank the policy's own answers by that quality (testing/answer_quality.py).
 # Everything goes to runs/demo/ (or $1): metrics.jsonl, TensorBoard events, W&B offline files,
 # per-step samples, checkpoints, the final HF policy, and plots/*.png.
 # The folder is cleared first only if this script made it (marker file .rlmt_demo); any other
@@ -72,14 +75,9 @@ run2 -m rlmt_megatron.cli.train "$repo/examples/demo/grpo.yaml" run.out_dir="$ou
 
 stage "5/5 curves"
 rlmt-plot "$out/grpo" | tail -1
-python - "$out/grpo/metrics.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-k = max(1, len(rows) // 5)
-first, last = rows[:k], rows[-k:]
-mean = lambda rs, key: sum(r[key] for r in rs if r[key] is not None) / len(rs)
-print(f"reward/mean: first {k} steps {mean(first, 'reward/mean'):+.2f} -> last {k} steps {mean(last, 'reward/mean'):+.2f}; "
-      f"format/ok_rate {mean(first, 'format/ok_rate'):.2f} -> {mean(last, 'format/ok_rate'):.2f}; "
-      f"engine vs trainer logprob diff (mean) {max(r['rollout/logprob_diff_mean'] for r in rows):.1e} at most")
-PY
+# The summary: reward and format rate of the first and last fifth of the steps, next to a
+# rule-based judge of the same steps' answers that does not use the RM (well-formed sentences of
+# the helpful style, 0..1; testing/answer_quality.py says why it is a fair judge here), and the
+# rank correlation of the RM's scores with that judge on the policy's own samples.
+python -m rlmt_megatron.testing.answer_quality "$out/grpo"
 echo "demo finished: outputs in $out/grpo (metrics.jsonl, tensorboard/, wandb/, samples/, plots/, final_hf/)"

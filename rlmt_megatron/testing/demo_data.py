@@ -18,7 +18,7 @@ therefore builds, with the project's own trainers:
 
 1. an SFT warm-start set (``sft_thinking.jsonl``) whose answers come in two styles, half
    *helpful* (acknowledge, give steps, close politely) and half *curt* (a short refusal-like line);
-2. a preference set (``preferences.jsonl``, 1008 pairs, each labelled ``kind``) in which a
+2. a preference set (``preferences.jsonl``, 1344 pairs, each labelled ``kind``): 1008 in which a
    helpful answer (the SFT templates, or wider pools of openers, steps and closers, some short)
    is chosen over one of nine kinds of bad answer, in turn: ``curt``; ``shuffled`` (its own words
    in random order); ``jumble`` (random words of the pools); ``phrase_loop`` (a few of its words
@@ -26,10 +26,16 @@ therefore builds, with the project's own trainers:
    nothing); ``mangled`` (its words broken, as the tiny policy writes them); ``gibberish`` (ASCII
    noise of its length); ``null`` (the strict-mode ``[NULL]`` answer). So neither length nor
    vocabulary alone earns reward: a tiny RM trained only on helpful-vs-curt rewards any long
-   string, and GRPO then learns to babble;
+   string, and GRPO then learns to babble. Then 336 ``degraded`` pairs (``degraded_pair``): the
+   less broken of two versions of a helpful answer beats the more broken one (words dropped,
+   fragments repeated, junk inserted, sentences broken off, halves of two sentences mixed, by
+   degrees), so that text which keeps fragments of the helpful wording ranks by how broken it is;
 3. a **held-out** preference set (``heldout_preferences.jsonl``, ``make_heldout_preferences``)
    from another seed, other prompts and other sentences, with eight kinds of bad answer of its
-   own (see ``HELDOUT_KINDS`` below); ``rm_accuracy.py`` reports the RM's accuracy on it.
+   own (see ``HELDOUT_KINDS`` below) and a ninth, ``more_broken`` (graded breakage of held-out
+   answers, with held-out junk); ``rm_accuracy.py`` reports the RM's accuracy on it.
+
+``answer_quality.py`` judges answers by rule from these pools, without the RM (the demo's summary).
 
 The reward model learns "coherent helpful beats everything else" from (2); the warm-started
 policy samples both styles; GRPO should then move the policy towards the helpful style, so the
@@ -338,6 +344,90 @@ def mangled(rng: random.Random, text: str) -> str:
     return " ".join(out)
 
 
+# Graded breakage: the text a tiny policy writes once it has the helpful words but not the
+# sentences. ``degrade`` applies ``ops`` damages, one at a time, each one of: a word dropped; a
+# fragment of one to four words repeated in place; a junk token inserted (a word's first letters,
+# a piece of the thinking markup, digits, a stray byte, a word of another pool); a word cut short
+# or run into the next; a sentence broken off (its end dropped, the next sentence follows); two
+# sentences' halves mixed (a sentence's second half replaced by another helpful sentence's). A
+# ``degraded`` pair (the preference set's tenth kind) prefers the less broken of two versions of
+# one helpful answer: the clean answer or a broken one, over that text broken further,
+# so the RM learns "less broken is better" by degrees rather than only "clean beats broken".
+DEGRADE_MARKUP = ("</think>", "<think>", "think>", "</", ">\n", "\ufffd", "\ufffd\ufffd")
+
+
+def _junk_token(rng: random.Random, words: tuple[str, ...], markup: tuple[str, ...]) -> str:
+    u = rng.random()
+    if u < 0.4:  # a word's first letters
+        w = rng.choice(words)
+        return w[:rng.randint(1, max(1, len(w) - 1))]
+    if u < 0.65:
+        return rng.choice(markup)
+    if u < 0.8:
+        return str(rng.randint(0, 99))
+    return rng.choice(words)
+
+
+def _sentence_spans(words: list[str]) -> list[tuple[int, int]]:
+    """(first, last) word index of each sentence: a sentence ends at a word ending in . ! or ?."""
+    spans, start = [], 0
+    for i, w in enumerate(words):
+        if w.endswith((".", "!", "?")) or i == len(words) - 1:
+            spans.append((start, i))
+            start = i + 1
+    return spans
+
+
+def degrade(rng: random.Random, text: str, ops: int, mix_pool: tuple[str, ...] | None = None,
+            junk_words: tuple[str, ...] | None = None, markup: tuple[str, ...] = DEGRADE_MARKUP) -> str:
+    """``text`` with ``ops`` damages (see above); ``mix_pool``: the sentences whose halves are mixed
+    in, ``junk_words``: the words junk tokens are made from (both default to the training pools)."""
+    mix_pool = mix_pool or PREF_STEPS + PREF_CLOSE
+    junk_words = junk_words or JUMBLE_WORDS
+    words = text.split()
+    for _ in range(ops):
+        op = rng.randrange(6)
+        if len(words) < 4 and op in (0, 3, 4, 5):  # short text only grows (junk inserted)
+            op = 2
+        i = rng.randrange(len(words))
+        if op == 0:
+            del words[i]
+        elif op == 1:
+            n = rng.randint(1, min(4, len(words) - i))
+            words[i + n:i + n] = words[i:i + n]
+        elif op == 2:
+            words.insert(i, _junk_token(rng, junk_words, markup))
+        elif op == 3:
+            if rng.random() < 0.5 and len(words[i]) > 3:
+                words[i] = words[i][:rng.randint(2, len(words[i]) - 2)]
+            elif i + 1 < len(words):
+                words[i:i + 2] = [words[i] + words[i + 1]]
+        else:
+            a, b = rng.choice(_sentence_spans(words))
+            if b - a < 2:
+                continue
+            k = rng.randint(a + 1, b - 1)
+            if op == 4:  # broken off: the sentence stops at word k
+                del words[k:b + 1]
+            else:  # the second half of another helpful sentence
+                other = rng.choice(mix_pool).split()
+                words[k:b + 1] = other[len(other) // 2:]
+    return " ".join(words)
+
+
+def degraded_pair(rng: random.Random, chosen: str, **pools) -> tuple[str, str]:
+    """(less broken, more broken): the clean answer (half of the time) or one with one to a
+    quarter of its word count damages, over that text with one to a third of its word count more.
+    Both ends matter: a warm-started tiny policy writes mostly broken text, and GRPO needs the RM
+    to rank "somewhat broken" above "more broken" there too, not only "clean" above "broken"."""
+    n = len(chosen.split())
+    better = chosen if rng.random() < 1 / 2 else degrade(rng, chosen, rng.randint(1, max(1, n // 4)), **pools)
+    worse = degrade(rng, better, rng.randint(1, max(2, n // 3)), **pools)
+    while worse == better:  # an op can leave the text as it was (a half mixed in with itself)
+        worse = degrade(rng, better, 1, **pools)
+    return better, worse
+
+
 def rejected_answer(rng: random.Random, kind: str, chosen: str) -> str:
     if kind == "curt":
         return rng.choice(PREF_CURT)
@@ -362,7 +452,8 @@ def rejected_answer(rng: random.Random, kind: str, chosen: str) -> str:
 
 
 def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 1008,
-                   heldout_per_kind: int = 48) -> dict[str, Path]:
+                   heldout_per_kind: int = 48, degraded_rows: int | None = None) -> dict[str, Path]:
+    """The demo's sets; ``degraded_rows`` defaults to a third of ``pref_rows`` (336 of 1008)."""
     out = Path(out_dir)
     rng = random.Random(seed)
     sft, prefs = [], []
@@ -378,6 +469,16 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref
         kind = REJECTED_KINDS[i % len(REJECTED_KINDS)]
         prefs.append({"messages": [{"role": "user", "content": ask}],
                       "chosen": chosen, "rejected": rejected_answer(rng, kind, chosen), "kind": kind})
+    # The degraded pairs come after, from a generator of their own, so the rows above stay as
+    # they were (and their kinds' accuracies comparable with earlier runs).
+    deg_rng = random.Random(f"degraded-{seed}")
+    for _ in range(pref_rows // 3 if degraded_rows is None else degraded_rows):
+        topic = deg_rng.choice(PREF_TOPICS)
+        ask = deg_rng.choice(DEMO_ASKS).format(t=topic)
+        clean = helpful_answer(deg_rng, topic) if deg_rng.random() < 0.5 else varied_helpful_answer(deg_rng, topic)
+        better, worse = degraded_pair(deg_rng, clean)
+        prefs.append({"messages": [{"role": "user", "content": ask}], "chosen": better, "rejected": worse,
+                      "kind": "degraded"})
     files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl",
              "heldout": out / "heldout_preferences.jsonl"}
     write_jsonl(files["sft"], sft)
@@ -447,6 +548,16 @@ LOOP_WORDS = ("sure", "okay", "yes", "the", "hello", "thanks", "fine", "hmm", "r
 NOISE_ALPHABETS = ("αβγδεζηθικλμνξοπρστυφχψω", "абвгдежзийклмнопрстуфхцчшщыэюя", "àéîõüçñøåßæœ",
                    "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "#$%&*+=@^_~|{}[]", "אבגדהוזחטיכלמנסעפצקרשת")
 HELDOUT_KINDS = ("curt", "word_salad", "word_loop", "char_noise", "prompt_echo", "truncated", "off_topic", "garbled")
+# more_broken (a ninth kind, after the others): the less broken of two versions of a held-out
+# answer beats the more broken one (``degraded_pair``, as the training kind ``degraded``), broken
+# with the held-out pools: halves of the held-out tips and closers mixed in, junk tokens from the
+# held-out sentences' words and markup of its own.
+HELDOUT_DEGRADE_POOLS = {
+    "mix_pool": HELDOUT_TIPS + HELDOUT_CLOSE,
+    "junk_words": tuple(sorted({w.strip(".,!?:").lower() for s in HELDOUT_TIPS + HELDOUT_CLOSE + HELDOUT_OFF_TOPIC
+                                for w in s.split()})),
+    "markup": ("|>", "##", "[/", "**", "~~", "&&", "<<")}
+ALL_HELDOUT_KINDS = HELDOUT_KINDS + ("more_broken",)
 
 
 def heldout_prompt(rng: random.Random) -> tuple[str, str]:
@@ -521,6 +632,13 @@ def make_heldout_preferences(out_path: str | Path, seed: int = HELDOUT_SEED, pai
         chosen = heldout_helpful(rng, topic)
         rows.append({"messages": [{"role": "user", "content": prompt}], "chosen": chosen,
                      "rejected": heldout_rejected(rng, kind, chosen, prompt), "kind": kind})
+    # more_broken comes last, from a generator of its own, so the kinds above keep their rows.
+    deg_rng = random.Random(f"more_broken-{seed}")
+    for _ in range(pairs_per_kind):
+        prompt, topic = heldout_prompt(deg_rng)
+        better, worse = degraded_pair(deg_rng, heldout_helpful(deg_rng, topic), **HELDOUT_DEGRADE_POOLS)
+        rows.append({"messages": [{"role": "user", "content": prompt}], "chosen": better, "rejected": worse,
+                     "kind": "more_broken"})
     write_jsonl(Path(out_path), rows)
     return Path(out_path)
 
