@@ -323,7 +323,8 @@ def test_degraded_pairs_prefer_the_less_broken_version(tmp_path):
 
 def test_heldout_more_broken_pairs_use_heldout_pools_only(tmp_path):
     from rlmt_megatron.testing.answer_quality import answer_quality
-    from rlmt_megatron.testing.demo_data import DEGRADE_MARKUP, HELDOUT_DEGRADE_POOLS, HELDOUT_KINDS
+    from rlmt_megatron.testing.broken_text import DEGRADE_MARKUP
+    from rlmt_megatron.testing.demo_data import HELDOUT_DEGRADE_POOLS, HELDOUT_KINDS
 
     held = rows(make_heldout_preferences(tmp_path / "h.jsonl", pairs_per_kind=24))
     assert [r["kind"] for r in held[:8 * 24]] == [HELDOUT_KINDS[i % 8] for i in range(8 * 24)]

@@ -29,7 +29,7 @@ behaviour (coherent helpful sentences, whole, once each, nothing else) and nothi
 be exploited with (length, helpful *words* in broken order, fragments): broken words, fragments,
 repeats, junk and halves of two sentences glued together all lose credit, graded by how much of
 the text they take up. It does not use the RM, nor the corruption generators the RM is trained
-on (``demo_data.degrade``); it knows only the pools, which are the task's definition of a helpful
+on (``broken_text.degrade``); it knows only the pools, which are the task's definition of a helpful
 sentence. What it cannot judge: relevance to the prompt (the demo's policy answers WildChat
 prompts with its memorised advice, and the slot takes any topic), correctness, or style outside
 the pools, so it is a judge of this synthetic task only.
