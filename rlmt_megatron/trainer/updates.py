@@ -129,6 +129,20 @@ def _policy_loss(a: AlgorithmConfig, vocab: int, temperature: float, max_new_tok
     )
 
 
+def _train_policy(a: AlgorithmConfig, roles, local: Sequence[Rollout], samples: list[Sample], temperature: float,
+                  max_new_tokens: int, timer: PhaseTimer) -> dict[str, float]:
+    """The policy's optimizer steps (grpo, ppo), after ``a.rollout_correction`` when one is set;
+    a batch whose every token the correction masks trains nothing (``skipped_update``)."""
+    metrics: dict[str, float] = {}
+    if a.rollout_correction.mode != "none":
+        metrics, kept = _rollout_correction(a, local, samples)
+        if kept == 0:
+            return metrics | {"rollout_correction/skipped_update": 1.0}
+    with timer.phase("update"):
+        loss = _policy_loss(a, roles.policy.built.spec.vocab_size, temperature, max_new_tokens)
+        return metrics | _train(roles.policy, samples, loss, a.updates_per_rollout)
+
+
 def _norm_constant(a: AlgorithmConfig, max_new_tokens: int) -> Optional[float]:
     """Dr.GRPO's constant per-sequence divisor: the longest possible response."""
     return float(max_new_tokens) if a.aggregation == "seq_mean_token_sum_norm" else None
@@ -234,17 +248,7 @@ def grpo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperatu
         trained = advantages[[i for i, r in enumerate(rollouts) if r.trainable]]
         metrics["advantages/mean"] = float(trained.mean()) if trained.numel() else 0.0
         metrics["advantages/std"] = float(trained.std()) if trained.numel() > 1 else 0.0
-    if a.rollout_correction.mode != "none":
-        corrected, kept = _rollout_correction(a, local, samples)
-        metrics.update(corrected)
-        if kept == 0:
-            metrics["rollout_correction/skipped_update"] = 1.0
-            metrics.update(timer.metrics())
-            return metrics
-    vocab = roles.policy.built.spec.vocab_size
-    with timer.phase("update"):
-        metrics.update(_train(roles.policy, samples, _policy_loss(a, vocab, temperature, max_new_tokens),
-                              a.updates_per_rollout))
+    metrics.update(_train_policy(a, roles, local, samples, temperature, max_new_tokens, timer))
     metrics.update(timer.metrics())
     return metrics
 
@@ -277,16 +281,8 @@ def ppo_update(a: AlgorithmConfig, roles, rollouts: list[Rollout], *, temperatur
         value_loss = value_loss_fn(a.value_clip, a.aggregation, _norm_constant(a, max_new_tokens))
         metrics.update(_train(roles.critic, critic_samples, value_loss, k))
     metrics = {("critic/" + key if key in ("grad_norm", "lr") else key): v for key, v in metrics.items()}
-    kept = 1.0
-    if a.rollout_correction.mode != "none":  # the critic above trains on every token
-        corrected, kept = _rollout_correction(a, local, policy_samples)
-        metrics.update(corrected)
-    if kept == 0:
-        metrics["rollout_correction/skipped_update"] = 1.0
-    else:
-        with timer.phase("update"):
-            loss = _policy_loss(a, roles.policy.built.spec.vocab_size, temperature, max_new_tokens)
-            metrics.update(_train(roles.policy, policy_samples, loss, k))
+    # the critic above trains on every token; the rollout correction applies to the policy only
+    metrics.update(_train_policy(a, roles, local, policy_samples, temperature, max_new_tokens, timer))
     metrics.update(timer.metrics())
     return metrics
 
