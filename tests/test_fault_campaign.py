@@ -49,7 +49,7 @@ def write_config(path: Path, tiny: Path, out: Path, **sections) -> Path:
     return write_train_config(path, tiny, out, **merged)
 
 
-def metrics(out: Path, drop=("timing/",)) -> list[dict]:
+def metrics(out: Path, drop=("timing/", "engines/")) -> list[dict]:
     return read_metrics(out, drop)
 
 
@@ -248,7 +248,7 @@ class TestKillsDiskAndDamageOnOneRun:
         assert "resuming from the one before it instead" in job.text()
         assert exit_status(chain)["status"] == "finished"
 
-        drop = ("timing/", "rollout/restarts")
+        drop = ("timing/", "rollout/restarts", "engines/")  # engine speeds and restarts vary with the faults
         assert metrics(chain, drop) == [{k: v for k, v in r.items() if not k.startswith(drop)} for r in reference]
         assert_same_weights(straight, chain)
 
@@ -393,6 +393,38 @@ class TestOneProcess:
         assert "'step 2 > rollout > engine generate'" in report and "subprocess_engine.py" in report
 
 
+    def test_one_engine_of_two_dies_mid_rollout_and_the_run_equals_an_uninterrupted_run(self, tiny_models, tmp_path):
+        # Two hf engines (rollout.engines: 2), each in its own process; in the faulty run, the
+        # engine processes kill themselves at the first generation under weight version 1 (step
+        # 2; once per run). The dead engine's prompts finish on the other, it is restarted and
+        # re-synced (checksum checked) before step 3, and both serve step 3. A prompt's samples
+        # depend only on the prompt, the weights and the seed (hf engines in a fleet seed each
+        # prompt), so the run equals the uninterrupted one, metrics and final weights bit for bit.
+        runs = {}
+        for name, fault in (("straight", {}), ("killed", {"RLMT_FAULT": "die@1"})):
+            out, faults = tmp_path / name, tmp_path / f"faults_{name}"
+            faults.mkdir()
+            cfg = write_config(tmp_path / f"{name}.yaml", tiny_models, out, build=ONE_PROCESS, run={"total_steps": 3},
+                               rollout={"engines": 2, "engine_process": "subprocess"})
+            runs[name] = subprocess.run([sys.executable, WORKER, str(cfg)], cwd=REPO, capture_output=True, text=True,
+                                        timeout=600, env=_env(faults, **fault))
+            assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+        err = runs["killed"].stderr
+        died = re.search(r"rollout engine (\d) failed: hf engine process died \(exit code -9\) while generating", err)
+        assert died, err[-3000:]
+        dead = int(died.group(1))
+        assert f"restarting rollout engine {dead} (1/3 in a row, 1 in this run)" in err
+        fleet = read_metrics(tmp_path / "killed")
+        # every step's 2 prompts served once: one each in steps 1 and 3, all by the live engine in step 2
+        assert [(r["engines/0/prompts"], r["engines/1/prompts"]) for r in (fleet[0], fleet[2])] == [(1, 1)] * 2
+        assert fleet[1][f"engines/{1 - dead}/prompts"] == 2 and fleet[1][f"engines/{dead}/prompts"] == 0
+        assert [r["rollout/restarts"] for r in fleet] == [0, 0, 1] and fleet[2][f"engines/{dead}/restarts"] == 1
+        assert [r["engines/serving"] for r in fleet] == [2, 1, 2]
+        drop = ("timing/", "engines/", "rollout/restarts")
+        assert metrics(tmp_path / "killed", drop) == metrics(tmp_path / "straight", drop)
+        assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 
@@ -404,7 +436,7 @@ def test_the_reliability_doc_reports_every_test_of_the_campaign():
     tests = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
              and node.name.startswith("test_") and node.name != "test_the_reliability_doc_reports_every_test_of_the_campaign"]
     table = RELIABILITY_DOC.read_text()
-    assert len(tests) == 4
+    assert len(tests) == 5
     missing = [name for name in tests if f"`{name}" not in table]
     assert not missing, f"docs/reliability.md does not report {missing}"
     assert [d for d in DELIVERIES if f"[{d}]`" not in table] == []

@@ -17,7 +17,7 @@ import torch
 from helpers import torchrun
 from rlmt_megatron.rollout.engine import EngineError
 from rlmt_megatron.config.rlmt import RLMTConfig
-from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline, SyncTarget
 from rlmt_megatron.trainer.stop import Interrupted, StopSignals
 from rlmt_megatron.trainer.watchdog import Watchdog, activity
 
@@ -74,7 +74,7 @@ def test_a_failed_weight_push_still_reads_the_whole_export_stream():
             raise EngineError("engine process died while syncing")
 
     with pytest.raises(EngineError, match="died while syncing"):
-        SyncPipeline(DyingTransport()).push(stream(), 3)
+        SyncPipeline().push(stream(), 3, {0: SyncTarget(DyingTransport(), None)})
     assert read == [0, 1, 2, 3, 4]
 
 

@@ -14,12 +14,15 @@
 #      last steps, the answers' quality by a rule-based judge independent of the RM, and how well
 #      the RM's scores rank the policy's own answers by that quality (testing/answer_quality.py).
 # Everything goes to runs/demo/ (or $1): metrics.jsonl, TensorBoard events, W&B offline files,
-# per-step samples, checkpoints, the final HF policy, and plots/*.png.
+# per-step samples, checkpoints, the final HF policy, and plots/*.png. Arguments after the folder
+# are rlmt-train overrides for the GRPO stage, e.g. two rollout engines, each in its own process:
+#   bash tools/run_demo.sh runs/demo2 rollout.engines=2 rollout.engine_process=subprocess
 # The folder is cleared first only if this script made it (marker file .rlmt_demo); any other
 # folder that is not empty is refused, so nobody's files are deleted.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$repo/runs/demo}"
+grpo_overrides=("${@:2}")
 # One line before each stage: the first ones take minutes and print nothing by themselves.
 stage() { echo "== $*"; }
 stage "RLMT CPU demo into $out"
@@ -71,7 +74,7 @@ rlmt-sft "$repo/examples/demo/sft.yaml" model="$out/models/llama-policy" \
 stage "4/5 RLMT: GRPO against the reward model (TP=2, two processes)"
 run2 -m rlmt_megatron.cli.train "$repo/examples/demo/grpo.yaml" run.out_dir="$out/grpo" \
   models.policy="$out/sft/hf" models.reward="$out/rm/hf" "data.prompts=[$prompts]" \
-  build.parallel.tp=2 2>&1 | quiet
+  build.parallel.tp=2 "${grpo_overrides[@]}" 2>&1 | quiet
 
 stage "5/5 curves"
 rlmt-plot "$out/grpo" | tail -1

@@ -11,7 +11,7 @@ every field and default, and the recipes under ``examples/`` restate them for ea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
@@ -73,7 +73,13 @@ class DataConfig(StrictModel):
 class RolloutConfig(StrictModel):
     engine: Literal["hf", "vllm", "sglang"] = Field("hf", description="hf: embedded transformers engine (CPU/1 GPU)")
     placement: Literal["colocated", "disaggregated"] = "colocated"
-    sglang_url: Optional[str] = Field(None, description="base URL of the SGLang server (engine=sglang)")
+    engines: PositiveInt = Field(
+        1, description="rollout engines serving the run (a fleet): each generation's prompts are spread over them by "
+        "outstanding work, a failed engine's prompts finish on the others, and each is restarted and re-synced on "
+        "its own (rollout/fleet.py); hf needs engine_process=subprocess for more than one")
+    sglang_url: Optional[Union[str, list[str]]] = Field(
+        None, description="base URL of the SGLang server (engine=sglang), or a list with one URL per engine "
+        "(rollout.engines)")
     engine_tp_size: PositiveInt = Field(1, description="sglang: the server's TP size (one CUDA IPC payload per server "
                                         "rank; NCCL group size; FP8 block-layout check)")
     samples_per_prompt: PositiveInt = 8
@@ -90,8 +96,9 @@ class RolloutConfig(StrictModel):
         3, description="engine restarts allowed in a row without a successful generation; one more failure ends the "
         "run with a checkpoint")
     gpu_memory_utilization: float = Field(
-        0.5, gt=0.0, lt=1.0, description="vllm on GPU: the share of the GPU's memory vLLM may take (weights + KV "
-        "cache); colocated, what the trainer's roles leave free when vLLM starts must cover it")
+        0.5, gt=0.0, lt=1.0, description="vllm: the share of the GPU's memory each vLLM engine may take (weights + KV "
+        "cache); colocated, what the trainer's roles leave free when vLLM starts must cover it. On a CPU, vLLM "
+        "reserves this share of the host's RAM per engine: keep engines x share well under 1")
 
     @model_validator(mode="after")
     def _check(self):
@@ -101,7 +108,19 @@ class RolloutConfig(StrictModel):
         if self.engine == "vllm" and self.engine_process == "inline":
             raise ValueError("rollout.engine_process=inline is impossible with the vllm engine: vLLM must not join the "
                              "trainer's torch.distributed world; leave it unset (subprocess)")
+        if self.engines > 1 and self.engine == "hf" and self.engine_process != "subprocess":
+            raise ValueError(f"rollout.engines={self.engines} needs each hf engine in its own process: set "
+                             "rollout.engine_process=subprocess (inline engines would share the trainer's process)")
+        if self.engine == "sglang" and self.sglang_url is not None and len(self.server_urls()) != self.engines:
+            raise ValueError(f"rollout.engines={self.engines} SGLang engines need one URL each: rollout.sglang_url has "
+                             f"{len(self.server_urls())} ({', '.join(self.server_urls())})")
         return self
+
+    def server_urls(self) -> list[str]:
+        """The SGLang servers' URLs, one per engine (empty for the other engines)."""
+        if self.sglang_url is None:
+            return []
+        return [self.sglang_url] if isinstance(self.sglang_url, str) else list(self.sglang_url)
 
 
 class KLControlConfig(StrictModel):

@@ -78,7 +78,8 @@ def _layout_lines(plan: RunPlan) -> list[str]:
         out.append(f"rollout engine: sglang at {r.sglang_url}, TP={plan.engine_tp} x DP={plan.o.engine_dp} on "
                    f"{plan.engine_where}; weights via {_transport(cfg)}")
     else:
-        out.append(f"rollout engine: {r.engine} beside rank 0 ({r.placement}); weights via {_transport(cfg)}")
+        fleet = f"{r.engines} {r.engine} engines" if r.engines > 1 else r.engine
+        out.append(f"rollout engine: {fleet} beside rank 0 ({r.placement}); weights via {_transport(cfg)}")
     return out
 
 

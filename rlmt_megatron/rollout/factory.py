@@ -9,6 +9,8 @@ is loaded (``RolloutConfig``), not here.
 
 from __future__ import annotations
 
+import os
+
 from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.rollout.engine import RolloutEngine
 
@@ -19,24 +21,39 @@ VLLM_ENGINE = "rlmt_megatron.rollout.vllm_engine.VLLMEngine"
 
 
 def make_rollout_engine(rollout: RolloutConfig, model_dir: str, *, dtype: str, max_model_len: int,
-                        seed: int) -> RolloutEngine:
-    """A new engine serving ``model_dir``. ``dtype``: the weights' dtype in the engine (the
-    trainer's on GPU, float32 on CPU); ``max_model_len``: longest prompt + response (vLLM's KV
-    cache); ``seed``: vLLM's sampler seed."""
+                        seed: int, member: int = 0) -> RolloutEngine:
+    """A new engine serving ``model_dir``: member ``member`` of the run's ``rollout.engines``.
+    ``dtype``: the weights' dtype in the engine (the trainer's on GPU, float32 on CPU);
+    ``max_model_len``: longest prompt + response (vLLM's KV cache); ``seed``: vLLM's sampler seed."""
     r = rollout
     if r.engine == "sglang":
         from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
 
-        return SGLangHTTPEngine(r.sglang_url, timeout=r.timeout_s)
+        return SGLangHTTPEngine(r.server_urls()[member], timeout=r.timeout_s)
     from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 
+    env = _member_devices(r.engines, member)
     if r.engine == "hf":
         if r.engine_process != "subprocess":
             from rlmt_megatron.rollout.hf_engine import HFEngine
 
             return HFEngine(model_dir, dtype=dtype)
-        return SubprocessEngine(HF_ENGINE, {"model_dir": model_dir, "dtype": dtype}, timeout_s=r.timeout_s)
+        # a fleet: a prompt's samples must not depend on the engine that served it (hf_engine.generate)
+        return SubprocessEngine(HF_ENGINE, {"model_dir": model_dir, "dtype": dtype, "seed_per_prompt": r.engines > 1},
+                                timeout_s=r.timeout_s, env=env)
     return SubprocessEngine(VLLM_ENGINE,
                             {"model_dir": model_dir, "max_model_len": max_model_len, "seed": seed, "dtype": dtype,
                              "gpu_memory_utilization": r.gpu_memory_utilization},
-                            timeout_s=r.timeout_s)
+                            timeout_s=r.timeout_s, env=env)
+
+
+def _member_devices(engines: int, member: int) -> dict[str, str]:
+    """Engine processes of a fleet on one node each take one of the node's GPUs in turn (one
+    engine alone keeps the trainer's view of the devices). Nothing to choose on a CPU."""
+    import torch
+
+    if engines == 1 or not torch.cuda.is_available():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"CUDA_VISIBLE_DEVICES": devices[member % len(devices)]}

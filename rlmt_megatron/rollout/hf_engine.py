@@ -21,9 +21,12 @@ from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 class HFEngine(RolloutEngine):
     name = "hf"
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | str = torch.float32):
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: torch.dtype | str = torch.float32,
+                 seed_per_prompt: bool = False):
         """``dtype``: the engine's weights (a torch dtype or its name). The trainer passes its own
-        ``build.precision.params_dtype`` on GPU (bf16 there, as SGLang serves) and float32 on CPU."""
+        ``build.precision.params_dtype`` on GPU (bf16 there, as SGLang serves) and float32 on CPU.
+        ``seed_per_prompt``: see :meth:`generate` (the factory sets it for a fleet of engines)."""
+        self.seed_per_prompt = seed_per_prompt
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if isinstance(dtype, str):
@@ -75,6 +78,28 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
+        """All prompts in one batch, seeded once; or, with ``seed_per_prompt`` and a seed, each
+        prompt's ``n`` samples in a call of their own after seeding with it, so that they depend
+        only on the prompt, the weights and the seed, as with vLLM's and SGLang's per-request
+        seeds: the same whichever engine of a fleet serves the prompt, and whatever other prompts
+        share the call. That costs the batching across prompts (about 2x the generation time of
+        the CPU demo's 8 prompts), so a single engine keeps one batch."""
+        if params.seed is None or not self.seed_per_prompt:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            return self._generate_batch(prompts, params)
+        results = []
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise EngineError(f"hf engine: prompt {index} is empty")
+            torch.manual_seed(params.seed)
+            (samples,) = self._generate_batch([prompt], params)
+            for g in samples:
+                g.prompt_index = index
+            results.append(samples)
+        return results
+
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
         if not prompts:
             return []
         width = max(len(p) for p in prompts)
@@ -85,8 +110,6 @@ class HFEngine(RolloutEngine):
                 raise EngineError(f"hf engine: prompt {row} is empty")
             ids[row, width - len(p):] = torch.as_tensor(list(p))
             mask[row, width - len(p):] = 1
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         greedy = params.temperature == 0
         stop_ids = list(params.stop_token_ids)
         try:

@@ -16,7 +16,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from rlmt_megatron.rollout.engine import Bucket, EngineError, RolloutEngine
 from rlmt_megatron.rollout.types import Generation, SamplingParams
@@ -26,9 +26,10 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
 
 
-def _serve(conn, engine_path: str, kwargs: dict) -> None:
+def _serve(conn, engine_path: str, kwargs: dict, env: dict[str, str]) -> None:
     for var in _LAUNCHER_VARS:
         os.environ.pop(var, None)
+    os.environ.update(env)
     try:
         module, cls = engine_path.rsplit(".", 1)
         engine = getattr(importlib.import_module(module), cls)(**kwargs)
@@ -52,12 +53,13 @@ class SubprocessEngine(RolloutEngine):
     """``SubprocessEngine("rlmt_megatron.rollout.vllm_engine.VLLMEngine", {"model_dir": d})``."""
 
     def __init__(self, engine_path: str, kwargs: dict[str, Any], timeout_s: float = 600.0,
-                 startup_timeout_s: float = 900.0):
+                 startup_timeout_s: float = 900.0, env: Optional[dict[str, str]] = None):
+        """``env``: variables set in the engine's process before the engine is imported (its GPU)."""
         self.name = engine_path.rsplit(".", 1)[1]
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, engine_path, kwargs), daemon=True, name=f"engine-{self.name}")
+        self._proc = ctx.Process(target=_serve, args=(child, engine_path, kwargs, dict(env or {})), daemon=True, name=f"engine-{self.name}")
         self._proc.start()
         child.close()
         self.name = self._wait("starting", startup_timeout_s)

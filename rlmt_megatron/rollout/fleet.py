@@ -1,0 +1,166 @@
+"""Several rollout engines serving one generation: prompts spread by outstanding work, and a member
+that fails hands its prompts to the others.
+
+A *request* is one prompt with its ``params.n`` samples. Its work is estimated as
+``len(prompt) + n * max_new_tokens`` tokens, the KV cache it may fill (the answers' real lengths
+are unknown until they are sampled). Requests are assigned longest first, each to the member
+with the least outstanding work (Graham's LPT rule: within 4/3 of the best makespan when the
+estimates are right), not round-robin by prompt, so one member does not get all the long prompts.
+Each member serves its share in one ``generate`` call and the members run at once (one thread
+each: the calls wait on other processes or servers, which batch the requests themselves).
+
+A member whose call fails takes no further part in this generation: its requests are assigned
+again, by the same rule, over the members still serving, until every request is served or no
+member is left (:class:`MembersFailed`). Every request's samples come from exactly one successful
+call, so nothing is lost and nothing is counted twice; the caller restarts the failed members.
+
+Seeds: every member gets the same ``params``. vLLM and SGLang seed each request, and hf engines
+in a fleet seed each prompt (``HFEngine(seed_per_prompt=True)``), so a prompt's samples do not
+depend on the member that served it: a fleet that lost a member mid-rollout samples what it would
+have sampled without the fault.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
+from rlmt_megatron.rollout.types import Generation, SamplingParams
+
+
+class MembersFailed(EngineError):
+    """Some members of a fleet failed; ``failed`` maps each one's index to why. Raised when no
+    member is left to finish the work (a generation), or after a sync some members missed."""
+
+    def __init__(self, failed: Mapping[int, str], fleet_size: int):
+        self.failed = dict(sorted(failed.items()))
+        self.fleet_size = fleet_size
+        # a fleet of one is "the rollout engine": its error reads as it always did
+        super().__init__("; ".join(why if fleet_size == 1 else f"engine {i}: {why}" for i, why in self.failed.items()))
+
+    def __reduce__(self):  # rebuilt from its fields when broadcast to the other ranks
+        return MembersFailed, (self.failed, self.fleet_size)
+
+
+@dataclass
+class MemberReport:
+    """What one member did in one generation (the fleet's per-engine metrics)."""
+
+    positions: list[int] = field(default_factory=list)  # the prompts it served (positions in the request)
+    samples: int = 0
+    tokens: int = 0  # response tokens it generated (successfully)
+    seconds: float = 0.0  # wall time of its calls
+    queued_work: int = 0  # estimated tokens assigned to it in the first round (its queue at dispatch)
+    error: Optional[str] = None  # why it failed in this generation
+
+    @property
+    def prompts(self) -> int:
+        return len(self.positions)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def request_work(prompt: Sequence[int], params: SamplingParams) -> int:
+    return len(prompt) + params.n * params.max_new_tokens
+
+
+def assign(work: Sequence[int], members: Sequence[int],
+           outstanding: Optional[Mapping[int, int]] = None) -> dict[int, list[int]]:
+    """Request positions per member: longest first, each to the member with the least outstanding
+    work (ties: the lower index). ``outstanding``: work the members already hold."""
+    if not members:
+        raise ValueError("no member to assign requests to")
+    load = {m: (outstanding or {}).get(m, 0) for m in members}
+    shares: dict[int, list[int]] = {m: [] for m in members}
+    for position in sorted(range(len(work)), key=lambda i: (-work[i], i)):
+        least = min(members, key=lambda m: (load[m], m))
+        shares[least].append(position)
+        load[least] += work[position]
+    return {m: sorted(s) for m, s in shares.items() if s}
+
+
+def generate_across(engines: Mapping[int, RolloutEngine], prompts: Sequence[Sequence[int]],
+                    params: SamplingParams, fleet_size: Optional[int] = None,
+                    ) -> tuple[list[list[Generation]], dict[int, MemberReport]]:
+    """Generate ``params.n`` samples for each prompt over ``engines`` (index -> engine). Returns
+    the generations in prompt order (``prompt_index`` = position in ``prompts``) and a report per
+    member. Raises :class:`MembersFailed` when every member failed before all were served
+    (``fleet_size``: the run's engine count, for the error's wording; default ``len(engines)``)."""
+    reports = {i: MemberReport() for i in engines}
+    if not prompts:
+        return [], reports
+    work = [request_work(p, params) for p in prompts]
+    results: list[Optional[list[Generation]]] = [None] * len(prompts)
+    serving = sorted(engines)
+    pending = list(range(len(prompts)))
+    first_round = True
+    while pending:
+        if not serving:
+            raise MembersFailed({i: r.error for i, r in reports.items() if r.error is not None},
+                                fleet_size or len(engines))
+        shares = assign([work[p] for p in pending], serving)
+        shares = {m: [pending[i] for i in s] for m, s in shares.items()}
+        if first_round:
+            for m, share in shares.items():
+                reports[m].queued_work = sum(work[p] for p in share)
+            first_round = False
+        done = _run_shares(engines, shares, prompts, params)
+        pending = []
+        for m, (share, outcome, seconds) in done.items():
+            report = reports[m]
+            report.seconds += seconds
+            if isinstance(outcome, str):
+                report.error = outcome
+                serving.remove(m)
+                pending.extend(share)
+                continue
+            for p, per_prompt in zip(share, outcome):
+                results[p] = [_renumbered(g, p) for g in per_prompt]
+                report.positions.append(p)
+                report.samples += len(per_prompt)
+                report.tokens += sum(len(g.token_ids) for g in per_prompt)
+        pending.sort()
+    return results, reports  # type: ignore[return-value]
+
+
+def _renumbered(g: Generation, prompt_index: int) -> Generation:
+    g.prompt_index = prompt_index
+    return g
+
+
+def _run_shares(engines, shares: dict[int, list[int]], prompts, params):
+    """Each member's share in its own thread; returns member -> (share, generations or error
+    text, seconds). The caller's thread only waits (a stop signal can interrupt it there)."""
+    finished: queue.Queue = queue.Queue()
+
+    def serve(member: int, share: list[int]) -> None:
+        start = time.monotonic()
+        try:
+            got = engines[member].generate([prompts[p] for p in share], params)
+            if len(got) != len(share) or any(len(s) != params.n for s in got):
+                raise EngineError(f"returned {[len(s) for s in got]} samples for {len(share)} prompts x n={params.n}")
+            outcome = got
+        except Exception as e:  # noqa: BLE001 - any failure hands the share to the other members
+            outcome = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+        finished.put((member, share, outcome, time.monotonic() - start))
+
+    if len(shares) == 1:  # one member: no thread (an inline engine keeps the caller's thread)
+        (member, share), = shares.items()
+        serve(member, share)
+    else:
+        for member, share in shares.items():
+            threading.Thread(target=serve, args=(member, share), daemon=True, name=f"engine-{member}").start()
+    done = {}
+    while len(done) < len(shares):
+        try:
+            member, share, outcome, seconds = finished.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        done[member] = (share, outcome, seconds)
+    return done
