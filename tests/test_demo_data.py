@@ -1,7 +1,8 @@
 """rlmt_megatron.testing.demo_data, the one synthetic-data builder: the demo's sets have the
 shape its docstring promises (checked row by row here, with the rules written out again), the
 same seed writes the same bytes, and its command line (the package's and tools/'s) writes the
-committed examples/data files byte for byte. The held-out preference set shares no answer, prompt
+committed examples/data files byte for byte. The GRPO prompts are the SFT set's asks on the
+preference set's topics. The held-out preference set shares no answer, prompt
 or sentence with the training sets, covers its eight kinds, and rm_accuracy.py scores it as
 transformers' LlamaForSequenceClassification does."""
 
@@ -74,6 +75,7 @@ def test_same_seed_same_bytes_other_seed_other_rows(tmp_path):
         assert a[key].read_bytes() == b[key].read_bytes()
         assert a[key].read_bytes() != c[key].read_bytes()
     assert len(rows(a["sft"])) == 256 and len(rows(a["preferences"])) == 1008 + 336  # the demo's sizes
+    assert a["grpo_prompts"].read_bytes() == c["grpo_prompts"].read_bytes()  # no seed: every ask on every topic
     # the held-out set has a seed of its own: the demo's seed does not change it
     assert a["heldout"].read_bytes() == b["heldout"].read_bytes() == c["heldout"].read_bytes()
     assert len(rows(a["heldout"])) == 9 * 48
@@ -99,10 +101,38 @@ def test_demo_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"sft: {tmp_path / 'sft_thinking.jsonl'}",
                                         f"preferences: {tmp_path / 'preferences.jsonl'}",
-                                        f"heldout: {tmp_path / 'heldout_preferences.jsonl'}"]
+                                        f"heldout: {tmp_path / 'heldout_preferences.jsonl'}",
+                                        f"grpo_prompts: {tmp_path / 'grpo_prompts.jsonl'}"]
     want = make_demo_data(tmp_path / "direct", seed=3)
-    for key in ("sft", "preferences", "heldout"):
+    for key in ("sft", "preferences", "heldout", "grpo_prompts"):
         assert (tmp_path / want[key].name).read_bytes() == want[key].read_bytes()
+
+
+def test_grpo_prompts_are_the_sft_sets_asks_on_the_preference_sets_topics(tmp_path):
+    """The GRPO prompts, read with the trainer's own loader: every ask the SFT set uses about every
+    topic the preference set uses, once each, so the policy meets the kind of prompt it was
+    warm-started on and the RM the kind it was trained on."""
+    from rlmt_megatron.data.prompts import load_prompt_set
+
+    files = make_demo_data(tmp_path, sft_rows=256, pref_rows=1008)
+    prompts = load_prompt_set(files["grpo_prompts"])
+    assert len(prompts) == len(prompts.prompts) == 144 and {p.source for p in prompts} == {"demo"}
+    assert all([m["role"] for m in p.messages] == ["user"] for p in prompts)
+    grpo = [p.messages[0]["content"] for p in prompts]
+    sft = {r["messages"][0]["content"] for r in rows(files["sft"])}
+    pref = {r["messages"][0]["content"] for r in rows(files["preferences"])}
+    # the asks and topics, recovered from the written SFT and preference prompts themselves
+    asks = {"Can you help me plan ", "What should I do about ", "Give me advice on ", "How do I get ready for ",
+            "Write a few tips about ", "I need ideas for "}
+
+    def topics_of(texts):
+        return {text[len(a):-1] for text in texts for a in asks if text.startswith(a)}
+
+    split = {(a, text[len(a):-1]) for text in grpo for a in asks if text.startswith(a)}
+    assert len(split) == len(set(grpo)) == 144  # each one ask and one topic, no prompt twice
+    assert topics_of(grpo) == topics_of(pref) and len(topics_of(grpo)) == 24
+    assert topics_of(sft) < topics_of(grpo) and len(topics_of(sft)) == 16  # 8 topics new to the policy
+    assert sft < set(grpo) and pref <= set(grpo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +143,8 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 def test_heldout_set_shares_no_answer_prompt_or_sentence_with_training(tmp_path):
     files = make_demo_data(tmp_path)  # the demo's own sizes and seed
-    train_prompts = {m["content"] for r in rows(files["preferences"]) + rows(files["sft"]) for m in r["messages"]
-                     if m["role"] == "user"}
+    train_prompts = {m["content"] for r in rows(files["preferences"]) + rows(files["sft"]) + rows(files["grpo_prompts"])
+                     for m in r["messages"] if m["role"] == "user"}
     train_answers = {r[k] for r in rows(files["preferences"]) for k in ("chosen", "rejected")}
     train_answers |= {TURN.fullmatch(r["messages"][1]["content"]).group(2) for r in rows(files["sft"])}
     train_text = "\n".join(train_answers)

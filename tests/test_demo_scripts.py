@@ -164,3 +164,28 @@ def test_run_demo_summary_reports_the_rule_based_answer_quality(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert [ln.split("\t")[0] for ln in proc.stdout.splitlines()] == ["0.917", "0.000"]
+
+
+def test_run_demo_trains_grpo_on_the_prompts_demo_data_writes_unless_told_otherwise(tmp_path):
+    """GRPO's prompt file is the demo_data command's grpo_prompts.jsonl in the run folder, and
+    RLMT_DEMO_PROMPTS replaces it: the script's own lines from the data command to the GRPO
+    launch, run by bash with the commands recorded instead of run."""
+    lines = DEMO.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("python -m rlmt_megatron.testing.demo_data"))
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("run2 -m rlmt_megatron.cli.train"))
+    part = "\n".join(lines[start:end + 4])
+    # the data command runs for real; the training and scoring commands do nothing
+    fakes = ('python() { if [ "$2" = rlmt_megatron.testing.demo_data ]; then "$PY" "$@"; fi; }\n'
+             'rlmt-train-rm() { :; }\nrlmt-sft() { :; }\nquiet() { cat; }\n'
+             'run2() { printf "%s\\n" "$@" > "$out/grpo_args"; }\nstage() { :; }\n')
+    for override in (None, str(tmp_path / "other.jsonl")):
+        out = tmp_path / ("own" if override is None else "other")
+        env = {k: v for k, v in os.environ.items() if k != "RLMT_DEMO_PROMPTS"}
+        env.update(PY=sys.executable, PYTHONPATH=str(REPO), **({} if override is None else {"RLMT_DEMO_PROMPTS": override}))
+        script = f"set -euo pipefail\nrepo={REPO}\nout={out}\n{fakes}{part}\n"
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        args = (out / "grpo_args").read_text().splitlines()
+        want = out / "data" / "grpo_prompts.jsonl" if override is None else override
+        assert f"data.prompts=[{want}]" in args, args
+        assert (out / "data" / "grpo_prompts.jsonl").is_file()  # written either way

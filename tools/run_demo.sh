@@ -7,9 +7,8 @@
 #      accuracy on a held-out preference set written with other prompts, other sentences and
 #      other kinds of bad answer (testing/rm_accuracy.py);
 #   3. SFT warm-start in the thinking format <think>…</think> answer (rlmt-sft);
-#   4. GRPO against the reward model on WildChat-IF prompts (../shared/data/wildchat-if; the
-#      bundled examples/data/synthetic_prompts.jsonl when that folder is absent), policy at TP=2
-#      over two processes;
+#   4. GRPO against the reward model on the demo's own prompts (asks like the SFT set's), policy at
+#      TP=2 over two processes; RLMT_DEMO_PROMPTS=FILE runs it on other prompts;
 #   5. plot the curves (rlmt-plot) and print the summary: reward and format rate of the first and
 #      last steps, the answers' quality by a rule-based judge independent of the RM, and how well
 #      the RM's scores rank the policy's own answers by that quality (testing/answer_quality.py).
@@ -52,13 +51,14 @@ quiet() { grep -vE "^(\s|Setting up (optimizer|DistributedDataParallel)|> |Loadi
 
 stage "1/5 tiny HF models (Llama policy, Llama reward model, tokenizer)"
 python -m rlmt_megatron.testing.tiny_models --out "$out/models" | tail -1
-stage "1/5 synthetic demo data (SFT thinking traces, preferences, held-out preferences)"
+stage "1/5 synthetic demo data (SFT thinking traces, preferences, held-out preferences, GRPO prompts)"
 python -m rlmt_megatron.testing.demo_data --out "$out/data"
-prompts="$repo/../shared/data/wildchat-if/wildchat-if_train.parquet"
-if [ ! -f "$prompts" ]; then
-  echo "   (../shared/data/wildchat-if absent: using the bundled synthetic prompts)"
-  prompts="$repo/examples/data/synthetic_prompts.jsonl"
-fi
+# GRPO's prompts are the demo's own, of the kind the policy was warm-started on: the tiny policy
+# answers them in sentences, helpful or curt, that the RM and the rule-based judge can rank, so
+# the summary can show whether a rising reward means better answers. On WildChat-IF's prompts
+# (RLMT_DEMO_PROMPTS=../shared/data/wildchat-if/wildchat-if_train.parquet) it writes broken text
+# and the judged quality stays near 0 (docs/rlmt_train.md, "The CPU demo").
+prompts="${RLMT_DEMO_PROMPTS:-$out/data/grpo_prompts.jsonl}"
 
 stage "2/5 reward model on synthetic preferences (Bradley-Terry)"
 rlmt-train-rm "$repo/examples/demo/rm.yaml" model="$out/models/llama-rm" \

@@ -30,9 +30,9 @@ be exploited with (length, helpful *words* in broken order, fragments): broken w
 repeats, junk and halves of two sentences glued together all lose credit, graded by how much of
 the text they take up. It does not use the RM, nor the corruption generators the RM is trained
 on (``broken_text.degrade``); it knows only the pools, which are the task's definition of a helpful
-sentence. What it cannot judge: relevance to the prompt (the demo's policy answers WildChat
-prompts with its memorised advice, and the slot takes any topic), correctness, or style outside
-the pools, so it is a judge of this synthetic task only.
+sentence. What it cannot judge: relevance to the prompt (the demo's policy answers any prompt,
+WildChat's too, with its memorised advice, and the slot takes any topic), correctness, or style
+outside the pools, so it is a judge of this synthetic task only.
 
 **The summary** (``summary_lines``): the GRPO run's mean reward and format rate over the first
 and last fifth of the steps (``metrics.jsonl``), the mean answer quality of the same steps'

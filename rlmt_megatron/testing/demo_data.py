@@ -30,7 +30,12 @@ therefore builds, with the project's own trainers:
    less broken of two versions of a helpful answer beats the more broken one (words dropped,
    fragments repeated, junk inserted, sentences broken off, halves of two sentences mixed, by
    degrees), so that text which keeps fragments of the helpful wording ranks by how broken it is;
-3. a **held-out** preference set (``heldout_preferences.jsonl``, ``make_heldout_preferences``)
+3. the GRPO prompts (``grpo_prompts.jsonl``, ``demo_grpo_prompts``): the SFT set's asks about
+   the preference set's topics, eight of them new to the SFT policy. Prompts of the kind the
+   policy was warm-started on, so that it answers them in sentences (helpful or curt) that the
+   RM and the rule-based judge can rank; on WildChat's prompts the tiny policy writes broken
+   text, and there is nothing for GRPO to improve;
+4. a **held-out** preference set (``heldout_preferences.jsonl``, ``make_heldout_preferences``)
    from another seed, other prompts and other sentences, with eight kinds of bad answer of its
    own (see ``HELDOUT_KINDS`` below) and a ninth, ``more_broken`` (graded breakage of held-out
    answers, with held-out junk); ``rm_accuracy.py`` reports the RM's accuracy on it.
@@ -39,7 +44,7 @@ therefore builds, with the project's own trainers:
 
 The reward model learns "coherent helpful beats everything else" from (2); the warm-started
 policy samples both styles; GRPO should then move the policy towards the helpful style, so the
-demo's reward curve rises for a reason one can state. (3) checks that the RM learnt that rather
+demo's reward curve rises for a reason one can state. (4) checks that the RM learnt that rather
 than its templates.
 
     python -m rlmt_megatron.testing.demo_data --out DIR [--seed 0]            # the demo's sets
@@ -335,6 +340,14 @@ def rejected_answer(rng: random.Random, kind: str, chosen: str) -> str:
     return NULL_ANSWER  # what strict mode scores when the thinking delimiter is missing
 
 
+def demo_grpo_prompts() -> list[dict]:
+    """Every ask of ``DEMO_ASKS`` about every topic of ``PREF_TOPICS`` (144 prompts, topic by
+    topic; the trainer's sampler shuffles them). The held-out topics and asks stay out: they
+    measure the RM."""
+    return [{"messages": [{"role": "user", "content": ask.format(t=topic)}], "data_source": "demo"}
+            for topic in PREF_TOPICS for ask in DEMO_ASKS]
+
+
 def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref_rows: int = 1008,
                    heldout_per_kind: int = 48, degraded_rows: int | None = None) -> dict[str, Path]:
     """The demo's sets; ``degraded_rows`` defaults to a third of ``pref_rows`` (336 of 1008)."""
@@ -364,9 +377,10 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, sft_rows: int = 256, pref
         prefs.append({"messages": [{"role": "user", "content": ask}], "chosen": better, "rejected": worse,
                       "kind": "degraded"})
     files = {"sft": out / "sft_thinking.jsonl", "preferences": out / "preferences.jsonl",
-             "heldout": out / "heldout_preferences.jsonl"}
+             "heldout": out / "heldout_preferences.jsonl", "grpo_prompts": out / "grpo_prompts.jsonl"}
     write_jsonl(files["sft"], sft)
     write_jsonl(files["preferences"], prefs)
+    write_jsonl(files["grpo_prompts"], demo_grpo_prompts())
     make_heldout_preferences(files["heldout"], pairs_per_kind=heldout_per_kind)
     return files
 
