@@ -105,3 +105,26 @@ def test_fleet_settings_that_cannot_work_are_refused_at_load():
         RolloutConfig(engine="sglang", engines=3, sglang_url=["http://a:1", "http://b:1"])
     assert RolloutConfig(engine="sglang", engines=2, sglang_url=["http://a:1", "http://b:1"]).server_urls() == \
         ["http://a:1", "http://b:1"]
+
+
+def test_asynchronous_settings_that_cannot_work_are_refused_at_load():
+    from rlmt_megatron.config.rlmt import RLMTConfig
+
+    def config(**sections):
+        tree = {"models": {"policy": "p", "reward": "r"}, "data": {"prompts": ["x.jsonl"]},
+                "rollout": {"max_staleness": 1, "engine_process": "subprocess"},
+                "algorithm": {"rollout_correction": {"mode": "tis"}}}
+        for name, values in sections.items():
+            tree.setdefault(name, {}).update(values)
+        return RLMTConfig.model_validate(tree)
+
+    assert config().rollout.max_staleness == 1
+    with pytest.raises(ValueError, match=r"rollout.max_staleness=1 \(asynchronous rollouts\) samples from weights older "
+                                         r"than the ones trained: set algorithm.rollout_correction.mode"):
+        config(algorithm={"rollout_correction": {"mode": "none"}})
+    with pytest.raises(ValueError, match="cannot be combined with algorithm.dynamic_sampling"):
+        config(algorithm={"dynamic_sampling": {"enabled": True}})
+    with pytest.raises(ValueError, match="applies to grpo and ppo"):
+        config(algorithm={"name": "dpo", "rollout_correction": {"mode": "none"}})
+    with pytest.raises(ValueError, match=r"needs the hf engine in its own process \(rollout.engine_process=subprocess\)"):
+        config(rollout={"engine_process": "inline"})

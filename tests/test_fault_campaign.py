@@ -393,19 +393,28 @@ class TestOneProcess:
         assert "'step 2 > rollout > engine generate'" in report and "subprocess_engine.py" in report
 
 
-    def test_one_engine_of_two_dies_mid_rollout_and_the_run_equals_an_uninterrupted_run(self, tiny_models, tmp_path):
-        # Two hf engines (rollout.engines: 2), each in its own process; in the faulty run, the
-        # engine processes kill themselves at the first generation under weight version 1 (step
-        # 2; once per run). The dead engine's prompts finish on the other, it is restarted and
-        # re-synced (checksum checked) before step 3, and both serve step 3. A prompt's samples
-        # depend only on the prompt, the weights and the seed (hf engines in a fleet seed each
-        # prompt), so the run equals the uninterrupted one, metrics and final weights bit for bit.
+    def test_one_engine_of_two_dies_mid_rollout_and_the_async_run_equals_an_uninterrupted_one(self, tiny_models, tmp_path):
+        # Two hf engines (rollout.engines: 2), each in its own process, with asynchronous rollouts
+        # (rollout.max_staleness: 2, TIS). In the faulty run the engine processes kill themselves
+        # at the first generation under weight version 0 (step 1's; once per run): the dead
+        # engine's prompt finishes on the other, and it is restarted and re-synced (checksum
+        # checked) before step 2's batch is launched. A prompt's samples depend only on the
+        # prompt, the weights and the seed (hf engines in a fleet seed each prompt), so the run
+        # equals the uninterrupted one, metrics and final weights bit for bit.
+        #
+        # Asynchronous, worked out by hand for four steps: step 1 samples synchronously (version
+        # 0, trained at 0: staleness 0); step 2's batch is launched during step 1 from version 0
+        # and trained at version 1 (staleness 1); step 3's is launched during step 2, still from
+        # version 0 (no sync: 2 behind is within the bound) and trained at 2 (staleness 2); before
+        # step 4's launch the engines must be synced (version 2); it is trained at 3 (staleness 1).
         runs = {}
-        for name, fault in (("straight", {}), ("killed", {"RLMT_FAULT": "die@1"})):
+        for name, fault in (("straight", {}), ("killed", {"RLMT_FAULT": "die@0"})):
             out, faults = tmp_path / name, tmp_path / f"faults_{name}"
             faults.mkdir()
-            cfg = write_config(tmp_path / f"{name}.yaml", tiny_models, out, build=ONE_PROCESS, run={"total_steps": 3},
-                               rollout={"engines": 2, "engine_process": "subprocess"})
+            cfg = write_config(tmp_path / f"{name}.yaml", tiny_models, out, build=ONE_PROCESS,
+                               run={"total_steps": 4, "save_every": 2}, optim={"lr": 1e-2},
+                               rollout={"engines": 2, "engine_process": "subprocess", "max_staleness": 2},
+                               algorithm={"kl_coef": 0.01, "entropy_coef": 0.001, "rollout_correction": {"mode": "tis"}})
             runs[name] = subprocess.run([sys.executable, WORKER, str(cfg)], cwd=REPO, capture_output=True, text=True,
                                         timeout=600, env=_env(faults, **fault))
             assert runs[name].returncode == 0, runs[name].stderr[-3000:]
@@ -414,15 +423,30 @@ class TestOneProcess:
         assert died, err[-3000:]
         dead = int(died.group(1))
         assert f"restarting rollout engine {dead} (1/3 in a row, 1 in this run)" in err
-        fleet = read_metrics(tmp_path / "killed")
-        # every step's 2 prompts served once: one each in steps 1 and 3, all by the live engine in step 2
-        assert [(r["engines/0/prompts"], r["engines/1/prompts"]) for r in (fleet[0], fleet[2])] == [(1, 1)] * 2
-        assert fleet[1][f"engines/{1 - dead}/prompts"] == 2 and fleet[1][f"engines/{dead}/prompts"] == 0
-        assert [r["rollout/restarts"] for r in fleet] == [0, 0, 1] and fleet[2][f"engines/{dead}/restarts"] == 1
-        assert [r["engines/serving"] for r in fleet] == [2, 1, 2]
         drop = ("timing/", "engines/", "rollout/restarts")
         assert metrics(tmp_path / "killed", drop) == metrics(tmp_path / "straight", drop)
         assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+
+        killed, rows = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
+        # each step's 2 prompts served once: in step 1 both by the live engine, then one each
+        assert killed[0][f"engines/{1 - dead}/prompts"] == 2 and killed[0][f"engines/{dead}/prompts"] == 0
+        assert all(r["engines/0/prompts"] == r["engines/1/prompts"] == 1 for r in killed[1:] + rows)
+        # restarted within step 1, before step 2's launch
+        assert [r["rollout/restarts"] for r in killed] == [1] * 4 and killed[3][f"engines/{dead}/restarts"] == 1
+        assert [r["engines/serving"] for r in killed] == [2] * 4
+        # the staleness as worked out above; the one sync before step 4's launch
+        assert [r["rollout/staleness_max"] for r in rows] == [r["rollout/staleness_mean"] for r in rows] == [0, 1, 2, 1]
+        assert [r["rollout/off_policy_token_frac"] for r in rows] == [0, 1, 1, 1]
+        assert ["timing/sync" in r for r in rows] == [False, False, True, False]
+        # the correction sees the staleness: weights of 1 on step 1 (same weights, two float32
+        # implementations), clearly not on the stale steps
+        on_policy = abs(rows[0]["rollout_correction/weight_max"] - 1)
+        assert on_policy < 1e-4
+        assert all(abs(r["rollout_correction/weight_max"] - 1) > 10 * max(on_policy, 1e-5) for r in rows[1:]), rows
+        # a checkpoint keeps the sampler after the trained steps' prompts (2 per step), not after a launched batch's
+        for step in (2, 4):
+            extra = json.loads((tmp_path / "straight" / "checkpoints" / f"step_{step:08d}" / "extra.json").read_text())
+            assert (extra["step"], extra["sampler"]["position"]) == (step, 2 * step)
 
 
 # ---------------------------------------------------------------------------------------------

