@@ -56,9 +56,18 @@ def test_vllm_engine_after_training_steps(layout, tiny_models, tmp_path_factory)
             killed["errors"][1]
         assert sorted(killed["served_by"][0]) == list(range(prompts)) and killed["served_by"][1] == []
         _check_fleet_generation(killed, prompts, samples, got["version"] + 1, served_by=1)
+        # the same weights and seeds: every prompt's samples are the ones drawn before, whichever
+        # engine served it and whatever else shared its call (vLLM seeds each request)
+        assert killed["tokens"] == got["tokens"]
 
 
 def _check_fleet_generation(got, prompts: int, samples: int, version: int, served_by: int):
+    # prompts do not share random numbers: with one seed for all, the first samples of different
+    # prompts agreed on about half their tokens (the tiny model's distributions are nearly flat)
+    first = [got["tokens"][2 * p] for p in range(prompts)]
+    pairs = [(a, b) for i, a in enumerate(first) for b in first[i + 1:]]
+    agree = sum(sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b))) for a, b in pairs) / len(pairs)
+    assert agree < 0.2, agree
     # every prompt's two samples exactly once, all scored by the trainer within 1e-5
     assert sorted(got["samples"]) == [(p, s) for p in range(prompts) for s in range(2)]
     assert len(got["logprob_diffs"]) == samples and max(got["logprob_diffs"]) <= 1e-5

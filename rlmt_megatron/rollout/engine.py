@@ -7,7 +7,7 @@ the trainer's weight version; every generation records the version it was sample
 from __future__ import annotations
 
 import abc
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from rlmt_megatron.checkpoint.safetensors_io import Bucket
 from rlmt_megatron.errors import RLMTError
@@ -23,8 +23,11 @@ class RolloutEngine(abc.ABC):
     weight_version: int = -1
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
-        """For each prompt (token ids), ``params.n`` generations."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[list[Generation]]:
+        """For each prompt (token ids), ``params.n`` generations. ``seeds``: one sampler seed per
+        prompt (``rollout/fleet.request_seeds``), so that prompts do not share random numbers and a
+        prompt's samples do not depend on the call it was served in; None: ``params.seed``."""
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:

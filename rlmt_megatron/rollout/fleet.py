@@ -14,10 +14,12 @@ again, by the same rule, over the members still serving, until every request is 
 member is left (:class:`MembersFailed`). Every request's samples come from exactly one successful
 call, so nothing is lost and nothing is counted twice; the caller restarts the failed members.
 
-Seeds: every member gets the same ``params``. vLLM and SGLang seed each request, and hf engines
-in a fleet seed each prompt (``HFEngine(seed_per_prompt=True)``), so a prompt's samples do not
-depend on the member that served it: a fleet that lost a member mid-rollout samples what it would
-have sampled without the fault.
+Seeds: each prompt gets a sampler seed of its own, derived from ``params.seed`` and its position
+in the whole request (:func:`request_seeds`), whichever member serves it. vLLM seeds each request
+with it, and hf engines in a fleet each prompt (``HFEngine(seed_per_prompt=True)``), so a prompt's
+samples do not depend on the member that served it (a fleet that lost a member mid-rollout samples
+what it would have sampled without the fault), and two prompts never share random numbers (with
+one seed for all, prompts at the same position of their answers drew the same noise).
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ class MemberReport:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: consecutive indices land far apart
+
+
+def request_seeds(base: Optional[int], count: int) -> Optional[list[int]]:
+    """One seed per prompt position, distinct, in [0, 2**63) (what vLLM and SGLang accept); None
+    when the call has no seed."""
+    if base is None:
+        return None
+    return [((base & (2**64 - 1)) ^ ((index + 1) * _GOLDEN)) % 2**63 for index in range(count)]
+
+
 def request_work(prompt: Sequence[int], params: SamplingParams) -> int:
     return len(prompt) + params.n * params.max_new_tokens
 
@@ -96,6 +109,7 @@ def generate_across(engines: Mapping[int, RolloutEngine], prompts: Sequence[Sequ
     if not prompts:
         return [], reports
     work = [request_work(p, params) for p in prompts]
+    seeds = request_seeds(params.seed, len(prompts))
     results: list[Optional[list[Generation]]] = [None] * len(prompts)
     serving = sorted(engines)
     pending = list(range(len(prompts)))
@@ -110,7 +124,7 @@ def generate_across(engines: Mapping[int, RolloutEngine], prompts: Sequence[Sequ
             for m, share in shares.items():
                 reports[m].queued_work = sum(work[p] for p in share)
             first_round = False
-        done = _run_shares(engines, shares, prompts, params)
+        done = _run_shares(engines, shares, prompts, params, seeds)
         pending = []
         for m, (share, outcome, seconds) in done.items():
             report = reports[m]
@@ -134,7 +148,7 @@ def _renumbered(g: Generation, prompt_index: int) -> Generation:
     return g
 
 
-def _run_shares(engines, shares: dict[int, list[int]], prompts, params):
+def _run_shares(engines, shares: dict[int, list[int]], prompts, params, seeds: Optional[list[int]]):
     """Each member's share in its own thread; returns member -> (share, generations or error
     text, seconds). The caller's thread only waits (a stop signal can interrupt it there)."""
     finished: queue.Queue = queue.Queue()
@@ -142,7 +156,8 @@ def _run_shares(engines, shares: dict[int, list[int]], prompts, params):
     def serve(member: int, share: list[int]) -> None:
         start = time.monotonic()
         try:
-            got = engines[member].generate([prompts[p] for p in share], params)
+            got = engines[member].generate([prompts[p] for p in share], params,
+                                           None if seeds is None else [seeds[p] for p in share])
             if len(got) != len(share) or any(len(s) != params.n for s in got):
                 raise EngineError(f"returned {[len(s) for s in got]} samples for {len(share)} prompts x n={params.n}")
             outcome = got

@@ -9,7 +9,7 @@ cache (``model.generate``), prompts left-padded as decoder-only generation requi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -77,22 +77,26 @@ class HFEngine(RolloutEngine):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
-        """All prompts in one batch, seeded once; or, with ``seed_per_prompt`` and a seed, each
-        prompt's ``n`` samples in a call of their own after seeding with it, so that they depend
-        only on the prompt, the weights and the seed, as with vLLM's and SGLang's per-request
-        seeds: the same whichever engine of a fleet serves the prompt, and whatever other prompts
-        share the call. That costs the batching across prompts (about 2x the generation time of
-        the CPU demo's 8 prompts), so a single engine keeps one batch."""
-        if params.seed is None or not self.seed_per_prompt:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[list[Generation]]:
+        """All prompts in one batch, seeded once with ``params.seed`` (each row draws its own
+        random numbers); or, with ``seed_per_prompt`` and ``seeds``, each prompt's ``n`` samples
+        in a call of their own after seeding with the prompt's seed, so that they depend only on
+        the prompt, the weights and that seed, as with vLLM's per-request seeds: the same
+        whichever engine of a fleet serves the prompt, and whatever other prompts share the call.
+        That costs the batching across prompts (about 2x the generation time of the CPU demo's 8
+        prompts), so a single engine keeps one batch."""
+        if seeds is None or not self.seed_per_prompt:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             return self._generate_batch(prompts, params)
+        if len(seeds) != len(prompts):
+            raise EngineError(f"hf engine: {len(seeds)} seeds for {len(prompts)} prompts")
         results = []
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise EngineError(f"hf engine: prompt {index} is empty")
-            torch.manual_seed(params.seed)
+            torch.manual_seed(seeds[index])
             (samples,) = self._generate_batch([prompt], params)
             for g in samples:
                 g.prompt_index = index

@@ -348,7 +348,12 @@ class SGLangHTTPEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[list[Generation]]:
+        # ``seeds`` are not sent yet: SGLang applies ``sampling_seed`` only under
+        # --enable-deterministic-inference, and then to a request's n samples alike (its noise
+        # hashes seed, position and token), so per-sample requests would be needed; the server's
+        # own sampler draws independent samples otherwise.
         if not prompts:
             return []
         for i, p in enumerate(prompts):

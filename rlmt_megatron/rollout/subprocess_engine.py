@@ -112,8 +112,10 @@ class SubprocessEngine(RolloutEngine):
     def pid(self) -> int:
         return self._proc.pid
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
-        return self._call("generate", "generating", [list(p) for p in prompts], params)
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[list[Generation]]:
+        return self._call("generate", "generating", [list(p) for p in prompts], params,
+                          None if seeds is None else list(seeds))
 
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
         self._call("update_weights", f"syncing weights v{version}", list(buckets), version)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -84,19 +84,26 @@ class VLLMEngine(RolloutEngine):
     def checksum(self) -> str | None:
         return self._checksum
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> list[list[Generation]]:
         vllm = _import_vllm()
         from vllm.inputs import TokensPrompt
 
         if params.stop:
             raise EngineError("vllm engine: stop strings need a tokenizer, which this engine does not load; "
                               "use stop_token_ids")
-        sampling = vllm.SamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_new_tokens,
-            stop_token_ids=list(params.stop_token_ids), seed=params.seed, logprobs=0,
-            detokenize=False,
-        )
+        if seeds is not None and len(seeds) != len(prompts):
+            raise EngineError(f"vllm engine: {len(seeds)} seeds for {len(prompts)} prompts")
+
+        def sampling_for(seed):
+            return vllm.SamplingParams(
+                n=params.n, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_new_tokens,
+                stop_token_ids=list(params.stop_token_ids), seed=seed, logprobs=0, detokenize=False,
+            )
+
+        # one seed per request: prompts must not share random numbers (vLLM seeds each request)
+        sampling = sampling_for(params.seed) if seeds is None else [sampling_for(s) for s in seeds]
         self._ensure_awake()
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False)

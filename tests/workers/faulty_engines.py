@@ -44,7 +44,7 @@ def _folder() -> Path:
 
 
 class FaultyHFEngine(HFEngine):
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, seeds=None):
         faults, folder = _faults(), _folder()
         if faults.get("die") == self.weight_version and _once(folder / "died.pid"):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -53,7 +53,7 @@ class FaultyHFEngine(HFEngine):
             time.sleep(600)
         if faults.get("pause") == self.weight_version and _once(folder / f"paused_{self.weight_version}.pid"):
             time.sleep(300)
-        return super().generate(prompts, params)
+        return super().generate(prompts, params, seeds)
 
     def update_weights(self, buckets, version):
         if _faults().get("pausesync") == version:
@@ -72,7 +72,7 @@ def _pause_after_first(buckets, marker: Path):
 class FaultyVLLMEngine(VLLMEngine):
     """vLLM with ``die@V`` only: the first generate at weight version V SIGKILLs its process."""
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, seeds=None):
         if _faults().get("die") == self.weight_version and _once(_folder() / "died.pid"):
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().generate(prompts, params)
+        return super().generate(prompts, params, seeds)

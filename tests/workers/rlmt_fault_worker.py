@@ -22,8 +22,8 @@ def main():
     if a.mode == "empty":
         real_generate = HFEngine.generate
 
-        def generate(self, prompts, params):
-            out = real_generate(self, prompts, params)
+        def generate(self, prompts, params, seeds=None):
+            out = real_generate(self, prompts, params, seeds)
             for per_prompt in out:
                 for g in per_prompt:
                     g.token_ids, g.logprobs = [], []

@@ -157,6 +157,7 @@ def _generate_and_score(rollout, engine, prompts, params, rank: int):
     return {
         "logprob_diffs": diffs, "versions": [g.weight_version for g in gens],
         "lengths": [len(g.token_ids) for g in gens], "finish": [g.finish_reason for g in gens],
+        "tokens": [g.token_ids for g in gens],
         "samples": [(g.prompt_index, g.sample_index) for g in gens],
         "served_by": None if reports is None else {i: r.positions for i, r in reports.items()},
         "queued": None if reports is None else {i: r.queued_work for i, r in reports.items()},
