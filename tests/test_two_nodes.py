@@ -1,0 +1,85 @@
+"""Two nodes for real: two network namespaces on this machine, joined by a veth pair, each running
+its own torchrun (``--nnodes 2``, one rank per node), the trainer's TP=2 group spanning both over
+gloo, and a tiny asynchronous GRPO run with a fleet of two hf engines. The reference is the same
+config run on one node (two ranks there): the metrics and the final weights must be equal bit
+for bit, so nothing in the loop depends on where its ranks live.
+
+What is not covered here: the engines all live on node 0 and are driven and synced from global
+rank 0 (engines on every node, fed by their own node's ranks, are not built yet).
+
+The namespaces, the veth pair and the addresses are made by the fixture, named after this
+process, and deleted afterwards (root can do this inside the sandbox; nothing outside it is
+touched). gloo is told which interface to use (``GLOO_SOCKET_IFNAME``): in a namespace, the
+machine's hostname resolves to an address that namespace does not have.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, free_port, read_metrics, torchrun, write_train_config
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two namespaces with one veth end each: (namespace, interface, address) per node."""
+    tag = f"{os.getpid() % 100000}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    hosts = [(f"rlmt{tag}n{i}", f"rlmt{tag}v{i}", f"{subnet}.{i + 1}") for i in range(2)]
+    try:
+        for ns, _, _ in hosts:
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])
+        for ns, dev, addr in hosts:
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        yield hosts
+    finally:
+        for ns, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_run_over_two_nodes_equals_the_same_run_on_one(tiny_models, tmp_path, two_hosts):
+    sections = dict(run={"total_steps": 3}, build={"parallel": {"tp": 2}}, optim={"lr": 1e-2},
+                    rollout={"engines": 2, "engine_process": "subprocess", "max_staleness": 1},
+                    algorithm={"kl_coef": 0.01, "entropy_coef": 0.001, "rollout_correction": {"mode": "tis"}})
+    one = write_train_config(tmp_path / "one.yaml", tiny_models, tmp_path / "one", **sections)
+    two = write_train_config(tmp_path / "two.yaml", tiny_models, tmp_path / "two", **sections)
+    torchrun(2, ["-m", "rlmt_megatron.cli.train", str(one)], timeout=600)
+
+    master, port = two_hosts[0][2], str(free_port())
+    procs = []
+    for rank, (ns, dev, _) in enumerate(two_hosts):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": dev}
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr", master, "--master-port", port,
+               "-m", "rlmt_megatron.cli.train", str(two)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+
+    drop = ("timing/", "engines/", "memory/")
+    assert read_metrics(tmp_path / "two", drop) == read_metrics(tmp_path / "one", drop)
+    a, b = (load_file(str(tmp_path / name / "final_hf" / "model.safetensors")) for name in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_metrics(tmp_path / "two")
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1]
+    assert all(r["engines/0/prompts"] == r["engines/1/prompts"] == 1 for r in rows)
