@@ -246,7 +246,19 @@ def _fails(argv: list[str], capsys) -> tuple[str, str]:
      "num_hidden_layers=32 is not divisible by pp=2 \\* vpp=3 = 6"),
     (["build.parallel.tp=8", "models.policy=/x/Qwen2.5-7B-Instruct"], [], "num_attention_heads=28 is not divisible by tp=8"),
     (["models.policy=/x/Qwen2.5-7B", "rollout.engine_tp_size=8"], [], "28 attention heads do not split"),
-    (["rollout.engine_tp_size=8"], ["--gpus-per-node", "4"], "CUDA IPC handles cannot leave"),
+    (["rollout.engine_tp_size=8"], ["--gpus-per-node", "4"], "an engine's 8 GPUs \\(engine_tp_size 8 x --engine-dp 1\\) "
+     "must be on one node \\(4 GPUs\\)"),
+    # 3 colocated engines of 2 x 2 GPUs over 2 nodes of 4 GPUs: node 0 gets two, 8 GPUs of its 4
+    (["rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]"], ["--engine-dp", "2", "--nodes", "2",
+     "--gpus-per-node", "4"], "rollout.engines=3 colocated engine\\(s\\) of 4 GPUs .* put 2 on one node, 8 GPUs of its 4"),
+    # engines on nodes 1-3 cannot be reached by CUDA IPC from rank 0
+    (["rollout.engines=4", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1,http://d:1]"], ["--nodes", "4"],
+     "engine\\(s\\) 1-3 run on node\\(s\\) 1-3, .* set weight_sync.transport=disk"),
+    (["rollout.placement=disaggregated", "rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]"],
+     ["--engine-dp", "4", "--nodes", "3"], "rollout.engines=3 engine\\(s\\) of 8 GPUs .* need 3 node\\(s\\), "
+     "leaving none of the 3"),
+    (["rollout.engine=vllm", "rollout.sglang_url=null", "rollout.engines=9"], [], "rollout.engines=9 vllm engines .* "
+     "two would share a GPU"),
     (["rollout.placement=disaggregated", "rollout.engine_tp_size=8"], [], "leaving none of the 1"),
     (["algorithm.name=dpo", "data.prompts_per_step=2"], [], "fewer than DP=4 ranks"),
     (["reward.parallel.tp=16"], [], "world size 8 is not divisible by tp\\*pp = 16\\*1"),
@@ -274,7 +286,7 @@ def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path
     path = _write(tmp_path, BASE)
     out, err = _fails([str(path), "--dry-run", "--gpu-mem-gib", "70", "batching.train_tokens_per_microbatch=16384"],
                       capsys)
-    assert "every rank (0-7); ranks 0-1 also host the engine: needs" in err
+    assert "every rank (0-7); ranks 0-1 also host an engine: needs" in err
     assert "in phase train" in err and "66.50 GiB usable" in err
     activations = 32 * 16384 * 153_672  # layers x tokens x bytes per token and layer (see above)
     assert f"Biggest items: activations {activations / GiB:.2f} GiB, policy grads (fp32)" in err
