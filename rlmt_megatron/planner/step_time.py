@@ -35,6 +35,7 @@ class StepProjection:
     rates: dict[str, Rate]
     asynchronous: bool  # the recipe's rollout.max_staleness >= 1
     colocated: bool
+    engine_tp: int
 
     def seconds(self, name: str) -> float:
         return next(p.seconds for p in self.phases if p.name == name)
@@ -102,7 +103,7 @@ def project_step(plan: RunPlan, rates: dict[str, Rate]) -> StepProjection:
     phases.append(PhaseTime("sync", weights / (rates[bandwidth].value * 1e9),
                             f"{weights / 1e9:.1f} GB ({'FP8 linears' if fp8 else 'bf16'}) / "
                             f"{rates[bandwidth].value:.1f} GB/s ({e.transport}, every engine at once)", (bandwidth,)))
-    return StepProjection(phases, rates, cfg.rollout.max_staleness >= 1, e.colocated)
+    return StepProjection(phases, rates, cfg.rollout.max_staleness >= 1, e.colocated, e.tp)
 
 
 def render(p: StepProjection) -> list[str]:
@@ -115,6 +116,9 @@ def render(p: StepProjection) -> list[str]:
     if p.colocated:
         out.append("  (colocated engines generate on the trainer's GPUs: the asynchronous overlap needs "
                    "rollout.placement=disaggregated)")
+    if p.engine_tp > 1:
+        out.append(f"  (gen_tokens_per_s_per_gpu scales with the engine's GPUs; it comes from engines at TP 1, and "
+                   f"decoding speeds up less than {p.engine_tp}x at TP {p.engine_tp}: optimistic there)")
     used = dict.fromkeys(n for x in p.phases for n in x.rates)
     out.append("rates (override: --rate NAME=VALUE; docs/dry_run.md, 'Step time'):")
     out += [f"  {n} = {p.rates[n].value:.4g} {p.rates[n].unit}: {p.rates[n].source}" for n in used]
