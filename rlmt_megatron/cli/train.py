@@ -2,7 +2,7 @@
 
     rlmt-train examples/demo/grpo.yaml models.policy=SFT_DIR models.reward=RM_DIR "data.prompts=[p.jsonl]"
     torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/1node/grpo_llama3.1-8b-instruct_think.yaml
-    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4   # layout + memory, no GPU
+    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4 --engine-dp 4   # layout, memory, step time; no GPU
 
 Every field, its default and meaning: ``rlmt_megatron/config/rlmt.py`` and ``docs/rlmt_train.md``.
 """
