@@ -281,6 +281,17 @@ def test_asynchronous_step_is_the_longer_side_plus_sync_and_rates_override():
         estimate(cfg, run_plan.DryRunOptions(rates=["tokens=3"]))
 
 
+def test_one_round_dpo_projects_no_sync_and_no_asynchronous_step():
+    # one_round DPO samples every pair from the initial weights (RLMTConfig.engine_follows_policy):
+    # nothing to sync; its pairs train as 2 sequences each (16 prompts -> 32 sequences, with a reference)
+    cfg = load_rlmt_config(None, BASE + ["algorithm.name=dpo", "algorithm.dpo_mode=one_round"])
+    report = estimate(cfg, run_plan.DryRunOptions())
+    assert report.step.seconds("sync") == 0.0
+    assert report.step.seconds("logprobs") == pytest.approx(2 * 32 * 2048 * POLICY_FWD / TRAINER, rel=1e-12)
+    text = report.render()
+    assert "asynchronous rollouts: GRPO and PPO only" in text and "max_staleness >= 1): max(" not in text
+
+
 def test_pipeline_stages_hold_the_1f1b_in_flight_micro_batches():
     # PP 4: stage 0 holds min(pp, m) micro-batches of 8 layers, the last stage 1 (Megatron's warm-up count)
     assert memory.inflight_chunks(4, None, 0, 100) == (4, 4)

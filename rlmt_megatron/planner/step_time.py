@@ -36,6 +36,7 @@ class StepProjection:
     asynchronous: bool  # the recipe's rollout.max_staleness >= 1
     colocated: bool
     engine_tp: int
+    async_possible: bool  # GRPO and PPO (config/rlmt.py refuses max_staleness for DPO)
 
     def seconds(self, name: str) -> float:
         return next(p.seconds for p in self.phases if p.name == name)
@@ -100,20 +101,26 @@ def project_step(plan: RunPlan, rates: dict[str, Rate]) -> StepProjection:
     fp8 = cfg.weight_sync.fp8 != "none"
     weights = engine_weight_bytes(plan.pol, 1, fp8)
     bandwidth = f"sync_{e.transport}_gb_per_s"
-    phases.append(PhaseTime("sync", weights / (rates[bandwidth].value * 1e9),
-                            f"{weights / 1e9:.1f} GB ({'FP8 linears' if fp8 else 'bf16'}) / "
-                            f"{rates[bandwidth].value:.1f} GB/s ({e.transport}, every engine at once)", (bandwidth,)))
-    return StepProjection(phases, rates, cfg.rollout.max_staleness >= 1, e.colocated, e.tp)
+    if cfg.engine_follows_policy:
+        phases.append(PhaseTime("sync", weights / (rates[bandwidth].value * 1e9),
+                                f"{weights / 1e9:.1f} GB ({'FP8 linears' if fp8 else 'bf16'}) / "
+                                f"{rates[bandwidth].value:.1f} GB/s ({e.transport}, every engine at once)", (bandwidth,)))
+    else:
+        phases.append(PhaseTime("sync", 0.0, "none: one_round DPO samples every pair from the initial weights", ()))
+    return StepProjection(phases, rates, cfg.rollout.max_staleness >= 1, e.colocated, e.tp, a.name != "dpo")
 
 
 def render(p: StepProjection) -> list[str]:
     out = [f"  {x.name:<11} {x.seconds:8.1f} s   {x.formula}" for x in p.phases]
     chosen = " <- this run" if not p.asynchronous else ""
     out.append(f"  step, synchronous (rollout.max_staleness 0): {p.synchronous_step:.1f} s = the sum{chosen}")
-    out.append(f"  step, asynchronous (max_staleness >= 1): max(generation {p.seconds('generation'):.1f}, reward + "
-               f"logprobs + train {p.trainer_side:.1f}) + sync = {p.asynchronous_step:.1f} s"
-               + (" <- this run" if p.asynchronous else ""))
-    if p.colocated:
+    if p.async_possible:
+        out.append(f"  step, asynchronous (max_staleness >= 1): max(generation {p.seconds('generation'):.1f}, reward + "
+                   f"logprobs + train {p.trainer_side:.1f}) + sync = {p.asynchronous_step:.1f} s"
+                   + (" <- this run" if p.asynchronous else ""))
+    else:
+        out.append("  (asynchronous rollouts: GRPO and PPO only)")
+    if p.colocated and p.async_possible:
         out.append("  (colocated engines generate on the trainer's GPUs: the asynchronous overlap needs "
                    "rollout.placement=disaggregated)")
     if p.engine_tp > 1:
