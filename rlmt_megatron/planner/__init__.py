@@ -1,7 +1,6 @@
 """``rlmt-train CONFIG --dry-run``: check a recipe's layouts, place its rollout engines, estimate
 GPU memory per rank and project the step time per phase, without a GPU, torch.distributed or
-model weights. What is estimated, from what, and what is
-measured or assumed: ``docs/dry_run.md``.
+model weights. What is estimated, from what, and what is measured or assumed: ``docs/dry_run.md``.
 
 - ``model_shapes``: model folders or names -> shapes; parameter counts, activation and KV bytes
   per token;
