@@ -20,9 +20,9 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, the parallel layout of every role and engine, a GPU memory estimate "
-                        "per rank and a step-time projection per phase, then exit (no GPU needed); exit status 2 if it cannot "
-                        "fit")
+                   help="print the resolved config, the parallel layout of every role and engine, a GPU memory "
+                        "estimate per rank and a step-time projection per phase, then exit (no GPU needed); exit "
+                        "status 2 if it cannot fit")
     d = p.add_argument_group("dry run (rlmt_megatron/planner/, docs/dry_run.md)")
     d.add_argument("--nodes", type=int, default=1, help="nodes of the job, engine nodes included (default 1)")
     d.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
