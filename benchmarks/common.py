@@ -14,12 +14,13 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from rlmt_megatron.planner import flops
 
 REPO = Path(__file__).resolve().parent.parent
 # Taken when a benchmark imports this module (its first lines): the load its measurements ran
@@ -74,43 +75,15 @@ def write_random_model(folder: Path, layers: int, vocab: int, device: str = "cpu
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-@dataclass(frozen=True)
-class DecoderShape:
-    """What the FLOP count needs of a Llama-style decoder."""
-
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
+class DecoderShape(flops.DecoderShape):
+    """The FLOP count of ``rlmt_megatron/planner/flops.py`` (one implementation, shared with the
+    dry run's step-time projection), plus the benchmarks' Llama-3.1-8B shape."""
 
     @classmethod
     def llama31_8b(cls, layers: int = LLAMA31_8B_LAYERS, vocab: int = LLAMA31_8B_VOCAB) -> "DecoderShape":
         s = LLAMA31_8B
         return cls(layers, s["hidden_size"], s["intermediate_size"], s["num_attention_heads"],
                    s["num_key_value_heads"], s["head_dim"], vocab)
-
-    def matmul_params(self) -> int:
-        """Weights that take part in a matrix product per token: every linear layer and the LM
-        head (the embedding is a lookup; norms are elementwise)."""
-        q = self.heads * self.head_dim
-        kv = self.kv_heads * self.head_dim
-        per_layer = self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.ffn
-        return self.layers * per_layer + self.hidden * self.vocab
-
-    def train_flops_per_token(self, seq_len: int) -> float:
-        """Model FLOPs of forward+backward per token (backward = 2x forward), no recomputation
-        counted: 6 per matmul weight, plus attention scores and the weighted sum (QK^T and AV,
-        2 * 2 * seq * heads * head_dim forward per layer), halved for the causal mask (each
-        token attends to the ones before it: counted once, as in the measured table of
-        ARCHITECTURE.md)."""
-        attention = 3 * 2 * 2 * seq_len * self.heads * self.head_dim * self.layers / 2
-        return 6 * self.matmul_params() + attention
-
-    def forward_flops_per_token(self, seq_len: int) -> float:
-        return self.train_flops_per_token(seq_len) / 3
 
 
 # --------------------------------------------------------------------------- measuring

@@ -190,6 +190,108 @@ def test_four_nodes_disaggregated_engine_has_its_own_node():
     assert _lines(eng, "rollout")["KV cache"] == 64 * 2048 * (32 * 2 * 1 * 128 * 2)  # 1 KV head per GPU
 
 
+def _urls(n: int) -> str:
+    return "rollout.sglang_url=[" + ",".join(f"http://n{i}:1" for i in range(n)) + "]"
+
+
+def test_colocated_fleet_puts_one_engine_on_each_node_and_every_gpu_hosts_one():
+    # 4 nodes, rollout.engines 4 of TP 2 x DP 4: engine i on node i, GPUs 0-7 of it; the weights
+    # through a shared folder (CUDA IPC cannot leave node 0).
+    cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4), "weight_sync.transport=disk",
+                                         "weight_sync.disk_dir=/shared/ws"])
+    report = estimate(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
+    plan = run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
+    assert [(m.node, m.gpus) for m in plan.engine.members] == [(i, list(range(8))) for i in range(4)]
+    assert plan.world == 32 and plan.engine.hosted == set(range(32)) and plan.engine.gpus == 32
+    text = report.render()
+    assert "4 engine(s) x (TP 2 x DP 4) = 32 GPUs, shared with the trainer" in text
+    assert "engine 3: node 3 GPUs 0-7" in text and "weights via disk" in text
+    assert "every rank (0-31); ranks 0-31 also host an engine" in text
+    # 64 sequences over 4 engines x 4 replicas: 4 per replica, 2048 tokens, 65,536 B of KV per token on a
+    # TP-2 GPU (32 layers x 2 x 4 KV heads x 128 x 2 B)
+    assert _lines(report.stages[0], "rollout")["KV cache"] == 4 * 2048 * 65_536
+
+
+def test_fleet_layouts_name_each_engines_gpus():
+    # colocated, 4 engines of TP 2 x DP 2 on 2 nodes: engines 0 and 2 on node 0 (GPUs 0-3, 4-7), 1 and 3 on node 1
+    cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4), "weight_sync.transport=disk",
+                                         "weight_sync.disk_dir=/shared/ws"])
+    e = run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=2, engine_dp=2)).engine
+    assert [(m.index, m.node, m.gpus) for m in e.members] == [
+        (0, 0, [0, 1, 2, 3]), (1, 1, [0, 1, 2, 3]), (2, 0, [4, 5, 6, 7]), (3, 1, [4, 5, 6, 7])]
+    # disaggregated, 3 engines of 4 GPUs on 4 nodes: two fill node 2, the third half of node 3; the
+    # trainer keeps nodes 0-1
+    cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "rollout.engines=3", _urls(3)])
+    plan = run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=2))
+    assert [(m.node, m.gpus) for m in plan.engine.members] == [(2, [0, 1, 2, 3]), (2, [4, 5, 6, 7]), (3, [0, 1, 2, 3])]
+    assert plan.world == 16 and plan.engine.hosted == set()
+    # vLLM engines: processes of rank 0, one GPU each of node 0 in turn (rollout/factory.py)
+    vllm = [x for x in BASE if not x.startswith(("rollout.engine=", "rollout.sglang_url="))]
+    cfg = load_rlmt_config(None, vllm + ["rollout.engine=vllm", "rollout.engines=3"])
+    e = run_plan.make_plan(cfg, run_plan.DryRunOptions()).engine
+    assert [(m.node, m.gpus) for m in e.members] == [(0, [0]), (0, [1]), (0, [2])] and e.hosted == {0, 1, 2}
+
+
+# Step time, by hand. BASE: Llama-3.1-8B, 16 prompts x 4 samples = 64 sequences of 1024 + 1024 tokens,
+# one colocated SGLang engine of TP 2 on node 0 (2 engine GPUs), trainer world 8, a reference (kl_coef > 0).
+GEN_RATE = 2048 * 1060 / 58 / 8  # tokens/s per engine GPU (NeMo-RL's 8B step: 2048 x 1060 tokens in 58 s on 8 GPUs)
+MATMUL = 32 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336)  # the decoder's linear weights
+ATTN_FWD = 2 * 2 * 2048 * 32 * 128 * 32 / 2  # QK^T and AV, 2 FLOPs per MAC, causal half, 32 layers
+POLICY_FWD = 2 * (MATMUL + 4096 * 128256) + ATTN_FWD  # per token of a 2048-token sequence
+RM_FWD = 2 * (MATMUL + 4096) + ATTN_FWD  # score head 4096 x 1
+TRAINER = 8 * 989e12 * 0.40  # 8 GPUs x dense bf16 peak x MFU
+
+
+def test_step_time_projection_matches_hand_arithmetic():
+    report = estimate(load_rlmt_config(None, BASE), run_plan.DryRunOptions())
+    step = report.step
+    tokens = 64 * 2048
+    gen = 64 * 1024 / (2 * GEN_RATE)
+    reward = tokens * RM_FWD / TRAINER
+    logprobs = 2 * tokens * POLICY_FWD / TRAINER  # old and reference logprobs
+    train = tokens * 3 * POLICY_FWD / TRAINER  # forward + backward = 3 forwards
+    sync = 8_030_261_248 * 2 / (8.03e9 * 2 / 5)  # bf16 weights / (NeMo-RL's 16.06 GB refit in 5 s)
+    expect = {"generation": gen, "reward": reward, "logprobs": logprobs, "train": train, "sync": sync}
+    assert {p.name: p.seconds for p in step.phases} == pytest.approx(expect, rel=1e-12)
+    assert step.synchronous_step == pytest.approx(gen + reward + logprobs + train + sync, rel=1e-12)
+    assert round(gen, 2) == 7.00 and round(train, 2) == 1.93 and round(sync, 2) == 5.00
+    # generation (7.0 s) outlasts the trainer's side (~2.9 s): the asynchronous step is generation + sync
+    assert step.asynchronous_step == pytest.approx(gen + sync, rel=1e-12)
+    text = report.render()
+    assert "step, synchronous (rollout.max_staleness 0)" in text and "<- this run" in text
+    assert "gen_tokens_per_s_per_gpu = 4679 tokens/s: assumed: NeMo-RL" in text
+
+
+def test_asynchronous_step_is_the_longer_side_plus_sync_and_rates_override():
+    # --rate: generation at 1e6 tokens/s per GPU, so the trainer's side is the longer one
+    cfg = load_rlmt_config(None, BASE + ["rollout.max_staleness=1", "algorithm.rollout_correction.mode=tis"])
+    report = estimate(cfg, run_plan.DryRunOptions(rates=["gen_tokens_per_s_per_gpu=1e6", "train_mfu=0.5"]))
+    step = report.step
+    gen = 64 * 1024 / (2 * 1e6)
+    trainer_side = 64 * 2048 * (RM_FWD + 2 * POLICY_FWD) / TRAINER + 64 * 2048 * 3 * POLICY_FWD / (8 * 989e12 * 0.5)
+    sync = 5.0 * 8_030_261_248 / 8.03e9
+    assert step.seconds("generation") == pytest.approx(gen, rel=1e-12)
+    assert step.asynchronous_step == pytest.approx(trainer_side + sync, rel=1e-12)
+    assert step.asynchronous_step < step.synchronous_step == pytest.approx(gen + trainer_side + sync, rel=1e-12)
+    text = report.render()
+    assert "max_staleness >= 1): max(generation" in text and text.count("<- this run") == 1
+    assert "asynchronous overlap needs rollout.placement=disaggregated" in text  # colocated
+    assert "train_mfu = 0.5 of peak: given: --rate on the command line" in text
+    with pytest.raises(RLMTError, match="NAME one of gen_tokens_per_s_per_gpu"):
+        estimate(cfg, run_plan.DryRunOptions(rates=["tokens=3"]))
+
+
+def test_one_round_dpo_projects_no_sync_and_no_asynchronous_step():
+    # one_round DPO samples every pair from the initial weights (RLMTConfig.engine_follows_policy):
+    # nothing to sync; its pairs train as 2 sequences each (16 prompts -> 32 sequences, with a reference)
+    cfg = load_rlmt_config(None, BASE + ["algorithm.name=dpo", "algorithm.dpo_mode=one_round"])
+    report = estimate(cfg, run_plan.DryRunOptions())
+    assert report.step.seconds("sync") == 0.0
+    assert report.step.seconds("logprobs") == pytest.approx(2 * 32 * 2048 * POLICY_FWD / TRAINER, rel=1e-12)
+    text = report.render()
+    assert "asynchronous rollouts: GRPO and PPO only" in text and "max_staleness >= 1): max(" not in text
+
+
 def test_pipeline_stages_hold_the_1f1b_in_flight_micro_batches():
     # PP 4: stage 0 holds min(pp, m) micro-batches of 8 layers, the last stage 1 (Megatron's warm-up count)
     assert memory.inflight_chunks(4, None, 0, 100) == (4, 4)
@@ -246,7 +348,19 @@ def _fails(argv: list[str], capsys) -> tuple[str, str]:
      "num_hidden_layers=32 is not divisible by pp=2 \\* vpp=3 = 6"),
     (["build.parallel.tp=8", "models.policy=/x/Qwen2.5-7B-Instruct"], [], "num_attention_heads=28 is not divisible by tp=8"),
     (["models.policy=/x/Qwen2.5-7B", "rollout.engine_tp_size=8"], [], "28 attention heads do not split"),
-    (["rollout.engine_tp_size=8"], ["--gpus-per-node", "4"], "CUDA IPC handles cannot leave"),
+    (["rollout.engine_tp_size=8"], ["--gpus-per-node", "4"], "an engine's 8 GPUs \\(engine_tp_size 8 x --engine-dp 1\\) "
+     "must be on one node \\(4 GPUs\\)"),
+    # 3 colocated engines of 2 x 2 GPUs over 2 nodes of 4 GPUs: node 0 gets two, 8 GPUs of its 4
+    (["rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]"], ["--engine-dp", "2", "--nodes", "2",
+     "--gpus-per-node", "4"], "rollout.engines=3 colocated engine\\(s\\) of 4 GPUs .* put 2 on one node, 8 GPUs of its 4"),
+    # engines on nodes 1-3 cannot be reached by CUDA IPC from rank 0
+    (["rollout.engines=4", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1,http://d:1]"], ["--nodes", "4"],
+     "engine\\(s\\) 1-3 run on node\\(s\\) 1-3, .* set weight_sync.transport=disk"),
+    (["rollout.placement=disaggregated", "rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]"],
+     ["--engine-dp", "4", "--nodes", "3"], "rollout.engines=3 engine\\(s\\) of 8 GPUs .* need 3 node\\(s\\), "
+     "leaving none of the 3"),
+    (["rollout.engine=vllm", "rollout.sglang_url=null", "rollout.engines=9"], [], "rollout.engines=9 vllm engines .* "
+     "two would share a GPU"),
     (["rollout.placement=disaggregated", "rollout.engine_tp_size=8"], [], "leaving none of the 1"),
     (["algorithm.name=dpo", "data.prompts_per_step=2"], [], "fewer than DP=4 ranks"),
     (["reward.parallel.tp=16"], [], "world size 8 is not divisible by tp\\*pp = 16\\*1"),
@@ -274,7 +388,7 @@ def test_over_budget_names_the_biggest_items_and_what_to_change(capsys, tmp_path
     path = _write(tmp_path, BASE)
     out, err = _fails([str(path), "--dry-run", "--gpu-mem-gib", "70", "batching.train_tokens_per_microbatch=16384"],
                       capsys)
-    assert "every rank (0-7); ranks 0-1 also host the engine: needs" in err
+    assert "every rank (0-7); ranks 0-1 also host an engine: needs" in err
     assert "in phase train" in err and "66.50 GiB usable" in err
     activations = 32 * 16384 * 153_672  # layers x tokens x bytes per token and layer (see above)
     assert f"Biggest items: activations {activations / GiB:.2f} GiB, policy grads (fp32)" in err
@@ -321,7 +435,7 @@ def test_dry_run_of_tiny_models_reads_their_config_json(tiny_models, tmp_path, c
     out = capsys.readouterr().out
     assert f"policy    {tiny_models / 'qwen2-policy' / 'config.json'}" in out
     assert f"reward    {tiny_models / 'llama-rm' / 'config.json'}" in out
-    assert "dry run: OK" in out and "rollout engine: hf" in out and "hf engine weights" in out
+    assert "dry run: OK" in out and "rollout engines: hf, processes of rank 0" in out and "hf engine weights" in out
     # parameter counting against transformers' own models (float32 here: 4 bytes each)
     cfg = load_rlmt_config(path)
     report = estimate(cfg, run_plan.DryRunOptions(gpus_per_node=2, gpu_mem_gib=8))

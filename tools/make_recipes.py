@@ -15,16 +15,28 @@ The authors released a GRPO config for each of the 12 (model, start, thinking) r
 for the Llama base warm-start runs only and one DPO script for every DPO run; the other PPO
 recipes carry the released PPO values over (their headers say so).
 
-Layouts (checked by ``rlmt-train RECIPE --dry-run``, whose exact command heads every file); the
-authors ran everything on 1 node of 8xH100 with FSDP (their batch sizes are global, so they hold
-on any layout):
+Layouts (checked by ``rlmt-train RECIPE --dry-run``, whose exact command heads every file, with
+its step-time projection); the authors ran everything on 1 node of 8xH100 with FSDP (their batch
+sizes are global, so they hold on any layout). The layouts are ours, not the authors':
 
-- 1 node, colocated SGLang on the 8 trainer GPUs: policy (critic, reference) TP 4 with sequence
-  parallelism, DP 2; the reward model on the same layout; 8K-token micro-batches.
-- 4 nodes, disaggregated: one node serves SGLang, three train (world 24): policy TP 4 + SP, DP 6,
-  16K-token micro-batches (12K for PPO, which also holds a critic); the reward model on its own
-  TP 2 (DP 12).
-- Engine TP: 8 for Llama (32 heads, 8 KV heads); 4 for Qwen2.5-7B, whose 28 heads do not split 8 ways.
+- Every GPU generates: the engines are colocated on the trainer's GPUs (SGLang's memory saver
+  releases them while the trainer works), one SGLang server per node at engine TP 2 with
+  ``--dp-size 4`` (``--engine-dp 4``): 4 replicas fill the node's 8 GPUs. TP 2, not 1: beside the
+  trainer's resident weights, gradients and optimizer shard, a TP-2 replica holds more sequences
+  per GPU in its KV cache (its weights are halved and each GPU keeps half the KV heads), and both
+  models split at TP 2 (Llama 32 heads / 8 KV heads, Qwen2.5-7B 28 / 4). The previous layouts
+  (one server at TP 8, or 4 for Qwen, on one node) left 3/4 of the 4-node job's GPUs, and half of
+  the 1-node Qwen job's, idle while generating, and TP 8 shards an 8B model far past what it needs.
+- 1 node: policy (critic, reference) TP 4 with sequence parallelism, DP 2; the reward model on the
+  same layout; 8K-token micro-batches. One engine; weights by CUDA IPC.
+- 4 nodes: 4 engines, one per node (``rollout.engines: 4``, one URL each); the trainer on all 32
+  GPUs: policy TP 4 + SP, DP 8, 16K-token micro-batches (12K for PPO, which also holds a critic);
+  the reward model on its own TP 2 (DP 16). Every engine is synced from rank 0 and CUDA IPC
+  handles cannot leave node 0, so the weights go through a shared folder
+  (``weight_sync.transport: disk``) until a per-node sync exists. The dry run projects ~76 s per
+  GRPO step of 128 prompts x 8 for this layout against ~166 s for the former one (1 engine node,
+  3 trainer nodes), at its assumed rates.
+- Synchronous (``rollout.max_staleness`` 0), as the authors' on-policy runs.
 """
 
 from __future__ import annotations
@@ -55,8 +67,8 @@ CONFIGS = "training/ppo_grpo/configs"  # one verl config per run, e.g. grpo__lla
 NUM_PROMPTS = 7544
 
 MODELS = {
-    "llama3.1-8b": {"hub": "Llama-3.1-8B", "engine_tp": 8, "authors": "llama"},
-    "qwen2.5-7b": {"hub": "Qwen2.5-7B", "engine_tp": 4, "authors": "qwen"},
+    "llama3.1-8b": {"hub": "Llama-3.1-8B", "authors": "llama"},
+    "qwen2.5-7b": {"hub": "Qwen2.5-7B", "authors": "qwen"},
 }
 STARTS = {  # start -> (thinking variants, strict, lr); strict and lr are also in each run's row below
     "instruct": (("think", "nothink"), True, 3.0e-7),
@@ -64,13 +76,17 @@ STARTS = {  # start -> (thinking variants, strict, lr); strict and lr are also i
     "zero": (("think", "nothink"), False, 1.0e-6),
 }
 ALGORITHMS = ("grpo", "ppo", "dpo")
+# Ours (module docstring, "Layouts"): SGLang on every GPU, one server per node of TP 2 x --dp-size 4.
+ENGINE_TP, ENGINE_DP = 2, 4
 LAYOUTS = {
     "1node": {"nodes": 1, "placement": "colocated", "parallel": {"tp": 4, "pp": 1, "sequence_parallel": True},
               "reward_parallel": None, "max_tokens": {"grpo": 8192, "ppo": 8192, "dpo": 8192},
-              "sglang_url": "http://127.0.0.1:30000"},
-    "4nodes": {"nodes": 4, "placement": "disaggregated", "parallel": {"tp": 4, "pp": 1, "sequence_parallel": True},
+              "sglang_url": "http://127.0.0.1:30000", "weight_sync": {}},
+    "4nodes": {"nodes": 4, "placement": "colocated", "parallel": {"tp": 4, "pp": 1, "sequence_parallel": True},
                "reward_parallel": {"tp": 2, "pp": 1}, "max_tokens": {"grpo": 16384, "ppo": 12288, "dpo": 16384},
-               "sglang_url": "http://ENGINE_NODE:30000"},
+               "sglang_url": [f"http://NODE{i}:30000" for i in range(4)],
+               # CUDA IPC cannot reach the engines of nodes 1-3 from rank 0: a folder every node reads
+               "weight_sync": {"transport": "disk", "disk_dir": "/path/to/shared/weight_sync"}},
 }
 
 
@@ -209,6 +225,11 @@ def checkpoints(total: int, every: int) -> int:
     return total // every + (1 if total % every else 0)
 
 
+def _engines(lay: dict) -> dict:
+    urls = lay["sglang_url"]
+    return {"engines": len(urls), "sglang_url": urls} if isinstance(urls, list) else {"sglang_url": urls}
+
+
 def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict:
     lay = LAYOUTS[layout]
     if start == "zero":
@@ -263,9 +284,9 @@ def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict
         "build": {"parallel": dict(lay["parallel"]), "precision": {"params_dtype": "bfloat16"}},
         "data": {"prompts": [PROMPTS], "max_prompt_tokens": max_prompt, "prompts_per_step": prompts},
         "format": fmt,
-        "rollout": {"engine": "sglang", "placement": lay["placement"], "sglang_url": lay["sglang_url"],
-                    "engine_tp_size": MODELS[model]["engine_tp"], **rollout},
-        "weight_sync": {"bucket_mb": 1024},
+        "rollout": {"engine": "sglang", "placement": lay["placement"], **_engines(lay), "engine_tp_size": ENGINE_TP,
+                    **rollout},
+        "weight_sync": {**lay["weight_sync"], "bucket_mb": 1024},
         "algorithm": algorithm,
         "optim": optim,
     }
@@ -322,15 +343,16 @@ def header(algo: str, model: str, start: str, thinking: str, layout: str, path: 
     what = {"instruct": f"{hub}-Instruct warm-started by SFT", "base": f"{hub} (base) warm-started by SFT",
             "zero": f"{hub} (base) straight, with the plain-text zero template"}[start]
     think = "with thinking" if thinking == "think" else "without thinking (the paper's baseline)"
-    tp, nodes = MODELS[model]["engine_tp"], lay["nodes"]
-    sglang = (f"python -m sglang.launch_server --model-path POLICY --tp {tp} --enable-memory-saver "
-              "--mem-fraction-static F   (F: as the dry run says)")
-    if lay["placement"] == "colocated":
+    nodes = lay["nodes"]
+    sglang = (f"python -m sglang.launch_server --model-path POLICY --tp {ENGINE_TP} --dp-size {ENGINE_DP} "
+              "--enable-memory-saver --mem-fraction-static F   (F: as the dry run says)")
+    if nodes == 1:
         launch = [f"#   {sglang}", f"#   torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train {path}"]
     else:
-        launch = [f"#   on the engine node:  {sglang.replace(' --enable-memory-saver', '')}",
-                  f"#   on the {nodes - 1} trainer nodes: launch/torchrun.sh {path} rollout.sglang_url=http://HOST:30000"]
-    dry = f"rlmt-train {path} --dry-run" + (f" --nodes {nodes}" if nodes != 1 else "")
+        launch = [f"#   on each of the {nodes} nodes, one server (node i: NODEi in rollout.sglang_url):",
+                  f"#     {sglang}",
+                  f"#   then on every node: launch/torchrun.sh {path} (weight_sync.disk_dir: a folder all nodes share)"]
+    dry = f"rlmt-train {path} --dry-run" + (f" --nodes {nodes}" if nodes != 1 else "") + f" --engine-dp {ENGINE_DP}"
     source = authors_run(algo, model, start, thinking)
     if algo == "dpo":
         source_line = ("# Values: princeton-pli/RLMT training/sft_dpo/scripts/launch_dpo_example.sh and "
@@ -343,7 +365,8 @@ def header(algo: str, model: str, start: str, thinking: str, layout: str, path: 
         source_line = f"# Values: princeton-pli/RLMT {source}."
     return "\n".join([
         f"# RLMT {algo.upper()}: {what}, {think}.",
-        f"# {nodes} node(s) of 8xH100, rollouts on SGLang {lay['placement']} (TP {tp}).",
+        f"# {nodes} node(s) of 8xH100, rollouts on SGLang colocated on every GPU: {nodes} server(s), one per node, "
+        f"TP {ENGINE_TP} x DP {ENGINE_DP} (our layout: tools/make_recipes.py, 'Layouts').",
         source_line,
         _kept_note(algo, cfg["run"]["total_steps"], cfg["run"]["save_every"], cfg["data"]["prompts_per_step"]),
         "# Generated by tools/make_recipes.py from its table: edit the table, not this file.",

@@ -2,7 +2,7 @@
 
     rlmt-train examples/demo/grpo.yaml models.policy=SFT_DIR models.reward=RM_DIR "data.prompts=[p.jsonl]"
     torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/1node/grpo_llama3.1-8b-instruct_think.yaml
-    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4   # layout + memory, no GPU
+    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4 --engine-dp 4   # layout, memory, step time; no GPU
 
 Every field, its default and meaning: ``rlmt_megatron/config/rlmt.py`` and ``docs/rlmt_train.md``.
 """
@@ -20,8 +20,9 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, the parallel layout of every role and a GPU memory estimate "
-                        "per rank, then exit (no GPU needed); exit status 2 if it cannot fit")
+                   help="print the resolved config, the parallel layout of every role and engine, a GPU memory "
+                        "estimate per rank and a step-time projection per phase, then exit (no GPU needed); exit "
+                        "status 2 if it cannot fit")
     d = p.add_argument_group("dry run (rlmt_megatron/planner/, docs/dry_run.md)")
     d.add_argument("--nodes", type=int, default=1, help="nodes of the job, engine nodes included (default 1)")
     d.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
@@ -29,9 +30,14 @@ def main(argv=None) -> None:
     d.add_argument("--assume-shape", action="append", default=[], metavar="[ROLE=]NAME",
                    help="shape of a model whose folder is not here: llama3.1-8b or qwen2.5-7b; a bare NAME is "
                         "the policy's (reference and critic follow it), reward=NAME the reward model's; repeatable")
-    d.add_argument("--engine-dp", type=int, default=1, help="SGLang server replicas (its --dp-size; default 1)")
+    d.add_argument("--engine-dp", type=int, default=1,
+                   help="replicas inside each SGLang engine (the server's --dp-size; default 1): an engine takes "
+                   "engine_tp_size x this GPUs of one node, rollout.engines engines in all")
     d.add_argument("--engine-mem-fraction", type=float, default=None,
                    help="SGLang's --mem-fraction-static, if fixed (default: the KV cache gets what is left)")
+    d.add_argument("--rate", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a rate of the step-time projection (planner/step_rates.py RATES, e.g. "
+                   "gen_tokens_per_s_per_gpu=3000, train_mfu=0.35); repeatable")
     args = p.parse_intermixed_args(argv)  # overrides may follow the flags: CONFIG --dry-run key=value
 
     from rlmt_megatron.config.base import dump_config
@@ -46,7 +52,8 @@ def main(argv=None) -> None:
 
         run_dry_run(cfg, DryRunOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                        gpu_mem_gib=args.gpu_mem_gib, assume_shapes=args.assume_shape,
-                                       engine_dp=args.engine_dp, engine_mem_fraction=args.engine_mem_fraction))
+                                       engine_dp=args.engine_dp, engine_mem_fraction=args.engine_mem_fraction,
+                                       rates=args.rate))
         return
     from rlmt_megatron.trainer.preflight import check_inputs
 

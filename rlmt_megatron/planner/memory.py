@@ -100,7 +100,7 @@ def engine_lines(plan: RunPlan) -> EngineLines:
             rollout=[weights, Line("engine runtime", ENGINE_RUNTIME_GIB * GiB,
                                    "ENGINE_RUNTIME_GIB (CUDA graphs, prefill, context)", "engine")],
             sync=[Line("engine weights", ew, "resumed before the push", "engine")],
-            kv_need=-(-n // plan.o.engine_dp) * S * kv_tok, kv_per_token=kv_tok)
+            kv_need=-(-n // plan.engine.replicas) * S * kv_tok, kv_per_token=kv_tok)
     if r.engine == "vllm":
         share = r.gpu_memory_utilization  # what rollout/factory.py starts vLLM with
         return EngineLines(rollout=[Line("vllm engine", share * plan.gpu,
@@ -124,14 +124,15 @@ def kv_line(plan: RunPlan, eng: EngineLines, room: float) -> Line:
     else:
         pool, how = max(room, 0.0), "what is left"
     seqs = int(pool // (plan.S * eng.kv_per_token))
-    return Line("KV cache", pool, f"{how}: holds {seqs} of {-(-plan.samples // o.engine_dp)} sequences at "
+    return Line("KV cache", pool, f"{how}: holds {seqs} of {-(-plan.samples // plan.engine.replicas)} sequences at "
                                   f"{plan.S} tokens (full: {gib(eng.kv_need)})", "kv")
 
 
 def engine_gpu_estimate(plan: RunPlan, eng: EngineLines) -> StageEstimate:
     """A GPU of the disaggregated SGLang engine: its weights, runtime and KV pool."""
     room = plan.budget - sum(x.bytes for x in eng.rollout)
-    return StageEstimate(f"disaggregated engine GPU (TP {plan.engine_tp} x DP {plan.o.engine_dp})", [],
+    e = plan.engine
+    return StageEstimate(f"disaggregated engine GPU ({len(e.members)} engine(s) x TP {e.tp} x DP {e.dp})", [],
                          {"rollout": eng.rollout + [kv_line(plan, eng, room)]})
 
 
@@ -216,7 +217,8 @@ def stage_estimate(plan: RunPlan, eng: EngineLines, stage: int) -> StageEstimate
     cfg, par, T = plan.cfg, plan.parallel, plan.T
     last = stage == par.pp - 1
     ranks = stage_ranks(par.tp, plan.dp, par.pp, stage)
-    hosts_engine = cfg.rollout.placement == "colocated" and any(x < plan.engine_gpus for x in ranks)
+    hosting = sorted(plan.engine.hosted.intersection(ranks))  # ranks whose GPU an engine shares
+    hosts_engine = bool(hosting)
     held = _held(plan, stage, hosts_engine, eng)
 
     phases: dict[str, list[Line]] = {}
@@ -243,5 +245,5 @@ def stage_estimate(plan: RunPlan, eng: EngineLines, stage: int) -> StageEstimate
         phases["rollout"].append(kv_line(plan, eng, room))
     who = f"PP stage {stage} (ranks {ranges(ranks)})" if par.pp > 1 else f"every rank (0-{plan.world - 1})"
     if hosts_engine:
-        who += f"; ranks {ranges([x for x in ranks if x < plan.engine_gpus])} also host the engine"
+        who += f"; ranks {ranges(hosting)} also host an engine"
     return StageEstimate(who, held, phases)

@@ -1,5 +1,6 @@
 """Ranks for the dry run: Megatron-Core's rank groups, the layout checks every role passes at
-start-up, and where the rollout engine's GPUs are (``docs/dry_run.md``, "Layout")."""
+start-up, and the engine's TP against the policy's heads (``docs/dry_run.md``, "Layout"; where
+the engines run: ``engine_layout.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 from rlmt_megatron.config.model_build import ParallelConfig
 from rlmt_megatron.distributed.layout_checks import check_model_layout, check_world_size
-from rlmt_megatron.errors import LayoutError, RLMTError
+from rlmt_megatron.errors import LayoutError
 from rlmt_megatron.planner.model_shapes import ResolvedModel
 
 
@@ -73,41 +74,6 @@ def check_layout(parallel: ParallelConfig, world: int, model: ResolvedModel, wha
         raise LayoutError(f"{what}: {e}") from None
     if model.padded_vocab is not None and model.padded_vocab % parallel.tp:
         raise LayoutError(f"{what}: {model.how}: padded vocabulary {model.padded_vocab} is not divisible by tp={parallel.tp}")
-
-
-@dataclass
-class EnginePlacement:
-    tp: int  # GPUs per engine replica
-    gpus: int  # all the engine's GPUs
-    where: str  # for the report
-    world: int  # the trainer's ranks
-
-
-def place_engine(cfg, nodes: int, gpus_per_node: int, engine_dp: int) -> EnginePlacement:
-    """The rollout engine's GPUs and the trainer's world size. SGLang: ``rollout.engine_tp_size``
-    GPUs per replica, ``engine_dp`` replicas; colocated on the first GPUs of node 0 (CUDA IPC
-    handles cannot leave it), disaggregated on nodes of its own. vLLM and hf: one GPU beside rank 0."""
-    r = cfg.rollout
-    engine_tp = cfg.rollout.engine_tp_size if r.engine == "sglang" else 1
-    engine_gpus = engine_tp * engine_dp
-    if r.engine != "sglang" and engine_dp != 1:
-        raise RLMTError(f"--engine-dp applies to rollout.engine=sglang, not {r.engine}")
-    trainer_nodes = nodes
-    if r.placement == "disaggregated":
-        engine_nodes = -(-engine_gpus // gpus_per_node)
-        trainer_nodes = nodes - engine_nodes
-        if trainer_nodes < 1:
-            raise LayoutError(f"rollout.placement=disaggregated: the engine needs {engine_gpus} GPUs "
-                              f"(engine_tp_size {engine_tp} x --engine-dp {engine_dp}) = {engine_nodes} node(s), "
-                              f"leaving none of the {nodes} for the trainer; raise --nodes")
-        where = f"its own {engine_nodes} node(s) ({engine_gpus} GPUs)"
-    else:
-        if engine_gpus > gpus_per_node:
-            raise LayoutError(f"rollout.placement=colocated: the engine's {engine_gpus} GPUs (engine_tp_size "
-                              f"{engine_tp} x --engine-dp {engine_dp}) must be on rank 0's node "
-                              f"({gpus_per_node} GPUs): CUDA IPC handles cannot leave it")
-        where = f"GPU(s) {ranges(list(range(engine_gpus)))} of node 0, shared with the trainer"
-    return EnginePlacement(engine_tp, engine_gpus, where, trainer_nodes * gpus_per_node)
 
 
 def check_engine_split(policy: ResolvedModel, engine_tp: int) -> None:

@@ -21,6 +21,9 @@ from rlmt_megatron.planner.memory import (
 from rlmt_megatron.planner.model_shapes import POLICY_ROLES
 from rlmt_megatron.planner.rank_layout import RoleLayout
 from rlmt_megatron.planner.run_plan import FRAGMENTATION, GiB, DryRunOptions, RunPlan, make_plan
+from rlmt_megatron.planner.step_rates import resolve_rates
+from rlmt_megatron.planner.step_time import StepProjection, project_step
+from rlmt_megatron.planner.step_time import render as render_step
 
 
 @dataclass
@@ -29,6 +32,7 @@ class DryRunReport:
     layout: list[str]
     stages: list[StageEstimate]
     engine_gpu: Optional[StageEstimate]  # disaggregated engine's own GPUs
+    step: StepProjection
     notes: list[str]
     budget: float
     gpu_bytes: float
@@ -49,6 +53,7 @@ class DryRunReport:
                 out += [f"    {x.name:<24} {x.bytes / GiB:8.2f} GiB   {x.formula}" for x in lines]
             phase, peak = est.peak()
             out.append(f"  peak: {peak / GiB:.2f} GiB in phase {phase} -> {'fits' if peak <= self.budget else 'DOES NOT FIT'}")
+        out += ["", "step time, projected per phase (every sequence at the assumed length)"] + render_step(self.step)
         out += [""] + [f"note: {n}" for n in self.notes]
         out.append("dry run: OK" if self.ok else "dry run: FAILED")
         return "\n".join(out).rstrip() + "\n"
@@ -56,12 +61,6 @@ class DryRunReport:
     def check(self) -> None:
         if self.problems:
             raise RLMTError("dry run: " + "\n".join(self.problems))
-
-
-def _transport(cfg) -> str:
-    from rlmt_megatron.rollout.weight_sync.select import resolve_transport
-
-    return resolve_transport(cfg.rollout.engine, cfg.rollout.placement, cfg.weight_sync.transport)
 
 
 def _layout_lines(plan: RunPlan) -> list[str]:
@@ -74,13 +73,14 @@ def _layout_lines(plan: RunPlan) -> list[str]:
         out += [f"reward: {rm[0]}"] + rm[1:]
     else:
         out.append("reward: the policy's layout")
+    e = plan.engine
+    at = f" at {', '.join(r.server_urls())}" if r.server_urls() else ""
     if r.engine == "sglang":
-        out.append(f"rollout engine: sglang at {r.sglang_url}, TP={plan.engine_tp} x DP={plan.o.engine_dp} on "
-                   f"{plan.engine_where}; weights via {_transport(cfg)}")
+        out.append(f"rollout engines: sglang{at}; weights via {e.transport}")
     else:
-        fleet = f"{r.engines} {r.engine} engines" if r.engines > 1 else r.engine
-        out.append(f"rollout engine: {fleet} beside rank 0 ({r.placement}); weights via {_transport(cfg)}")
-    return out
+        out.append(f"rollout engines: {r.engine}, processes of rank 0 ({r.placement}); weights via {e.transport}")
+    engines = e.describe()
+    return out + ["  " + engines[0]] + ["  " + x for x in engines[1:]]
 
 
 def estimate(cfg, options: DryRunOptions) -> DryRunReport:
@@ -96,6 +96,7 @@ def estimate(cfg, options: DryRunOptions) -> DryRunReport:
     engine_gpu = None
     if cfg.rollout.placement == "disaggregated" and cfg.rollout.engine == "sglang":
         engine_gpu = engine_gpu_estimate(plan, eng)
+    step = project_step(plan, resolve_rates(options.rates))
     o, a, r = options, cfg.algorithm, cfg.rollout
     header = [f"dry run: {o.nodes} node(s) x {o.gpus_per_node} GPUs of {o.gpu_mem_gib:g} GiB; trainer world "
               f"{plan.world}; {a.name}, rollout {r.engine} {r.placement}", "models:"]
@@ -103,7 +104,7 @@ def estimate(cfg, options: DryRunOptions) -> DryRunReport:
     header.append(f"tokens: longest sequence S={plan.S}, train micro-batch T={plan.T}, {plan.microbatches} "
                   f"micro-batch(es) per DP rank and update, logprob micro-batch T_lp={plan.T_lp}, RM micro-batch "
                   f"{plan.T_rm}; layer spec {plan.spec_name}")
-    report = DryRunReport(header, _layout_lines(plan), stages, engine_gpu, [], plan.budget, plan.gpu)
+    report = DryRunReport(header, _layout_lines(plan), stages, engine_gpu, step, [], plan.budget, plan.gpu)
     _judge(report, plan, eng)
     return report
 

@@ -11,7 +11,8 @@ from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.errors import LayoutError, RLMTError
 from rlmt_megatron.models.layer_specs import picks_te_spec
 from rlmt_megatron.planner.model_shapes import ResolvedModel, assumed_shapes, padded_vocab, resolve_models
-from rlmt_megatron.planner.rank_layout import EnginePlacement, check_engine_split, check_layout, place_engine
+from rlmt_megatron.planner.engine_layout import EnginePlacement, place_engine
+from rlmt_megatron.planner.rank_layout import check_engine_split, check_layout
 
 GiB = 2**30
 MiB = 2**20
@@ -26,6 +27,7 @@ class DryRunOptions:
     assume_shapes: list[str] = field(default_factory=list)  # "NAME" or "ROLE=NAME"
     engine_dp: int = 1
     engine_mem_fraction: Optional[float] = None
+    rates: list[str] = field(default_factory=list)  # "NAME=VALUE": overrides of step_rates.RATES
 
 
 @dataclass
@@ -42,7 +44,7 @@ class RunPlan:
     def __post_init__(self):
         cfg, a = self.cfg, self.cfg.algorithm
         self.world = self.engine.world
-        self.engine_tp, self.engine_gpus, self.engine_where = self.engine.tp, self.engine.gpus, self.engine.where
+        self.engine_tp = self.engine.tp
         self.build = cfg.build
         self.parallel = cfg.build.parallel
         self.rm_parallel = cfg.reward.parallel or cfg.build.parallel
