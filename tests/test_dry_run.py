@@ -210,6 +210,10 @@ def test_colocated_fleet_puts_one_engine_on_each_node_and_every_gpu_hosts_one():
     # 64 sequences over 4 engines x 4 replicas: 4 per replica, 2048 tokens, 65,536 B of KV per token on a
     # TP-2 GPU (32 layers x 2 x 4 KV heads x 128 x 2 B)
     assert _lines(report.stages[0], "rollout")["KV cache"] == 4 * 2048 * 65_536
+    # disk: each engine loads a copy of its own (a folder per engine), 4 copies of the bf16 weights
+    # over the shared filesystem's assumed 2 GB/s
+    assert report.step.seconds("sync") == pytest.approx(4 * 8_030_261_248 * 2 / 2e9, rel=1e-12)
+    assert "4 x 16.1 GB (bf16) / 2.0 GB/s (disk, one copy per engine)" in text
 
 
 def test_fleet_layouts_name_each_engines_gpus():

@@ -86,6 +86,11 @@ def test_make_transport_builds_the_chosen_class(tmp_path):
                        base_dir="base", disk_dir=str(tmp_path / "d"))
     assert isinstance(t, DiskTransport) and t.keep_versions == 3 and t.bucket_bytes == 2 * 2**20
     assert t.root == tmp_path / "d"
+    # engine 1 of a fleet: a folder of its own under the configured one (a shared folder would have
+    # the engines' transports replace and prune each other's versions)
+    t = make_transport(WeightSyncConfig(transport="disk", disk_dir=str(tmp_path / "shared")), hf, "colocated",
+                       base_dir="base", member=1)
+    assert t.root == tmp_path / "shared" / "engine_1"
     t = make_transport(WeightSyncConfig(master_address="10.1.2.3", master_port=29555, nccl_backend="gloo"),
                        _Engine("sglang"), "disaggregated", engine_tp_size=4)
     assert isinstance(t, NCCLBroadcastTransport)

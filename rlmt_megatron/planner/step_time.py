@@ -101,10 +101,15 @@ def project_step(plan: RunPlan, rates: dict[str, Rate]) -> StepProjection:
     fp8 = cfg.weight_sync.fp8 != "none"
     weights = engine_weight_bytes(plan.pol, 1, fp8)
     bandwidth = f"sync_{e.transport}_gb_per_s"
+    # disk: each engine of a fleet gets a folder of its own (weight_sync/select.py), so the shared
+    # filesystem takes one copy per engine; the other transports feed every engine at once
+    copies = len(e.members) if e.transport == "disk" else 1
     if cfg.engine_follows_policy:
-        phases.append(PhaseTime("sync", weights / (rates[bandwidth].value * 1e9),
-                                f"{weights / 1e9:.1f} GB ({'FP8 linears' if fp8 else 'bf16'}) / "
-                                f"{rates[bandwidth].value:.1f} GB/s ({e.transport}, every engine at once)", (bandwidth,)))
+        how = f"{e.transport}, one copy per engine" if copies > 1 else f"{e.transport}, every engine at once"
+        phases.append(PhaseTime("sync", copies * weights / (rates[bandwidth].value * 1e9),
+                                (f"{copies} x " if copies > 1 else "") + f"{weights / 1e9:.1f} GB "
+                                f"({'FP8 linears' if fp8 else 'bf16'}) / {rates[bandwidth].value:.1f} GB/s ({how})",
+                                (bandwidth,)))
     else:
         phases.append(PhaseTime("sync", 0.0, "none: one_round DPO samples every pair from the initial weights", ()))
     return StepProjection(phases, rates, cfg.rollout.max_staleness >= 1, e.colocated, e.tp, a.name != "dpo")

@@ -131,9 +131,8 @@ class RolloutSupervisor:
             if self.weight_sync.checksum:
                 check_verifiable(engine)
             transport = make_transport(self.weight_sync, engine, r.placement, engine_tp_size=r.engine_tp_size,
-                                       base_dir=self.model_dir,
-                                       disk_dir=str(self.out_dir / ("weight_sync" if self.count == 1
-                                                                    else f"weight_sync/engine_{member}")))
+                                       base_dir=self.model_dir, disk_dir=str(self.out_dir / "weight_sync"),
+                                       member=member if self.count > 1 else None)
         except BaseException:
             with contextlib.suppress(Exception):  # the original error is the one to report
                 engine.close()

@@ -17,6 +17,7 @@ can work, the first being the ``auto`` choice. A pair that is not in the table c
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Literal, Optional
 
@@ -79,11 +80,15 @@ def resolve_transport(kind: str, placement: str, requested: str = "auto") -> str
 
 
 def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_tp_size: int = 1,
-                   base_dir: Optional[str] = None, disk_dir: Optional[str] = None) -> WeightTransport:
+                   base_dir: Optional[str] = None, disk_dir: Optional[str] = None,
+                   member: Optional[int] = None) -> WeightTransport:
     """The transport for ``engine`` (its ``name`` is the kind: hf, vllm, sglang) at ``placement``.
 
     ``base_dir`` is the HF folder the engine started from (disk: config and tokenizer are copied
-    from it); ``disk_dir`` is used when ``config.disk_dir`` is unset.
+    from it); ``disk_dir`` is used when ``config.disk_dir`` is unset. ``member``: the engine's
+    index in a fleet of several; disk then writes under ``<root>/engine_<member>``, since each
+    transport writes, loads and prunes its versions by itself (one shared folder would have them
+    replace and delete each other's).
     """
     kind = engine.name
     name = resolve_transport(kind, placement, config.transport)
@@ -104,6 +109,8 @@ def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_t
     root = config.disk_dir or disk_dir
     if root is None:
         raise RLMTError("weight_sync.transport=disk needs weight_sync.disk_dir (a folder the engine can read)")
+    if member is not None:
+        root = os.path.join(root, f"engine_{member}")
     if base_dir is None:
         raise RLMTError("weight_sync.transport=disk needs the engine's base HF folder (config.json, tokenizer)")
     return DiskTransport(engine, root, base_dir, keep_versions=config.keep_versions,
