@@ -131,7 +131,7 @@ class RolloutSupervisor:
             if self.weight_sync.checksum:
                 check_verifiable(engine)
             transport = make_transport(self.weight_sync, engine, r.placement, engine_tp_size=r.engine_tp_size,
-                                       base_dir=self.model_dir,
+                                       base_dir=self.model_dir, member=member,
                                        disk_dir=str(self.out_dir / ("weight_sync" if self.count == 1
                                                                     else f"weight_sync/engine_{member}")))
         except BaseException:
