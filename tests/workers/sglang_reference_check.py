@@ -28,7 +28,13 @@ the 0.5.23 server would do with it, with its own code:
   CPU payloads carry shared-memory file descriptors that only a process holding the sender's
   multiprocessing authkey can fetch, once: ``RLMT_SENDER_AUTHKEY`` (hex) gives it.
 
-``--fields OUT.json`` writes each io_struct request class's fields and required fields instead.
+Several ``--log`` files are judged in one run (the imports take most of its time). A file may
+also hold ``"rejected"``: requests that must be refused (the summary gives why), which shows the
+checks are not vacuous.
+
+``--fields OUT.json`` writes each ``--classes`` io_struct class's fields and required fields, the
+server's route table and the sampling-parameter names of the ``/generate`` contract
+(``sglang/api/v1/api_types.py::_FIELDS_SamplingParams``).
 ``--import-only`` imports the modules and exits (the side env's readiness check).
 
 The ``torchvision`` stub below is explained in ``tests/sglang_side_env.py``: a module-level import
@@ -192,41 +198,59 @@ def open_tensor_payloads(obj) -> list[dict]:
     return ranks
 
 
-def check_log(log) -> tuple[dict, list]:
+def check_request(routes: dict, path: str, body, tensors: list) -> str:
+    """Judge one request as the 0.5.23 server would (module docstring); returns its route."""
     import pydantic
 
+    route = path.split("?")[0]
+    if route not in routes:
+        raise ValueError(f"{route}: not a route of sglang's http_server.py")
+    methods, cls_name = routes[route]
+    if "POST" not in methods:
+        raise ValueError(f"{route} does not take POST (it takes {sorted(methods)})")
+    where = f"{route} ({cls_name})"
+    if cls_name is None:
+        if body not in (None, {}):
+            raise ValueError(f"{route} takes no JSON body, got {body!r}")
+        return route
+    cls = getattr(io_struct, cls_name)
+    unknown = set(body) - set(class_fields(cls_name)[0])
+    if unknown:
+        raise ValueError(f"{where}: {sorted(unknown)} are not fields of {cls_name} (the server would ignore them)")
+    try:
+        obj = pydantic.TypeAdapter(cls).validate_json(json.dumps(body))
+    except pydantic.ValidationError as e:
+        raise ValueError(f"{where}: the server's schema rejects the body: {e}") from None
+    if route == "/generate":
+        check_generate(obj, body)
+    elif route == "/update_weights_from_distributed":
+        check_distributed(obj)
+    elif route == "/update_weights_from_tensor":
+        tensors.append(open_tensor_payloads(obj))
+    return route
+
+
+def check_log(log, rejected=()) -> tuple[dict, list, list]:
+    """Per-route counts of the accepted requests of ``log`` (any rejection raises), the tensors
+    rebuilt from its tensor payloads, and the reasons each of ``rejected`` was refused (a request
+    there that is accepted raises: it shows the checks are not vacuous)."""
     routes = server_routes()
     counts: dict[str, int] = {}
-    tensors = []
+    tensors: list = []
     for path, body in log:
-        route = path.split("?")[0]
-        if route.startswith("/_emulator"):
+        if path.startswith("/_emulator"):
             continue
-        if route not in routes:
-            raise ValueError(f"{route}: not a route of sglang's http_server.py")
-        methods, cls_name = routes[route]
-        where = f"{route} ({cls_name})"
-        if cls_name is None:
-            if body not in (None, {}):
-                raise ValueError(f"{route} takes no JSON body, got {body!r}")
-        else:
-            cls = getattr(io_struct, cls_name)
-            names = set(class_fields(cls_name)[0])
-            unknown = set(body) - names
-            if unknown:
-                raise ValueError(f"{where}: {sorted(unknown)} are not fields of {cls_name} (the server would ignore them)")
-            try:
-                obj = pydantic.TypeAdapter(cls).validate_json(json.dumps(body))
-            except pydantic.ValidationError as e:
-                raise ValueError(f"{where}: the server's schema rejects the body: {e}") from None
-            if route == "/generate":
-                check_generate(obj, body)
-            elif route == "/update_weights_from_distributed":
-                check_distributed(obj)
-            elif route == "/update_weights_from_tensor":
-                tensors.append(open_tensor_payloads(obj))
+        route = check_request(routes, path, body, tensors)
         counts[route] = counts.get(route, 0) + 1
-    return counts, tensors
+    reasons = []
+    for path, body in rejected:
+        try:
+            check_request(routes, path, body, [])
+        except Exception as e:  # noqa: BLE001 - the reason is the result
+            reasons.append(f"{type(e).__name__}: {e}")
+            continue
+        raise ValueError(f"{path}: {body!r} was accepted but must be refused")
+    return counts, tensors, reasons
 
 
 def main():
@@ -234,7 +258,8 @@ def main():
     p.add_argument("--import-only", action="store_true")
     p.add_argument("--fields", help="write the request classes' fields to this JSON file")
     p.add_argument("--classes", nargs="*", default=[])
-    p.add_argument("--log", help="torch file with {'log': [(path, body), ...]}")
+    p.add_argument("--log", nargs="+", help="torch files with {'log': [(path, body), ...]} and optionally "
+                   "'rejected': requests that must be refused")
     p.add_argument("--tensors-out", help="where to save the tensors rebuilt from /update_weights_from_tensor")
     p.add_argument("--summary-out", help="where to write the per-route counts (JSON)")
     a = p.parse_args()
@@ -248,8 +273,11 @@ def main():
     if a.import_only:
         return
     if a.fields:
+        from sglang.api.v1 import api_types
+
         out = {"classes": {c: dict(zip(("fields", "required"), class_fields(c))) for c in a.classes},
-               "routes": {r: [sorted(m), c] for r, (m, c) in server_routes().items()}}
+               "routes": {r: [sorted(m), c] for r, (m, c) in server_routes().items()},
+               "sampling_params": list(api_types._FIELDS_SamplingParams)}
         with open(a.fields, "w") as f:
             json.dump(out, f)
     if a.log:
@@ -258,13 +286,18 @@ def main():
             import multiprocessing
 
             multiprocessing.current_process().authkey = bytes.fromhex(authkey)
-        counts, tensors = check_log(torch.load(a.log)["log"])
+        summary, rebuilt = [], []
+        for path in a.log:
+            recorded = torch.load(path)
+            counts, tensors, reasons = check_log(recorded["log"], recorded.get("rejected", ()))
+            summary.append({"counts": counts, "rejected": reasons})
+            rebuilt.append(tensors)
         if a.tensors_out:
-            torch.save(tensors, a.tensors_out)
+            torch.save(rebuilt if len(a.log) > 1 else rebuilt[0], a.tensors_out)
         if a.summary_out:
             with open(a.summary_out, "w") as f:
-                json.dump(counts, f)
-        print(json.dumps(counts))
+                json.dump(summary, f)
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":
