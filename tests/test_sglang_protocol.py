@@ -302,6 +302,8 @@ def test_copied_field_sets_are_sglangs(sglang_verdict):
 
 
 def test_built_requests_pass_sglangs_own_classes(sglang_verdict):
+    """Every body the client builds is accepted by sglang 0.5.23's own classes (a real tensor
+    payload opened and rebuilt by them bit for bit), and bad bodies are refused by them."""
     counts = sglang_verdict["summary"]["counts"]
     expected = {}
     for path, _ in sglang_verdict["log"]:
@@ -367,6 +369,8 @@ def fleet_run(tiny_models, tmp_path_factory, sglang_python):
 
 
 def test_fleet_sync_reaches_every_server(fleet_run, tiny_models):
+    """Both emulated servers, synced at once by one SyncPipeline push from the real TP2 x PP2
+    trainer, hold the model bit for bit, each through its own weight-update group."""
     from safetensors.torch import load_file
 
     expected = {}
@@ -395,6 +399,9 @@ def test_fleet_sync_reaches_every_server(fleet_run, tiny_models):
 
 
 def test_fleet_generation_spreads_over_both_servers(fleet_run):
+    """generate_across gives each emulated server its share (in one /generate each) and puts the
+    answers back in prompt order; the emulator's tokens are a function of the prompt, so a
+    misplaced answer shows."""
     trainer = fleet_run["trainer"]
     prompts = trainer["prompts"]
     shares = trainer["shares"]
@@ -411,6 +418,7 @@ def test_fleet_generation_spreads_over_both_servers(fleet_run):
 
 
 def test_fleet_payloads_pass_sglangs_own_classes(fleet_run):
+    """Every request either emulated server received was accepted by sglang 0.5.23's own classes."""
     for got, verdict in zip(fleet_run["states"], fleet_run["verdict"]):
         expected = {}
         for path, _ in got["log"]:
