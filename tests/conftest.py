@@ -62,3 +62,15 @@ def world_of_one():
     bootstrap.initialize(build.parallel)
     yield build
     bootstrap.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sglang_python():
+    """The python of a side env holding the real sglang 0.5.23 (``tests/sglang_side_env.py``):
+    built once per machine (cached, keyed by version), then reused."""
+    import sglang_side_env
+
+    python, seconds = sglang_side_env.ensure()
+    if seconds:
+        print(f"\nsglang {sglang_side_env.SGLANG_VERSION} side env built in {seconds:.1f}s at {python.parent.parent}")
+    return python

@@ -8,18 +8,28 @@ does. What is emulated: the tensors here are CPU tensors, which the same seriali
 shared-memory file descriptors instead of CUDA IPC handles (only a process spawned by the sender
 can open those, hence the spawned receiver). Only a GPU proves the CUDA IPC handles and the
 device-UUID mapping: ``tests/gpu/test_gpu_cuda_ipc.py``. Field names of the request bodies are
-checked against the io_struct field sets copied in ``test_sglang_protocol.py``.
+checked against the io_struct field sets copied in ``test_sglang_protocol.py`` (themselves checked
+against the real classes there).
+
+``test_payloads_opened_by_sglangs_own_classes``: the emulator only records, and every payload of
+the run (tensor pushes at TP 2, memory release/resume, a generation) is judged by the real sglang
+0.5.23 package in a side env (``tests/sglang_side_env.py``, ``tests/workers/sglang_reference_check.py``):
+its request classes validate each body as the server's FastAPI routes do, its
+``MultiprocessingSerializer`` opens each TP rank's payload and its ``FlattenedTensorBucket``
+rebuilds the tensors, which must equal the sent ones bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+import sglang_side_env
 from test_sglang_protocol import FIELDS_BY_CLASS
 from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
@@ -107,6 +117,33 @@ def test_cuda_ipc_transport_to_emulated_server(tmp_path, tp_size):
             assert len(set(body["serialized_named_tensors"])) == tp_size  # serialized once per rank
 
 
+def test_payloads_opened_by_sglangs_own_classes(tmp_path, sglang_python, monkeypatch):
+    out = tmp_path / "state.pt"
+    buckets = _buckets()
+    with sglang_emulator.running(str(out), tp_size=2, open_tensor_payloads=False) as url:
+        engine = se.SGLangHTTPEngine(url, control_timeout=30, weight_sync_timeout=60)
+        engine.sleep()
+        CudaIPCTransport(engine, engine_tp_size=2, device="cpu").push(iter(buckets), version=6)
+        assert engine.generate([[4, 5, 6]], SamplingParams(max_new_tokens=3, n=2, seed=1))[0][1].token_ids == \
+            sglang_emulator.emulated_completion([4, 5, 6], 1, 3)
+        got = sglang_emulator.dump_state(url, str(out))
+    assert got["ranks"] == [{}, {}]  # the emulator opened nothing: each handle is left for sglang
+    log = tmp_path / "log.pt"
+    torch.save({"log": got["log"]}, log)
+    # The payloads' shared-memory handles are served by this process's resource sharer, to a
+    # client holding this process's authkey (what a process spawned from here inherits).
+    monkeypatch.setenv("RLMT_SENDER_AUTHKEY", bytes(multiprocessing.current_process().authkey).hex())
+    rebuilt = tmp_path / "rebuilt.pt"
+    sglang_side_env.run_checker(sglang_python, ["--log", str(log), "--tensors-out", str(rebuilt)])
+    requests = torch.load(rebuilt)
+    assert len(requests) == len(buckets) and all(len(ranks) == 2 for ranks in requests)
+    for rank in range(2):  # each TP rank's own payload, rebuilt by FlattenedTensorBucket
+        _assert_bit_equal({n: t for ranks in requests for n, t in ranks[rank].items()}, buckets)
+    assert {p.split("?")[0] for p, _ in got["log"]} >= {
+        "/release_memory_occupation", "/resume_memory_occupation", "/pause_generation", "/begin_weight_update",
+        "/update_weights_from_tensor", "/end_weight_update", "/flush_cache", "/continue_generation", "/generate"}
+
+
 def test_failed_bucket_ends_the_session(tmp_path):
     """A payload the server rejects (2 ranks, 1 payload) fails the sync with the server's message,
     still ends the session and continues generation, so the next sync works."""
@@ -137,8 +174,8 @@ def test_sleep_push_generate_order(tmp_path):
         engine.sleep()
         engine.sleep()  # already released: no request
         CudaIPCTransport(engine, device="cpu").push(iter(_buckets()), version=1)
-        with pytest.raises(EngineError, match="generating.*404"):  # the emulator does not generate
-            engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+        generated = engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+        assert generated[0][0].token_ids == sglang_emulator.emulated_completion([1, 2], 0, 2)
         engine.wake()  # nothing left to resume: no request
         got = sglang_emulator.dump_state(url, str(out))
     memory = [(p, b["tags"]) for p, b in got["log"] if "memory" in p]

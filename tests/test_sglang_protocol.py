@@ -1,19 +1,31 @@
-"""SGLang client and broadcast weight-sync protocol, tested without SGLang (it cannot run on CPU).
+"""SGLang client and broadcast weight-sync protocol, tested without an SGLang server (it cannot
+run on CPU), every payload checked with the real sglang 0.5.23 package's own classes.
 
 The field-name sets below were read from SGLang 0.5.23's ``python/sglang/srt/managers/io_struct.py``
 (PyPI wheel sglang-0.5.23-cp311-cp311-manylinux_2_34_x86_64.whl, sha256 00b3cd5b265ac76c64185fbb6b95424f324ddd9f428d0306b77bc9db9d859937;
 the wheel records no git commit: ``sglang/_version.py`` has ``__commit_id__ = None``); request
 classes deriving from ``BaseReq`` also accept its ``rid`` and ``http_worker_ipc``. The sampling
 parameter names come from ``sglang/api/v1/api_types.py::_FIELDS_SamplingParams`` of the same wheel.
+They stay as the fast check other modules import (``test_sglang_colocated.py``), and
+``test_copied_field_sets_are_sglangs`` proves them equal to the installed package's classes.
 
-Emulated: the SGLang server's weight-sync side. ``rlmt_megatron/testing/sglang_emulator.py`` is a small
+The real package: ``tests/sglang_side_env.py`` installs sglang 0.5.23 (no GPU dependencies) in a
+side env, and ``tests/workers/sglang_reference_check.py`` runs there: each body is validated by
+its request class as the server's FastAPI route does (the route table read from sglang's
+``http_server.py``), with no key the class lacks, ``/generate`` also through the server's contract
+gate, ``normalize_batch_and_arguments`` and ``SamplingParams.verify``.
+
+Emulated: the SGLang servers. ``rlmt_megatron/testing/sglang_emulator.py`` is a small
 HTTP server that answers the client's routes, refuses weight updates outside a
 begin/end_weight_update session as 0.5.23 does, joins the weight-update group as SGLang's model
-runner does (``init_custom_process_group``: tcp rendezvous, rank = rank_offset + tp_rank) and
+runner does (``init_custom_process_group``: tcp rendezvous, rank = rank_offset + tp_rank),
 receives each bucket as SGLang's loader does (empty tensors of the requested dtype/shape, one
-broadcast from group rank 0 per name). The trainer is real: a TP2 x PP2 Megatron model under
-torchrun (``tests/workers/broadcast_worker.py --role trainer``) that pushes through
-``SGLangHTTPEngine`` + ``NCCLBroadcastTransport`` over gloo.
+broadcast from group rank 0 per name) and answers ``/generate`` in 0.5.23's response format with
+tokens that are a function of the prompt (no model). The trainer is real: a TP2 x PP2 Megatron
+model under torchrun (``tests/workers/broadcast_worker.py --role trainer``) that builds a fleet of
+two ``SGLangHTTPEngine`` + ``NCCLBroadcastTransport`` (gloo) members as a run does, pushes to both
+servers at once through ``SyncPipeline`` and spreads one generation over them with
+``fleet.generate_across``; every request both servers received is then judged by sglang's classes.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import sglang_side_env
 from helpers import REPO, free_port, torchrun
 from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
@@ -232,48 +245,183 @@ def test_weight_sync_without_group_is_an_engine_error():
         engine.update_weights([_bucket()], 2)
 
 
-# ------------------------------------------------------------------ (b) end-to-end broadcast over gloo
+# ------------------------------------------------------------------ (d) sglang's own classes
 
 
-def test_broadcast_tp2_pp2_to_emulated_server(tiny_models, tmp_path):
+def _bad_requests():
+    """Bodies the real classes must refuse: a misspelt field, a wrong type, a missing required field."""
+    good = se.build_update_weights_from_distributed_request(_bucket(), 4)
+    return [("/update_weights_from_distributed", {**good, "weight_versoin": "4"}),
+            ("/init_weights_update_group", {**se.build_init_weights_update_group_request("h", 1, 1, 2), "master_port": "x"}),
+            ("/update_weights_from_tensor", {"load_format": "flattened_bucket"}),
+            ("/generate", {**se.build_generate_request([[1]], SamplingParams()), "sampling_params": {"temprature": 1.0}})]
+
+
+@pytest.fixture(scope="module")
+def sglang_verdict(sglang_python, tmp_path_factory):
+    """One run of the checker over every body the client builds (a tensor push with a real
+    serialized CPU payload included) and the bad bodies, plus the real classes' field sets."""
+    import multiprocessing
+
+    from rlmt_megatron.rollout.weight_sync.cuda_ipc import flatten_bucket, serialize_bucket
+
+    folder = tmp_path_factory.mktemp("sglang_verdict")
+    log = [(route, body) for route, bodies in built_requests().items() for body in bodies
+           if route != "/update_weights_from_tensor"]
+    flat, meta = flatten_bucket(_bucket())
+    log.append(("/update_weights_from_tensor", se.build_update_weights_from_tensor_request(serialize_bucket(flat, meta, 2), 4)))
+    log.append(("/flush_cache?timeout=60", None))
+    torch.save({"log": log, "rejected": _bad_requests()}, folder / "log.pt")
+    env = {"RLMT_SENDER_AUTHKEY": bytes(multiprocessing.current_process().authkey).hex()}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        sglang_side_env.run_checker(sglang_python, [
+            "--log", str(folder / "log.pt"), "--summary-out", str(folder / "summary.json"),
+            "--tensors-out", str(folder / "tensors.pt"), "--fields", str(folder / "fields.json"),
+            "--classes", *sorted({cls for cls, _ in se.PROTOCOL.values()})])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    import json
+
+    return {"log": log, "summary": json.loads((folder / "summary.json").read_text())[0],
+            "fields": json.loads((folder / "fields.json").read_text()), "tensors": torch.load(folder / "tensors.pt")}
+
+
+def test_copied_field_sets_are_sglangs(sglang_verdict):
+    """The hand-copied sets above are exactly the installed sglang 0.5.23's, and so is our route table."""
+    real = sglang_verdict["fields"]
+    for route, (cls, _) in se.PROTOCOL.items():
+        methods, real_cls = real["routes"][route]
+        assert real_cls == cls and "POST" in methods, (route, real["routes"][route])
+        assert set(real["classes"][cls]["fields"]) == FIELDS_BY_CLASS[cls], cls
+        assert set(real["classes"][cls]["required"]) == REQUIRED.get(cls, set()), cls
+    assert set(real["sampling_params"]) == SAMPLING_PARAMS
+    assert real["routes"]["/flush_cache"][1] is None and real["routes"]["/health_generate"] == [["GET"], None]
+
+
+def test_built_requests_pass_sglangs_own_classes(sglang_verdict):
+    """Every body the client builds is accepted by sglang 0.5.23's own classes (a real tensor
+    payload opened and rebuilt by them bit for bit), and bad bodies are refused by them."""
+    counts = sglang_verdict["summary"]["counts"]
+    expected = {}
+    for path, _ in sglang_verdict["log"]:
+        expected[path.split("?")[0]] = expected.get(path.split("?")[0], 0) + 1
+    assert counts == expected  # every body judged, none refused
+    # the tensor payload (one per TP rank) opened by sglang's serializer and flattened bucket
+    assert [sorted(rank) for rank in sglang_verdict["tensors"][0]] == [sorted(n for n, _ in _bucket())] * 2
+    for rank in sglang_verdict["tensors"][0]:
+        for name, t in _bucket():
+            assert torch.equal(rank[name].view(torch.uint8), t.view(torch.uint8)), name
+    reasons = sglang_verdict["summary"]["rejected"]
+    assert len(reasons) == len(_bad_requests())
+    assert "weight_versoin" in reasons[0] and "master_port" in reasons[1]
+    assert "serialized_named_tensors" in reasons[2] and "temprature" in reasons[3]
+
+
+# ------------------------------------------------------------------ (e) a fleet of two emulated servers, broadcast over gloo
+
+
+def _two_free_ports() -> int:
+    """A port p with p + 1 free too (engine i's group rendezvous at master_port + i)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tiny_models, tmp_path_factory, sglang_python):
+    """Two emulated servers, one torchrun job (TP2 x PP2) that syncs both and generates across
+    both; then every request each server received judged by sglang's own classes (one run)."""
+    folder = tmp_path_factory.mktemp("sglang_fleet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    outs = [folder / f"server{i}.pt" for i in range(2)]
+    servers = [subprocess.Popen(
+        [sys.executable, "-m", "rlmt_megatron.testing.sglang_emulator", "--out", str(out), "--timeout", "240"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]
+    try:
+        urls = [sglang_emulator.wait_ready(str(out), lambda s=s: s.poll() is None) for out, s in zip(outs, servers)]
+        torchrun(4, ["tests/workers/broadcast_worker.py", "--role", "trainer", "--model", str(tiny_models / "llama-policy"),
+                     "--url", *urls, "--master-port", str(_two_free_ports()), "--bucket-bytes", str(64 * 1024),
+                     "--out", str(folder / "trainer.pt")], timeout=300)
+        states = [sglang_emulator.dump_state(url, str(out)) for url, out in zip(urls, outs)]
+    finally:
+        for s in servers:
+            if s.poll() is None:
+                s.kill()
+                s.wait(timeout=10)
+    logs = []
+    for i, state in enumerate(states):
+        torch.save({"log": state["log"]}, folder / f"log{i}.pt")
+        logs.append(str(folder / f"log{i}.pt"))
+    sglang_side_env.run_checker(sglang_python, ["--log", *logs, "--summary-out", str(folder / "verdict.json")])
+    import json
+
+    return {"states": states, "trainer": torch.load(folder / "trainer.pt"),
+            "verdict": json.loads((folder / "verdict.json").read_text())}
+
+
+def test_fleet_sync_reaches_every_server(fleet_run, tiny_models):
+    """Both emulated servers, synced at once by one SyncPipeline push from the real TP2 x PP2
+    trainer, hold the model bit for bit, each through its own weight-update group."""
     from safetensors.torch import load_file
 
-    model = tiny_models / "llama-policy"
-    master_port = free_port()
-    out = tmp_path / "received.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "rlmt_megatron.testing.sglang_emulator", "--out", str(out), "--timeout", "240"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = sglang_emulator.wait_ready(str(out), lambda: server.poll() is None)
-        torchrun(4, ["tests/workers/broadcast_worker.py", "--role", "trainer", "--model", str(model),
-                     "--url", url, "--master-port", str(master_port),
-                     "--bucket-bytes", str(64 * 1024)], timeout=300)
-        got = sglang_emulator.dump_state(url, str(out))
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=10)
-    routes = [p.split("?")[0] for p, _ in got["log"] if not p.startswith("/_emulator")]
-    n_updates = routes.count("/update_weights_from_distributed")
-    assert routes == (["/init_weights_update_group", "/pause_generation", "/begin_weight_update"]
-                      + ["/update_weights_from_distributed"] * n_updates
-                      + ["/end_weight_update", "/flush_cache", "/continue_generation"])
-    assert n_updates > 1  # several buckets
-    for path, body in got["log"]:
-        route = path.split("?")[0]
-        if route in se.PROTOCOL:
-            assert set(body) <= FIELDS_BY_CLASS[se.PROTOCOL[route][0]]
-    init = got["log"][0][1]
-    assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 2, "gloo")
-
     expected = {}
-    for f in sorted(model.glob("*.safetensors")):
+    for f in sorted((tiny_models / "llama-policy").glob("*.safetensors")):
         expected.update(load_file(str(f)))
-    state = got["ranks"][0]
-    assert sorted(state) == sorted(expected)
-    for name, t in expected.items():
-        assert state[name].dtype == t.dtype, name
-        assert state[name].shape == t.shape, name
-        assert torch.equal(state[name].view(torch.uint8), t.contiguous().view(torch.uint8)), name
+    groups = []
+    for got in fleet_run["states"]:
+        routes = [p.split("?")[0] for p, _ in got["log"] if not p.startswith("/_emulator")]
+        n_updates = routes.count("/update_weights_from_distributed")
+        assert routes == (["/init_weights_update_group", "/pause_generation", "/begin_weight_update"]
+                          + ["/update_weights_from_distributed"] * n_updates
+                          + ["/end_weight_update", "/flush_cache", "/continue_generation", "/generate",
+                             "/destroy_weights_update_group"])
+        assert n_updates > 1  # several buckets
+        init = got["log"][0][1]
+        assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 2, "gloo")
+        groups.append((init["group_name"], init["master_port"]))
+        state = got["ranks"][0]
+        assert sorted(state) == sorted(expected)
+        for name, t in expected.items():
+            assert state[name].dtype == t.dtype and state[name].shape == t.shape, name
+            assert torch.equal(state[name].view(torch.uint8), t.contiguous().view(torch.uint8)), name
+    # each member its own weight-update group (torch refuses two groups of one name in a process)
+    assert len(set(g for g, _ in groups)) == 2 and groups[1][1] == groups[0][1] + 1
+    assert fleet_run["trainer"]["group_names"] == [g for g, _ in groups]
+
+
+def test_fleet_generation_spreads_over_both_servers(fleet_run):
+    """generate_across gives each emulated server its share (in one /generate each) and puts the
+    answers back in prompt order; the emulator's tokens are a function of the prompt, so a
+    misplaced answer shows."""
+    trainer = fleet_run["trainer"]
+    prompts = trainer["prompts"]
+    shares = trainer["shares"]
+    assert sorted(p for share in shares.values() for p in share) == list(range(len(prompts)))
+    assert all(shares[i] for i in (0, 1))  # both servers served prompts
+    for i, got in enumerate(fleet_run["states"]):
+        (body,) = [b for p, b in got["log"] if p == "/generate"]
+        assert body["input_ids"] == [prompts[p] for p in shares[i]]  # each server got its share only
+    for p, per_prompt in enumerate(trainer["generations"]):  # back in prompt order, from whichever server
+        assert [(g[0], g[1]) for g in per_prompt] == [(p, 0), (p, 1)]
+        for prompt_index, sample, tokens, logprobs, version in per_prompt:
+            assert tokens == sglang_emulator.emulated_completion(prompts[p], sample, 4)
+            assert len(logprobs) == 4 and version == 1
+
+
+def test_fleet_payloads_pass_sglangs_own_classes(fleet_run):
+    """Every request either emulated server received was accepted by sglang 0.5.23's own classes."""
+    for got, verdict in zip(fleet_run["states"], fleet_run["verdict"]):
+        expected = {}
+        for path, _ in got["log"]:
+            if not path.startswith("/_emulator"):
+                expected[path.split("?")[0]] = expected.get(path.split("?")[0], 0) + 1
+        assert verdict["counts"] == expected  # every request of both servers judged, none refused

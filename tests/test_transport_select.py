@@ -96,6 +96,10 @@ def test_make_transport_builds_the_chosen_class(tmp_path):
     assert isinstance(t, NCCLBroadcastTransport)
     s = t.sender
     assert (s.master_address, s.master_port, s.world_size, s.backend) == ("10.1.2.3", 29555, 5, "gloo")
+    # engine 2 of a fleet: its own group, rendezvous at master_port + 2
+    t = make_transport(WeightSyncConfig(master_address="10.1.2.3", master_port=29555, nccl_backend="gloo"),
+                       _Engine("sglang"), "disaggregated", member=2)
+    assert t.sender.master_port == 29557
     with pytest.raises(RLMTError, match="disk_dir"):
         make_transport(WeightSyncConfig(transport="disk"), hf, "colocated", base_dir="base")
     with pytest.raises(RLMTError, match="base HF folder"):

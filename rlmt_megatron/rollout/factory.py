@@ -27,9 +27,12 @@ def make_rollout_engine(rollout: RolloutConfig, model_dir: str, *, dtype: str, m
     ``max_model_len``: longest prompt + response (vLLM's KV cache); ``seed``: vLLM's sampler seed."""
     r = rollout
     if r.engine == "sglang":
-        from rlmt_megatron.rollout.sglang_engine import SGLangHTTPEngine
+        from rlmt_megatron.rollout.sglang_engine import DEFAULT_GROUP_NAME, SGLangHTTPEngine
 
-        return SGLangHTTPEngine(r.server_urls()[member], timeout=r.timeout_s)
+        # Each member's weight-update group is a process group in the trainer's rank 0, and torch
+        # refuses a second group of the same name: a fleet's members get one name each.
+        group = DEFAULT_GROUP_NAME if r.engines == 1 else f"{DEFAULT_GROUP_NAME}_{member}"
+        return SGLangHTTPEngine(r.server_urls()[member], timeout=r.timeout_s, group_name=group)
     from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 
     env = _member_devices(r.engines, member)

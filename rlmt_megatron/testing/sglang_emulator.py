@@ -27,6 +27,11 @@ does (file references are to ``python/sglang/srt``):
   joins as the model runner does (``join_as_receiver``);
 * ``/update_weights_from_disk``: reads every ``*.safetensors`` file of ``model_path`` (filtered by
   the index when there is one), as the default loader does; no session needed;
+* ``/generate``: a batched, non-streamed request answered in 0.5.23's response format (one item
+  per prompt and sample, prompt-major; ``meta_info`` with ``output_token_logprobs`` as
+  ``[logprob, token_id, null]``, ``finish_reason`` ``{"type": "length", "length": k}``, ``weight_version``
+  as ``tokenizer_manager.py`` fills it). The tokens are not sampled from a model: they are
+  :func:`emulated_completion` of the prompt, so a test can tell which prompt each answer belongs to;
 * ``/release_memory_occupation`` / ``/resume_memory_occupation``: the scheduler's ``offload_tags``
   set; no tags = all of kv_cache, weights, cuda_graph; resuming a tag that is not released is an
   error (the server does ``offload_tags.remove(tag)``).
@@ -41,6 +46,11 @@ What it does with received tensors, two modes:
   does (``model_loader/weight_utils.py::default_weight_loader``); an unknown name or another shape
   is an error. On CUDA the server synchronises before it answers, so a reply means the copy is
   done: a client timing its push stops when the last bucket is in the weights.
+
+``open_tensor_payloads=False`` (``--leave-tensor-payloads``): ``/update_weights_from_tensor`` is
+answered without opening the payloads. A CPU payload's shared-memory handles can be fetched once
+only, so this leaves them to sglang's own deserializer run by the test
+(``tests/workers/sglang_reference_check.py``); nothing is recorded for those requests.
 
 What it cannot show: that a real model's ``load_weights`` accepts the HF names (the HF and vLLM
 engine tests cover the names), and real CUDA IPC handles without a GPU (``tests/gpu/test_gpu_cuda_ipc.py``).
@@ -138,6 +148,33 @@ def reconstruct_flattened_bucket(payload) -> list[tuple[str, torch.Tensor]]:
         name, shape, dtype, start, end = meta.name, meta.shape, meta.dtype, meta.start_idx, meta.end_idx
         _ = meta.numel  # read by the server too
         out.append((name, flat[start:end].view(dtype).reshape(shape)))
+    return out
+
+
+def emulated_completion(prompt, sample: int, length: int) -> list[int]:
+    """The tokens the emulator "generates" for sample ``sample`` of ``prompt``: a function of the
+    prompt, so the fleet's reassembly in prompt order is checkable."""
+    base = sum(int(t) for t in prompt)
+    return [(base + 7 * sample + 3 * j) % 50 + 1 for j in range(length)]
+
+
+def _generate(body: dict, weight_version) -> list:
+    """A 0.5.23 non-streamed ``/generate`` answer (see the module docstring)."""
+    if body.get("stream"):
+        raise ValueError("the emulator answers non-streamed requests only")
+    prompts = body["input_ids"]
+    if prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    params = body.get("sampling_params") or {}
+    n, length = int(params.get("n", 1)), int(params.get("max_new_tokens", 128))
+    out = []
+    for i, prompt in enumerate(prompts):
+        for k in range(n):
+            ids = emulated_completion(prompt, k, length)
+            out.append({"text": " ".join(map(str, ids)), "output_ids": ids, "meta_info": {
+                "id": f"emulated-{i}-{k}", "finish_reason": {"type": "length", "length": length},
+                "prompt_tokens": len(prompt), "completion_tokens": length, "weight_version": weight_version,
+                "output_token_logprobs": [[-0.5 - 0.01 * j, t, None] for j, t in enumerate(ids)]}})
     return out
 
 
@@ -240,15 +277,16 @@ class _Ranks:
 
 
 def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, weights: str | None = None,
-          device: str = "cpu", dtype: str | None = None) -> None:
+          device: str = "cpu", dtype: str | None = None, open_tensor_payloads: bool = True) -> None:
     """Answer until ``/_emulator/stop`` or ``timeout`` seconds (then exit code 3). ``weights``,
-    ``device``, ``dtype``: the weights mode (module docstring); ``dtype`` a torch dtype name."""
+    ``device``, ``dtype``: the weights mode (module docstring); ``dtype`` a torch dtype name;
+    ``open_tensor_payloads`` False: leave tensor payloads unopened (module docstring)."""
     from rlmt_megatron.rollout.weight_sync.nccl_broadcast import join_as_receiver, receive_bucket
 
     _patch_torch_reductions()
     ranks = _Ranks(tp_size, weights, device, dtype)
     log: list = []
-    shared = {"session": None, "offload_tags": set(), "group": None, "paused": False}
+    shared = {"session": None, "offload_tags": set(), "group": None, "paused": False, "weight_version": "default"}
     stop = threading.Event()
 
     def dump():
@@ -302,7 +340,8 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
                 payloads = body["serialized_named_tensors"]
                 if len(payloads) != tp_size:
                     raise IndexError(f"{len(payloads)} payloads for {tp_size} TP ranks")
-                for r in range(tp_size):  # each rank deserializes only its own payload
+                shared["weight_version"] = body.get("weight_version") or shared["weight_version"]
+                for r in range(tp_size if open_tensor_payloads else 0):  # each rank deserializes only its own payload
                     data = deserialize(payloads[r])
                     named = reconstruct_flattened_bucket(data) if body.get("load_format") == "flattened_bucket" else data
                     for name, t in named:
@@ -311,6 +350,7 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
                 ranks.finish()
                 return self._result(True, "Success")
             if route == "/update_weights_from_distributed":
+                shared["weight_version"] = body.get("weight_version") or shared["weight_version"]
                 for name, t in receive_bucket(shared["group"], body["names"], body["dtypes"], body["shapes"]):
                     for r in range(tp_size):
                         ranks.take(r, name, t)
@@ -323,6 +363,8 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
                 ranks.finish()
                 return self._reply({"success": True, "message": "Succeeded to update model weights.",
                                     "num_paused_requests": 0})
+            if route == "/generate":
+                return self._reply(_generate(body, shared["weight_version"]))
             if route == "/init_weights_update_group":
                 shared["group"] = join_as_receiver(body["master_address"], body["master_port"], body["rank_offset"],
                                                    body["world_size"], body["group_name"], body["backend"],
@@ -403,11 +445,12 @@ def stats(url: str) -> dict:
 
 @contextlib.contextmanager
 def running(out: str, tp_size: int = 1, timeout: float = 120.0, weights: str | None = None, device: str = "cpu",
-            dtype: str | None = None):
+            dtype: str | None = None, open_tensor_payloads: bool = True):
     """Start the emulator in a spawned process; yields its URL; stops it afterwards. ``timeout``
-    bounds its whole life; ``weights``/``device``/``dtype`` as in :func:`serve`."""
+    bounds its whole life; the other arguments as in :func:`serve`."""
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=serve, args=(str(out), 0, tp_size, timeout, weights, device, dtype), daemon=True,
+    proc = ctx.Process(target=serve, args=(str(out), 0, tp_size, timeout, weights, device, dtype, open_tensor_payloads),
+                       daemon=True,
                        name="sglang-emulator")
     proc.start()
     url = None
@@ -435,8 +478,9 @@ def main():
     p.add_argument("--weights", default=None, help="HF folder: hold its weights and copy received tensors into them")
     p.add_argument("--device", default="cpu", help="where the weights live (weights mode)")
     p.add_argument("--dtype", default=None, help="torch dtype name of the floating weights (default: as stored)")
+    p.add_argument("--leave-tensor-payloads", action="store_true", help="answer /update_weights_from_tensor unopened")
     a = p.parse_args()
-    serve(a.out, a.port, a.tp_size, a.timeout, a.weights, a.device, a.dtype)
+    serve(a.out, a.port, a.tp_size, a.timeout, a.weights, a.device, a.dtype, not a.leave_tensor_payloads)
 
 
 if __name__ == "__main__":

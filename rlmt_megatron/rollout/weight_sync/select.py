@@ -59,7 +59,8 @@ class WeightSyncConfig(StrictModel):
                                                        "the rollout engine (weight_sync/fp8.py)")
     master_address: Optional[str] = Field(None, description="nccl: an address of the trainer's rank 0 the SGLang "
                                           "server can reach; default: this host's IP")
-    master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port; default: a free one")
+    master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port (engine i of a fleet: "
+                                       "master_port + i); default: a free one per engine")
     nccl_backend: Literal["nccl", "gloo"] = Field("nccl", description="nccl: process-group backend (gloo: CPU tests)")
     timeout_s: PositiveFloat = Field(600.0, description="nccl: longest wait to join the group / for one broadcast")
 
@@ -86,9 +87,10 @@ def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_t
 
     ``base_dir`` is the HF folder the engine started from (disk: config and tokenizer are copied
     from it); ``disk_dir`` is used when ``config.disk_dir`` is unset. ``member``: the engine's
-    index in a fleet of several; disk then writes under ``<root>/engine_<member>``, since each
-    transport writes, loads and prunes its versions by itself (one shared folder would have them
-    replace and delete each other's).
+    index in a fleet of several (None for a single engine). nccl: each member's group has its own
+    rendezvous port, ``master_port + member``; disk: each member writes under
+    ``<root>/engine_<member>``, since each transport writes, loads and prunes its versions by
+    itself (one shared folder would have them replace and delete each other's).
     """
     kind = engine.name
     name = resolve_transport(kind, placement, config.transport)
@@ -102,7 +104,8 @@ def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_t
         from rlmt_megatron.rollout.weight_sync.nccl_broadcast import NCCLBroadcastTransport
 
         address = config.master_address or socket.gethostbyname(socket.gethostname())
-        return NCCLBroadcastTransport(engine, address, config.master_port or free_port(), engine_tp_size,
+        port = config.master_port + (member or 0) if config.master_port else free_port()
+        return NCCLBroadcastTransport(engine, address, port, engine_tp_size,
                                       backend=config.nccl_backend, timeout_s=config.timeout_s)
     from rlmt_megatron.rollout.weight_sync.disk import DiskTransport
 
