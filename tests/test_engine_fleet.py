@@ -128,3 +128,16 @@ def test_asynchronous_settings_that_cannot_work_are_refused_at_load():
         config(algorithm={"name": "dpo", "rollout_correction": {"mode": "none"}})
     with pytest.raises(ValueError, match=r"needs the hf engine in its own process \(rollout.engine_process=subprocess\)"):
         config(rollout={"engine_process": "inline"})
+
+
+def test_request_seeds_are_distinct_in_range_and_do_not_cancel_when_derived_again():
+    from rlmt_megatron.rollout.fleet import request_seeds
+
+    assert request_seeds(None, 3) is None
+    seeds = [s for base in range(200) for s in request_seeds(base, 64)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    # per-sample seeds derived from per-prompt seeds (SGLang's requests) stay distinct from both
+    prompt_seeds = request_seeds(11, 8)
+    sample_seeds = [s for p in prompt_seeds for s in request_seeds(p, 4)]
+    assert len(set(sample_seeds + prompt_seeds + [11])) == 8 * 4 + 8 + 1
+    assert request_seeds(11, 8) == prompt_seeds  # a resumed run derives the same ones

@@ -31,6 +31,7 @@ import torch
 
 import sglang_side_env
 from test_sglang_protocol import FIELDS_BY_CLASS
+from rlmt_megatron.rollout.fleet import request_seeds
 from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
 from rlmt_megatron.rollout.engine import EngineError
@@ -124,8 +125,10 @@ def test_payloads_opened_by_sglangs_own_classes(tmp_path, sglang_python, monkeyp
         engine = se.SGLangHTTPEngine(url, control_timeout=30, weight_sync_timeout=60)
         engine.sleep()
         CudaIPCTransport(engine, engine_tp_size=2, device="cpu").push(iter(buckets), version=6)
+        # each sample a request of its own, with a seed of its own (SGLang would copy one seed to all n)
+        sample_seed = request_seeds(request_seeds(1, 1)[0], 2)[1]
         assert engine.generate([[4, 5, 6]], SamplingParams(max_new_tokens=3, n=2, seed=1))[0][1].token_ids == \
-            sglang_emulator.emulated_completion([4, 5, 6], 1, 3)
+            sglang_emulator.emulated_completion([4, 5, 6], 0, 3, sample_seed)
         got = sglang_emulator.dump_state(url, str(out))
     assert got["ranks"] == [{}, {}]  # the emulator opened nothing: each handle is left for sglang
     log = tmp_path / "log.pt"

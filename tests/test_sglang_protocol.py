@@ -43,6 +43,7 @@ import torch
 
 import sglang_side_env
 from helpers import REPO, free_port, torchrun
+from rlmt_megatron.rollout.fleet import request_seeds
 from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
 from rlmt_megatron.rollout.engine import EngineError
@@ -153,12 +154,21 @@ def test_request_keys_are_sglang_fields(route):
 
 
 def test_sampling_params_and_generate_body():
+    # seeded: every sample a request of its own (n=1) with a seed of its own, since SGLang copies a
+    # request's seed to its n samples and its seeded sampler hashes only seed and position
     body = se.build_generate_request([[1, 2], [3]], FULL_PARAMS)
-    sp = body["sampling_params"]
-    assert set(sp) <= SAMPLING_PARAMS and set(se.SAMPLING_PARAM_KEYS) <= SAMPLING_PARAMS
-    assert sp == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 8, "stop": ["\n"],
-                  "stop_token_ids": [2], "n": 3, "sampling_seed": 11}
-    assert body["input_ids"] == [[1, 2], [3]] and body["return_logprob"] is True and body["stream"] is False
+    assert body["input_ids"] == [[1, 2]] * 3 + [[3]] * 3
+    seeds = [s for prompt_seed in request_seeds(11, 2) for s in request_seeds(prompt_seed, 3)]
+    assert len(set(seeds)) == 6
+    for sp, seed in zip(body["sampling_params"], seeds, strict=True):
+        assert set(sp) <= SAMPLING_PARAMS and set(se.SAMPLING_PARAM_KEYS) <= SAMPLING_PARAMS
+        assert sp == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 8, "stop": ["\n"],
+                      "stop_token_ids": [2], "n": 1, "sampling_seed": seed}
+    assert body["return_logprob"] is True and body["stream"] is False
+    # unseeded: one request per prompt with n samples
+    body = se.build_generate_request([[1, 2], [3]], FULL_PARAMS.model_copy(update={"seed": None}))
+    assert body["input_ids"] == [[1, 2], [3]] and body["sampling_params"]["n"] == 3
+    assert "sampling_seed" not in body["sampling_params"]
     assert se.sampling_params_to_sglang(SamplingParams(top_k=-1))["top_k"] == -1
 
 
@@ -407,13 +417,17 @@ def test_fleet_generation_spreads_over_both_servers(fleet_run):
     shares = trainer["shares"]
     assert sorted(p for share in shares.values() for p in share) == list(range(len(prompts)))
     assert all(shares[i] for i in (0, 1))  # both servers served prompts
+    # each prompt's seed comes from its place in the whole request (whichever server serves it),
+    # and each of its two samples is a request of its own with a seed of its own
+    seeds = [request_seeds(seed, 2) for seed in request_seeds(5, len(prompts))]
     for i, got in enumerate(fleet_run["states"]):
         (body,) = [b for p, b in got["log"] if p == "/generate"]
-        assert body["input_ids"] == [prompts[p] for p in shares[i]]  # each server got its share only
+        assert body["input_ids"] == [prompts[p] for p in shares[i] for _ in range(2)]  # each server: its share only
+        assert [sp["sampling_seed"] for sp in body["sampling_params"]] == [s for p in shares[i] for s in seeds[p]]
     for p, per_prompt in enumerate(trainer["generations"]):  # back in prompt order, from whichever server
         assert [(g[0], g[1]) for g in per_prompt] == [(p, 0), (p, 1)]
         for prompt_index, sample, tokens, logprobs, version in per_prompt:
-            assert tokens == sglang_emulator.emulated_completion(prompts[p], sample, 4)
+            assert tokens == sglang_emulator.emulated_completion(prompts[p], 0, 4, seeds[p][sample])
             assert len(logprobs) == 4 and version == 1
 
 

@@ -68,15 +68,24 @@ class MemberReport:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: consecutive indices land far apart
+_MASK = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele et al. 2014): nearby inputs give unrelated outputs, so
+    seeds derived from derived seeds do not cancel out (as XOR with a constant would)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
 
 
 def request_seeds(base: Optional[int], count: int) -> Optional[list[int]]:
-    """One seed per prompt position, distinct, in [0, 2**63) (what vLLM and SGLang accept); None
-    when the call has no seed."""
+    """One seed per position 0..count-1, from ``base``, in [0, 2**63) (what vLLM and SGLang
+    accept); None when the call has no seed."""
     if base is None:
         return None
-    return [((base & (2**64 - 1)) ^ ((index + 1) * _GOLDEN)) % 2**63 for index in range(count)]
+    return [_splitmix64((base & _MASK) * 0x100000001B3 + index + 1 & _MASK) % 2**63 for index in range(count)]
 
 
 def request_work(prompt: Sequence[int], params: SamplingParams) -> int:

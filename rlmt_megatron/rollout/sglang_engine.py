@@ -103,6 +103,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from rlmt_megatron.rollout.engine import Bucket, EngineError, RolloutEngine
+from rlmt_megatron.rollout.fleet import request_seeds
 from rlmt_megatron.rollout.types import Generation, SamplingParams
 
 SGLANG_VERSION = "0.5.23"
@@ -155,15 +156,29 @@ def sampling_params_to_sglang(params: SamplingParams) -> dict[str, Any]:
     return out
 
 
-def build_generate_request(prompts: Sequence[Sequence[int]], params: SamplingParams) -> dict[str, Any]:
-    """A batched, non-streamed ``GenerateReqInput`` with output-token logprobs."""
-    return {
-        "input_ids": [list(map(int, p)) for p in prompts],
-        "sampling_params": sampling_params_to_sglang(params),
-        "return_logprob": True,
-        "logprob_start_len": -1,  # output tokens only
-        "stream": False,
-    }
+def build_generate_request(prompts: Sequence[Sequence[int]], params: SamplingParams,
+                           seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """A batched, non-streamed ``GenerateReqInput`` with output-token logprobs.
+
+    ``seeds`` (one per prompt): every sample becomes a request of its own (the prompt repeated
+    ``n`` times, ``n=1`` each) with a seed of its own. SGLang copies a request's sampling params,
+    seed included, to its ``n`` parallel samples, and its seeded sampler (deterministic
+    inference) draws noise from the seed and the position only, so one seeded request with ``n``
+    samples would give ``n`` identical answers. The answers come back in request order, prompt
+    by prompt, as with ``n`` samples per request. Without ``seeds``, a ``params.seed`` is spread
+    the same way (``request_seeds``)."""
+    if seeds is None and params.seed is not None:
+        seeds = request_seeds(params.seed, len(prompts))
+    if seeds is None:
+        return {"input_ids": [list(map(int, p)) for p in prompts], "sampling_params": sampling_params_to_sglang(params),
+                "return_logprob": True, "logprob_start_len": -1, "stream": False}  # logprobs of output tokens only
+    if len(seeds) != len(prompts):
+        raise EngineError(f"sglang engine: {len(seeds)} seeds for {len(prompts)} prompts")
+    one = sampling_params_to_sglang(params.model_copy(update={"n": 1, "seed": None}))
+    sample_seeds = [s for seed in seeds for s in request_seeds(seed, params.n)]
+    return {"input_ids": [list(map(int, p)) for p in prompts for _ in range(params.n)],
+            "sampling_params": [{**one, "sampling_seed": s} for s in sample_seeds],
+            "return_logprob": True, "logprob_start_len": -1, "stream": False}
 
 
 def build_init_weights_update_group_request(master_address: str, master_port: int, rank_offset: int,
@@ -350,10 +365,6 @@ class SGLangHTTPEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Optional[Sequence[int]] = None) -> list[list[Generation]]:
-        # ``seeds`` are not sent yet: SGLang applies ``sampling_seed`` only under
-        # --enable-deterministic-inference, and then to a request's n samples alike (its noise
-        # hashes seed, position and token), so per-sample requests would be needed; the server's
-        # own sampler draws independent samples otherwise.
         if not prompts:
             return []
         for i, p in enumerate(prompts):
@@ -362,7 +373,7 @@ class SGLangHTTPEngine(RolloutEngine):
         if self._released:  # colocated: KV cache / CUDA graphs come back for the rollout
             self.wake()
         doing = f"generating ({len(prompts)} prompts x n={params.n})"
-        body = self._request("/generate", build_generate_request(prompts, params), doing, self.timeout)
+        body = self._request("/generate", build_generate_request(prompts, params, seeds), doing, self.timeout)
         return parse_generate_response(body, len(prompts), params.n, self.weight_version,
                                        where=f"{self.name} engine at {self.url}/generate")
 

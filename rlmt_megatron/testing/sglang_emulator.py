@@ -151,11 +151,12 @@ def reconstruct_flattened_bucket(payload) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def emulated_completion(prompt, sample: int, length: int) -> list[int]:
-    """The tokens the emulator "generates" for sample ``sample`` of ``prompt``: a function of the
-    prompt, so the fleet's reassembly in prompt order is checkable."""
-    base = sum(int(t) for t in prompt)
-    return [(base + 7 * sample + 3 * j) % 50 + 1 for j in range(length)]
+def emulated_completion(prompt, sample: int, length: int, seed=None) -> list[int]:
+    """The tokens the emulator "generates" for sample ``sample`` of ``prompt`` (under a request's
+    ``sampling_seed``, when it has one): a function of the prompt and the seed, so the fleet's
+    reassembly in prompt order, and the seeds sent, are checkable."""
+    base = sum(int(t) for t in prompt) + (7 * sample if seed is None else int(seed) % 1009)
+    return [(base + 3 * j) % 50 + 1 for j in range(length)]
 
 
 def _generate(body: dict, weight_version) -> list:
@@ -165,12 +166,14 @@ def _generate(body: dict, weight_version) -> list:
     prompts = body["input_ids"]
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]
+    # one dict for every prompt, or a list with one per prompt (as GenerateReqInput takes them)
     params = body.get("sampling_params") or {}
-    n, length = int(params.get("n", 1)), int(params.get("max_new_tokens", 128))
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     out = []
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+        n, length = int(p.get("n", 1)), int(p.get("max_new_tokens", 128))
         for k in range(n):
-            ids = emulated_completion(prompt, k, length)
+            ids = emulated_completion(prompt, k, length, p.get("sampling_seed"))
             out.append({"text": " ".join(map(str, ids)), "output_ids": ids, "meta_info": {
                 "id": f"emulated-{i}-{k}", "finish_reason": {"type": "length", "length": length},
                 "prompt_tokens": len(prompt), "completion_tokens": length, "weight_version": weight_version,
