@@ -64,7 +64,7 @@ class DryRunReport:
 
 
 def _layout_lines(plan: RunPlan) -> list[str]:
-    cfg, r = plan.cfg, plan.cfg.rollout
+    r = plan.cfg.rollout
     names = ", ".join(x for x in POLICY_ROLES if x in plan.models)
     pol = RoleLayout(plan.parallel, plan.world).describe()
     out = [f"{names}: {pol[0]}"] + pol[1:]
