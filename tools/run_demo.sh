@@ -14,8 +14,10 @@
 #      the RM's scores rank the policy's own answers by that quality (testing/answer_quality.py).
 # Everything goes to runs/demo/ (or $1): metrics.jsonl, TensorBoard events, W&B offline files,
 # per-step samples, checkpoints, the final HF policy, and plots/*.png. Arguments after the folder
-# are rlmt-train overrides for the GRPO stage, e.g. two rollout engines, each in its own process:
-#   bash tools/run_demo.sh runs/demo2 rollout.engines=2 rollout.engine_process=subprocess
+# are rlmt-train overrides for the GRPO stage, e.g. two rollout engines, each in its own process,
+# generating the next step while this one trains (asynchronous, corrected by TIS):
+#   bash tools/run_demo.sh runs/demo2 rollout.engines=2 rollout.engine_process=subprocess \
+#     rollout.max_staleness=1 algorithm.rollout_correction.mode=tis
 # The folder is cleared first only if this script made it (marker file .rlmt_demo); any other
 # folder that is not empty is refused, so nobody's files are deleted.
 set -euo pipefail
