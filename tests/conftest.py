@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # is the classic fix (LPT scheduling). Order measured on the 2-core CI machine; a module not
 # listed keeps its place after these.
 SLOWEST_FIRST = (
-    "test_fault_campaign.py", "test_slurm.py", "test_rollout_vllm_engine.py", "test_train_state.py",
+    "test_fault_campaign.py", "test_slurm.py", "test_rollout_vllm_engine.py", "test_two_nodes.py", "test_train_state.py",
     "test_rlmt_train.py", "test_train_step.py", "test_loss_functions.py", "test_faults.py", "test_convert_cli.py",
     "test_parity.py", "test_run_folder.py", "test_sglang_protocol.py", "test_rollout_hf_engine.py",
 )

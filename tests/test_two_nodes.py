@@ -1,11 +1,12 @@
 """Two nodes for real: two network namespaces on this machine, joined by a veth pair, each running
 its own torchrun (``--nnodes 2``, one rank per node), the trainer's TP=2 group spanning both over
-gloo, and a tiny asynchronous GRPO run with a fleet of two hf engines. The reference is the same
-config run on one node (two ranks there): the metrics and the final weights must be equal bit
-for bit, so nothing in the loop depends on where its ranks live.
+gloo, and a tiny GRPO run (the hf engine on rank 0). The reference is the same config run on one
+node (two ranks there): the metrics and the final weights must be equal bit for bit, so nothing
+in the loop depends on where its ranks live. (Fleets and asynchronous rollouts are tested in
+the fault campaign; they add nothing that crosses nodes while rank 0 drives every engine.)
 
-What is not covered here: the engines all live on node 0 and are driven and synced from global
-rank 0 (engines on every node, fed by their own node's ranks, are not built yet).
+What is not covered here: engines on every node, fed by their own node's ranks (not built yet:
+the engines live on node 0 and are driven and synced from global rank 0).
 
 The namespaces, the veth pair and the addresses are made by the fixture, named after this
 process, and deleted afterwards (root can do this inside the sandbox; nothing outside it is
@@ -50,9 +51,7 @@ def two_hosts():
 
 
 def test_a_run_over_two_nodes_equals_the_same_run_on_one(tiny_models, tmp_path, two_hosts):
-    sections = dict(run={"total_steps": 3}, build={"parallel": {"tp": 2}}, optim={"lr": 1e-2},
-                    rollout={"engines": 2, "engine_process": "subprocess", "max_staleness": 1},
-                    algorithm={"kl_coef": 0.01, "entropy_coef": 0.001, "rollout_correction": {"mode": "tis"}})
+    sections = dict(run={"total_steps": 2}, build={"parallel": {"tp": 2}}, optim={"lr": 1e-2})
     one = write_train_config(tmp_path / "one.yaml", tiny_models, tmp_path / "one", **sections)
     two = write_train_config(tmp_path / "two.yaml", tiny_models, tmp_path / "two", **sections)
     torchrun(2, ["-m", "rlmt_megatron.cli.train", str(one)], timeout=600)
@@ -77,9 +76,7 @@ def test_a_run_over_two_nodes_equals_the_same_run_on_one(tiny_models, tmp_path, 
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
 
     drop = ("timing/", "engines/", "memory/")
-    assert read_metrics(tmp_path / "two", drop) == read_metrics(tmp_path / "one", drop)
+    rows = read_metrics(tmp_path / "two", drop)
+    assert [r["step"] for r in rows] == [1, 2] and rows == read_metrics(tmp_path / "one", drop)
     a, b = (load_file(str(tmp_path / name / "final_hf" / "model.safetensors")) for name in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = read_metrics(tmp_path / "two")
-    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1]
-    assert all(r["engines/0/prompts"] == r["engines/1/prompts"] == 1 for r in rows)
