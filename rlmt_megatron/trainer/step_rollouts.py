@@ -60,6 +60,32 @@ def _assemble(groups: list[tuple], metrics: dict[str, float]) -> StepRollouts:
     return StepRollouts([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], rollouts, metrics)
 
 
+@dataclass
+class DrawnPrompts:
+    """A batch of prompts from the sampler, templated, with the sampling settings to generate them."""
+
+    prompts: list  # sampler records
+    conversations: list[list[dict]]
+    prompt_ids: list[list[int]]
+    truncated: list[bool]
+    params: object
+
+
+def _draw(cfg, roles, sampler, step: int, round_: int = 0) -> DrawnPrompts:
+    batch = sampler.next_batch()
+    conversations = [p.messages for p in batch]
+    prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer, conversations)
+    params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, round_)
+    return DrawnPrompts(batch, conversations, prompt_ids, truncated, params)
+
+
+def _score(cfg, roles, rollouts: list[Rollout], conversations: list[list[dict]], timer) -> None:
+    """Parse and reward the answers (``conversations[r.prompt_index]`` is each one's prompt)."""
+    with activity("reward"), timer.phase("reward"):
+        parse_and_score(cfg.format, roles.tokenizer, roles.scorer, rollouts, conversations)
+        shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, rollouts)
+
+
 def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
                           pair_set: Optional[OneRoundStore] = None) -> StepRollouts:
     """Generate and score this step's rollouts (every rank; the engine calls are collective).
@@ -71,30 +97,25 @@ def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
     dropped: list[tuple] = []
     rounds = 0
     while True:
-        batch = sampler.next_batch()
-        conversations = [p.messages for p in batch]
-        prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer, conversations)
-        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, rounds)
+        drawn = _draw(cfg, roles, sampler, step, rounds)
 
         def sample(positions: list[int]) -> list[Rollout]:
             """Generate and score the prompts at these batch positions (``prompt_index`` = position)."""
             with activity("rollout"), timer.phase("rollout"):
-                got = supervisor.generate([prompt_ids[i] for i in positions], params)
+                got = supervisor.generate([drawn.prompt_ids[i] for i in positions], drawn.params)
             if not cfg.rollout.max_staleness:  # asynchronous: the engines generate the next step meanwhile
                 supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
-            with activity("reward"), timer.phase("reward"):
-                parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got, [conversations[i] for i in positions])
-                shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, got)
+            _score(cfg, roles, got, [drawn.conversations[i] for i in positions], timer)
             for r in got:
                 r.prompt_index = positions[r.prompt_index]
             return got
 
         if pair_set is None:
-            rollouts, metrics = sample(list(range(len(batch)))), {}
+            rollouts, metrics = sample(list(range(len(drawn.prompts)))), {}
         else:
-            rollouts, recalled = pair_set.rollouts(step, batch, prompt_ids, sample)
+            rollouts, recalled = pair_set.rollouts(step, drawn.prompts, drawn.prompt_ids, sample)
             metrics = {"rollout/recalled_prompts": float(recalled)}
-        groups = _groups(batch, conversations, truncated, rollouts)
+        groups = _groups(drawn.prompts, drawn.conversations, drawn.truncated, rollouts)
         rounds += 1
         if not dynamic.enabled:
             return _assemble(groups, metrics)
@@ -112,34 +133,23 @@ def collect_step_rollouts(cfg, roles, supervisor, sampler, step: int, timer,
 class LaunchedRollouts:
     """A step's prompts whose generation is under way (asynchronous rollouts)."""
 
-    step: int
-    prompts: list
-    conversations: list[list[dict]]
-    prompt_ids: list[list[int]]
-    truncated: list[bool]
-    params: object
+    drawn: DrawnPrompts
     pending: object  # the supervisor's handle on the generation
 
 
 def launch_step_rollouts(cfg, roles, supervisor, sampler, step: int) -> LaunchedRollouts:
     """Draw step ``step``'s prompts and start generating them from the weights the engines hold
     (every rank; returns at once)."""
-    batch = sampler.next_batch()
-    conversations = [p.messages for p in batch]
-    prompt_ids, truncated = prompt_token_ids(cfg.format, cfg.data.max_prompt_tokens, roles.tokenizer, conversations)
-    params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step)
+    drawn = _draw(cfg, roles, sampler, step)
     with activity("launching the next step's rollout"):
-        pending = supervisor.launch(prompt_ids, params)
-    return LaunchedRollouts(step, batch, conversations, prompt_ids, truncated, params, pending)
+        return LaunchedRollouts(drawn, supervisor.launch(drawn.prompt_ids, drawn.params))
 
 
 def finish_step_rollouts(cfg, roles, supervisor, launched: LaunchedRollouts, timer) -> StepRollouts:
     """Wait for a launched generation (``timing/rollout`` is the wait the training did not hide)
     and score it."""
+    drawn = launched.drawn
     with activity("rollout"), timer.phase("rollout"):
-        got = supervisor.generate(launched.prompt_ids, launched.params, pending=launched.pending)
-    with activity("reward"), timer.phase("reward"):
-        parse_and_score(cfg.format, roles.tokenizer, roles.scorer, got, launched.conversations)
-        shape_rewards(cfg.reward, cfg.rollout.max_new_tokens, got)
-    groups = _groups(launched.prompts, launched.conversations, launched.truncated, got)
-    return _assemble(groups, {})
+        got = supervisor.generate(drawn.prompt_ids, drawn.params, pending=launched.pending)
+    _score(cfg, roles, got, drawn.conversations, timer)
+    return _assemble(_groups(drawn.prompts, drawn.conversations, drawn.truncated, got), {})
