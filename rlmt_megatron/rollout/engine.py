@@ -18,6 +18,12 @@ class EngineError(RLMTError, RuntimeError):
     """A rollout engine failed; the message names the engine and what it was doing."""
 
 
+def failure_text(error: BaseException) -> str:
+    """How one engine's failure reads in a fleet's report: an ``EngineError``'s own message (it
+    names the engine and what it was doing), anything else with its type."""
+    return str(error) if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+
+
 class RolloutEngine(abc.ABC):
     name: str = "engine"
     weight_version: int = -1

@@ -24,13 +24,12 @@ one seed for all, prompts at the same position of their answers drew the same no
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
+from rlmt_megatron.rollout.engine import EngineError, RolloutEngine, failure_text
 from rlmt_megatron.rollout.types import Generation, SamplingParams
 
 
@@ -41,11 +40,51 @@ class MembersFailed(EngineError):
     def __init__(self, failed: Mapping[int, str], fleet_size: int):
         self.failed = dict(sorted(failed.items()))
         self.fleet_size = fleet_size
-        # a fleet of one is "the rollout engine": its error reads as it always did
-        super().__init__("; ".join(why if fleet_size == 1 else f"engine {i}: {why}" for i, why in self.failed.items()))
+        super().__init__(describe_failures(self.failed, fleet_size))
 
     def __reduce__(self):  # rebuilt from its fields when broadcast to the other ranks
         return MembersFailed, (self.failed, self.fleet_size)
+
+
+def describe_failures(failed: Mapping[int, str], fleet_size: int) -> str:
+    """Each failed engine's reason, named by its index; a fleet of one is "the rollout engine", so
+    its error reads as it always did."""
+    return "; ".join(why if fleet_size == 1 else f"engine {i}: {why}" for i, why in sorted(failed.items()))
+
+
+@dataclass
+class Outcome:
+    """What one job of :func:`run_each` came to: its value, or the text of its failure."""
+
+    value: Any = None
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+
+def run_each(jobs: Mapping[int, Callable[[], Any]]) -> dict[int, Outcome]:
+    """Run every job (engine index -> callable) at once; one failing never stops the others. The
+    first runs in the caller's thread (an inline engine is built and used where it lives), the
+    others in threads of their own (their calls wait on other processes or servers); the caller
+    waits in short joins, so a stop signal can interrupt the wait."""
+    outcomes = {index: Outcome() for index in jobs}
+
+    def run(index: int) -> None:
+        start = time.monotonic()
+        try:
+            outcomes[index].value = jobs[index]()
+        except Exception as e:  # noqa: BLE001 - reported per engine
+            outcomes[index].error = failure_text(e)
+        outcomes[index].seconds = time.monotonic() - start
+
+    first, *rest = jobs
+    threads = [threading.Thread(target=run, args=(index,), daemon=True, name=f"engine-{index}") for index in rest]
+    for t in threads:
+        t.start()
+    run(first)
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+    return outcomes
 
 
 @dataclass
@@ -133,17 +172,17 @@ def generate_across(engines: Mapping[int, RolloutEngine], prompts: Sequence[Sequ
             for m, share in shares.items():
                 reports[m].queued_work = sum(work[p] for p in share)
             first_round = False
-        done = _run_shares(engines, shares, prompts, params, seeds)
+        done = run_each({m: _share_job(engines[m], share, prompts, params, seeds) for m, share in shares.items()})
         pending = []
-        for m, (share, outcome, seconds) in done.items():
+        for m, outcome in done.items():
             report = reports[m]
-            report.seconds += seconds
-            if isinstance(outcome, str):
-                report.error = outcome
+            report.seconds += outcome.seconds
+            if outcome.error is not None:
+                report.error = outcome.error
                 serving.remove(m)
-                pending.extend(share)
+                pending.extend(shares[m])
                 continue
-            for p, per_prompt in zip(share, outcome):
+            for p, per_prompt in zip(shares[m], outcome.value):
                 results[p] = [_renumbered(g, p) for g in per_prompt]
                 report.positions.append(p)
                 report.samples += len(per_prompt)
@@ -157,34 +196,14 @@ def _renumbered(g: Generation, prompt_index: int) -> Generation:
     return g
 
 
-def _run_shares(engines, shares: dict[int, list[int]], prompts, params, seeds: Optional[list[int]]):
-    """Each member's share in its own thread; returns member -> (share, generations or error
-    text, seconds). The caller's thread only waits (a stop signal can interrupt it there)."""
-    finished: queue.Queue = queue.Queue()
+def _share_job(engine: RolloutEngine, share: list[int], prompts, params: SamplingParams,
+               seeds: Optional[list[int]]) -> Callable[[], list[list[Generation]]]:
+    """One member's share as a job for :func:`run_each` (an answer of the wrong shape fails it)."""
 
-    def serve(member: int, share: list[int]) -> None:
-        start = time.monotonic()
-        try:
-            got = engines[member].generate([prompts[p] for p in share], params,
-                                           None if seeds is None else [seeds[p] for p in share])
-            if len(got) != len(share) or any(len(s) != params.n for s in got):
-                raise EngineError(f"returned {[len(s) for s in got]} samples for {len(share)} prompts x n={params.n}")
-            outcome = got
-        except Exception as e:  # noqa: BLE001 - any failure hands the share to the other members
-            outcome = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
-        finished.put((member, share, outcome, time.monotonic() - start))
+    def job() -> list[list[Generation]]:
+        got = engine.generate([prompts[p] for p in share], params, None if seeds is None else [seeds[p] for p in share])
+        if len(got) != len(share) or any(len(s) != params.n for s in got):
+            raise EngineError(f"returned {[len(s) for s in got]} samples for {len(share)} prompts x n={params.n}")
+        return got
 
-    if len(shares) == 1:  # one member: no thread (an inline engine keeps the caller's thread)
-        (member, share), = shares.items()
-        serve(member, share)
-    else:
-        for member, share in shares.items():
-            threading.Thread(target=serve, args=(member, share), daemon=True, name=f"engine-{member}").start()
-    done = {}
-    while len(done) < len(shares):
-        try:
-            member, share, outcome, seconds = finished.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        done[member] = (share, outcome, seconds)
-    return done
+    return job

@@ -29,6 +29,7 @@ restarts over the whole run (kept in checkpoints); ``engines/<i>/...`` are each 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -44,7 +45,7 @@ from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.factory import make_rollout_engine
-from rlmt_megatron.rollout.fleet import MemberReport, MembersFailed, generate_across
+from rlmt_megatron.rollout.fleet import MemberReport, MembersFailed, describe_failures, generate_across, run_each
 from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, drain, make_sync_pipeline
 from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, make_transport
 from rlmt_megatron.trainer import rollout_phase
@@ -144,21 +145,8 @@ class RolloutSupervisor:
     def _build_each(self, members: list[int]) -> None:
         """Rank 0: build ``members`` at once (an engine start takes seconds to minutes); raises
         MembersFailed naming those that could not start (the others are kept)."""
-        failed: dict[int, str] = {}
-
-        def build(member: int) -> None:
-            try:
-                self._build(member)
-            except Exception as e:  # noqa: BLE001 - reported per engine
-                failed[member] = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
-
-        threads = [threading.Thread(target=build, args=(m,), daemon=True) for m in members[1:]]
-        for t in threads:
-            t.start()
-        if members:
-            build(members[0])  # the first in this thread: an inline engine is built where it will run
-        for t in threads:
-            t.join()
+        outcomes = run_each({m: functools.partial(self._build, m) for m in members})
+        failed = {m: o.error for m, o in outcomes.items() if o.error is not None}
         if failed:
             raise MembersFailed(failed, self.count)
 
@@ -176,7 +164,7 @@ class RolloutSupervisor:
         if push:
             self.push(version)
             if self._broken:
-                raise EngineError(f"the first weight sync failed: {self._describe(self._broken)}")
+                raise EngineError(f"the first weight sync failed: {describe_failures(self._broken, self.count)}")
 
     def _dispose(self, member: int) -> None:
         """Rank 0: end engine ``member`` whatever its state (a process is killed, then closed)."""
@@ -200,9 +188,6 @@ class RolloutSupervisor:
     def _name(self, member: int) -> str:
         return "the rollout engine" if self.count == 1 else f"rollout engine {member}"
 
-    def _describe(self, failed: dict[int, str]) -> str:
-        return "; ".join(why if self.count == 1 else f"engine {i}: {why}" for i, why in sorted(failed.items()))
-
     def _mark_broken(self, failed: dict[int, str]) -> None:
         for member, reason in sorted(failed.items()):
             if member in self._retired:
@@ -223,12 +208,12 @@ class RolloutSupervisor:
                           f"(rollout.max_restarts={max_restarts}): retired, {self.count - len(self._retired)} of "
                           f"{self.count} engines serve on", file=sys.stderr, flush=True)
         if len(self._retired) == self.count:
-            last = {i: why for i, why in self._retired.items()}
             if self.count == 1:
                 raise EngineGaveUp(f"the rollout engine failed {self.in_a_row[0] + 1} times in a row "
-                                   f"(rollout.max_restarts={max_restarts}); last error: {last[0]}")
+                                   f"(rollout.max_restarts={max_restarts}); last error: {self._retired[0]}")
             raise EngineGaveUp(f"every rollout engine failed {max_restarts + 1} times in a row "
-                               f"(rollout.max_restarts={max_restarts}); last errors: {self._describe(last)}")
+                               f"(rollout.max_restarts={max_restarts}); last errors: "
+                               f"{describe_failures(self._retired, self.count)}")
         members = sorted(self._broken)
         if not members:
             return

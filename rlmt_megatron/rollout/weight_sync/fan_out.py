@@ -19,7 +19,7 @@ import threading
 from typing import Callable, Iterable, Iterator, Mapping
 
 from rlmt_megatron.checkpoint.safetensors_io import Bucket
-from rlmt_megatron.rollout.engine import EngineError
+from rlmt_megatron.rollout.engine import failure_text
 
 Consumer = Callable[[Iterable[Bucket]], None]
 
@@ -59,7 +59,7 @@ def fan_out(stream: Iterable[Bucket], consumers: Mapping[int, Consumer], depth: 
         except Exception as e:  # noqa: BLE001 - reported per consumer, like the threaded case
             if stream_error:
                 raise stream_error[0] from None
-            return {index: _describe(e)}
+            return {index: failure_text(e)}
         if stream_error:  # the consumer swallowed the export's failure
             raise stream_error[0]
         return {}
@@ -79,13 +79,13 @@ def fan_out(stream: Iterable[Bucket], consumers: Mapping[int, Consumer], depth: 
                     return
                 if isinstance(item, _Aborted):
                     seen_end = True
-                    raise StreamFailed(f"the weight export failed part-way: {_describe(item.error)}")
+                    raise StreamFailed(f"the weight export failed part-way: {failure_text(item.error)}")
                 yield item
 
         try:
             consumers[index](buckets())
         except Exception as e:  # noqa: BLE001
-            failed[index] = _describe(e)
+            failed[index] = failure_text(e)
         while not seen_end:  # returned or failed early: keep the producer from blocking on this queue
             item = q.get()
             seen_end = item is _END or isinstance(item, _Aborted)
@@ -108,7 +108,3 @@ def fan_out(stream: Iterable[Bucket], consumers: Mapping[int, Consumer], depth: 
     for t in threads:
         t.join()
     return failed
-
-
-def _describe(e: BaseException) -> str:
-    return str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"

@@ -96,9 +96,6 @@ class SyncPipeline:
         if failed:
             raise MembersFailed(failed, fleet_size or len(targets))
 
-    def close(self) -> None:
-        """Nothing to release: the transports belong to their engines."""
-
 
 def _pusher(transport: WeightTransport, version: int) -> Callable[[Iterable[Bucket]], None]:
     return lambda buckets: transport.push(buckets, version)
