@@ -1,5 +1,5 @@
-"""distributed/collectives.py on a real 2-rank gloo world: the rank-0 protocol (a value, a shared
-error and an unexpected error, as every rank sees them), data-parallel reductions, agreement,
+"""distributed/collectives.py on a real 2-rank gloo world: the rank-0 and every-rank protocols (a
+value, a shared error and an unexpected error, as every rank sees them), data-parallel reductions, agreement,
 sharding and the broadcasts. The expected values are written out here by hand."""
 
 import json
@@ -26,6 +26,13 @@ def test_rank0_decides_gives_every_rank_the_same_outcome(seen):
     # anything else: rank 0 raises its own, the others a Rank0Failed that says what rank 0 was doing
     assert r0["fatal"] == ["raised", "KeyError", "'no such bucket'"]
     assert r1["fatal"] == ["raised", "Rank0Failed", "rank 0 failed while testing the protocol: KeyError: 'no such bucket'"]
+
+
+def test_each_rank_reports_gives_every_rank_every_outcome(seen):
+    r0, r1 = seen
+    assert r0["each"] == r1["each"] == ["value", [["value", "value of rank 0"], ["shared", "engine process died"]]]
+    assert r1["each_fatal"] == ["raised", "KeyError", "'no such bucket'"]
+    assert r0["each_fatal"] == ["raised", "RankFailed", "rank 1 failed while testing the protocol: KeyError: 'no such bucket'"]
 
 
 def test_reductions_agreement_sharding_and_broadcasts(seen):

@@ -40,6 +40,15 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 def test_vllm_engine_after_training_steps(layout, tiny_models, tmp_path_factory):
     got = run_worker_once(_cache, "rollout_worker.py", RUNS, "all", tiny_models / "llama-policy", tmp_path_factory)[layout]
     assert got["engine_checksums"] == [got["trainer_checksum"]] * 2  # both engines hold the trainer's weights
+    # Engine hosts' feed (hf_export.buckets_for): every stage owner fed by its own replica at once
+    # gets all the weights the engines hold (1x1: four replicas; 1x2, 2x2: one replica's two stage
+    # owners each get the other's stage); a rank owning no stage is refused.
+    tp, pp = map(int, layout.split("x"))
+    owners = [r for r in range(4) if r % tp == 0]
+    assert got["fed"]["checksums"] == {r: got["engine_checksums"][0] for r in owners}
+    assert (got["fed"]["refused"] is not None) == (tp > 1)
+    if tp > 1:
+        assert "does not own a stage" in got["fed"]["refused"]
     prompts, samples = got["num_prompts"], 2 * got["num_prompts"]
     _check_fleet_generation(got, prompts, samples, got["version"], served_by=2)
     # spread by estimated work (prompt + n x max_new_tokens tokens), longest first to the least

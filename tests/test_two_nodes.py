@@ -1,12 +1,11 @@
 """Two nodes for real: two network namespaces on this machine, joined by a veth pair, each running
-its own torchrun (``--nnodes 2``, one rank per node), the trainer's TP=2 group spanning both over
-gloo, and a tiny GRPO run (the hf engine on rank 0). The reference is the same config run on one
-node (two ranks there): the metrics and the final weights must be equal bit for bit, so nothing
-in the loop depends on where its ranks live. (Fleets and asynchronous rollouts are tested in
-the fault campaign; they add nothing that crosses nodes while rank 0 drives every engine.)
-
-What is not covered here: engines on every node, fed by their own node's ranks (not built yet:
-the engines live on node 0 and are driven and synced from global rank 0).
+its own torchrun (``--nnodes 2``, one rank per node, a data-parallel replica each), and a tiny
+asynchronous GRPO run with two hf engines in their own processes, split over the nodes: engine i
+is built, synced and driven by node i's rank, which gets the weights from its own replica
+(``trainer/engine_hosts.py``, ``hf_export.buckets_for``); each sync is checksummed on each engine.
+The reference is the same config run on one node (two ranks there, both engines on rank 0): the
+metrics, each engine's share of the prompts and the final weights must be equal bit for bit, so
+nothing in the loop depends on where its ranks or engines live.
 
 The namespaces, the veth pair and the addresses are made by the fixture, named after this
 process, and deleted afterwards (root can do this inside the sandbox; nothing outside it is
@@ -50,11 +49,14 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def test_a_run_over_two_nodes_equals_the_same_run_on_one(tiny_models, tmp_path, two_hosts):
-    sections = dict(run={"total_steps": 2}, build={"parallel": {"tp": 2}}, optim={"lr": 1e-2})
+def test_engines_split_over_two_nodes_give_the_same_run_as_on_one(tiny_models, tmp_path, two_hosts):
+    sections = dict(run={"total_steps": 3}, optim={"lr": 1e-2},
+                    rollout={"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0, "engines": 2,
+                             "engine_process": "subprocess", "max_staleness": 1},
+                    algorithm={"kl_coef": 0.01, "entropy_coef": 0.001, "rollout_correction": {"mode": "tis"}})
     one = write_train_config(tmp_path / "one.yaml", tiny_models, tmp_path / "one", **sections)
     two = write_train_config(tmp_path / "two.yaml", tiny_models, tmp_path / "two", **sections)
-    torchrun(2, ["-m", "rlmt_megatron.cli.train", str(one)], timeout=600)
+    single = torchrun(2, ["-m", "rlmt_megatron.cli.train", str(one)], timeout=600)
 
     master, port = two_hosts[0][2], str(free_port())
     procs = []
@@ -75,8 +77,15 @@ def test_a_run_over_two_nodes_equals_the_same_run_on_one(tiny_models, tmp_path, 
                 proc.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
 
+    # where the engines live: both on the one node's rank 0; one per node, each on its node's rank
+    assert "rollout engines: engine 0 on node 0 (rank 0); engine 1 on node 0 (rank 0)" in single.stdout
+    assert "rollout engines: engine 0 on node 0 (rank 0); engine 1 on node 1 (rank 1)" in outputs[0]
     drop = ("timing/", "engines/", "memory/")
     rows = read_metrics(tmp_path / "two", drop)
-    assert [r["step"] for r in rows] == [1, 2] and rows == read_metrics(tmp_path / "one", drop)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows == read_metrics(tmp_path / "one", drop)
+    assert [r["rollout/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]  # asynchronous, one update behind
+    shares = [{k: v for k, v in r.items() if k.endswith("/prompts")} for r in read_metrics(tmp_path / "two")]
+    assert shares == [{"engines/0/prompts": 1.0, "engines/1/prompts": 1.0}] * 3  # both engines served every step
+    assert shares == [{k: v for k, v in r.items() if k.endswith("/prompts")} for r in read_metrics(tmp_path / "one")]
     a, b = (load_file(str(tmp_path / name / "final_hf" / "model.safetensors")) for name in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

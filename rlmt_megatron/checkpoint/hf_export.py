@@ -4,8 +4,9 @@
   all-gather (TP rank 0, DP rank 0 of the owning pipeline stage); other ranks take part in the
   gathers and yield nothing.
 - :func:`iter_hf_buckets` groups them into buckets of at most ``bucket_bytes`` (a tensor larger
-  than the budget travels alone); :func:`buckets_at` streams every stage's buckets to one rank,
-  stage by stage, so the destination holds at most one bucket beyond what it has consumed: peak
+  than the budget travels alone); :func:`buckets_at` streams every stage's buckets to one rank
+  (:func:`buckets_for`: to several, each fed by its own replica), stage by stage, so the
+  destination holds at most one bucket beyond what it has consumed: peak
   extra memory is bounded by the bucket size, not the model size. Both are collective: every
   rank must drive the iterator to the end. Weight sync to rollout engines uses them directly.
 - :func:`gather_hf_state_dict` collects those buckets into one dict on the destination rank.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -79,13 +80,15 @@ def _full_hf_tensors(built: BuiltModel, rr: ResolvedRule, shard: torch.Tensor, d
     return parts
 
 
-def iter_hf_tensors(built: BuiltModel, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(built: BuiltModel, dtype: Optional[torch.dtype] = None,
+                    exporting: Optional[bool] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) on each stage's sender rank; collective over TP.
 
+    ``exporting``: whether this rank's data-parallel replica takes part (default: replica 0 only).
     Tensors may be views of the live parameters (TP=1, no cast): copy before the next update."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_data_parallel_rank() != 0:
+    if not (parallel_state.get_data_parallel_rank() == 0 if exporting is None else exporting):
         return
     sender = parallel_state.get_tensor_model_parallel_rank() == 0
     for rr, param in _local_entries(built):
@@ -100,37 +103,76 @@ def export_dtype(built: BuiltModel) -> torch.dtype:
 
 
 def iter_hf_buckets(built: BuiltModel, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                    dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
-    """Buckets of (HF name, full tensor) on each stage's sender rank (TP 0, DP 0)."""
-    return pack_buckets(iter_hf_tensors(built, dtype or export_dtype(built)), bucket_bytes)
+                    dtype: Optional[torch.dtype] = None, exporting: Optional[bool] = None) -> Iterator[Bucket]:
+    """Buckets of (HF name, full tensor) on each stage's sender rank (TP 0 of an exporting
+    replica: DP 0 unless ``exporting`` says otherwise)."""
+    return pack_buckets(iter_hf_tensors(built, dtype or export_dtype(built), exporting), bucket_bytes)
 
 
 def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
-    """Every stage's buckets, yielded on global rank ``dst`` only, in pipeline-stage order."""
-    from megatron.core import parallel_state
+    """Every stage's buckets, yielded on global rank ``dst`` only (fed by data-parallel replica 0),
+    in pipeline-stage order."""
+    return buckets_for(built, {dst: 0}, bucket_bytes, dtype)
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    local = iter_hf_buckets(built, bucket_bytes, dtype)
+
+def buckets_for(built: BuiltModel, feeds: Mapping[int, int], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """Every stage's buckets, in pipeline-stage order, yielded on each receiving rank of ``feeds``
+    (global rank -> the data-parallel replica that feeds it). Collective.
+
+    Each replica named in ``feeds`` exports once: its TP groups gather, and each stage's owner (its
+    TP rank 0) sends its own layers, and only those, to every receiver that replica feeds; a
+    receiver that owns a stage yields that stage's buckets without a copy. Replicas that feed
+    nobody do nothing. Several receivers, each fed by the replica on its own node, so get the
+    weights at once without anything passing through one rank (``trainer/rollout_supervisor.py``).
+
+    A receiver inside an exporting replica must be fed by that replica and own a stage of it: any
+    other rank of it is busy in its stage's TP gathers while the stages are sent (ValueError).
+    """
+    from megatron.core import parallel_state as ps
+
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        yield from local
+        yield from iter_hf_buckets(built, bucket_bytes, dtype, exporting=bool(feeds))
         return
-    is_sender = parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
-    # Who sends, in stage order: (pp rank, global rank) of every sender.
-    senders: list = [None] * dist.get_world_size()
-    dist.all_gather_object(senders, (parallel_state.get_pipeline_model_parallel_rank(), rank) if is_sender else None)
-    # NCCL moves only device tensors: receive onto this rank's GPU there, into CPU memory on gloo.
-    device = device_tensors_device()
-    for _, src in sorted(s for s in senders if s is not None):
-        if src == rank == dst:
-            yield from local
-        elif rank == src:
-            for bucket in local:
-                dist.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in bucket]], dst)
+    rank = dist.get_rank()
+    replica, stage = ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, (replica, stage, ps.get_tensor_model_parallel_rank() == 0))
+    owner: dict[tuple[int, int], int] = {}
+    for r, (d, p, tp_first) in enumerate(table):
+        if tp_first:
+            owner.setdefault((d, p), r)
+    exporting = set(feeds.values())
+    for r, d in feeds.items():
+        own = table[r][0]
+        if own in exporting and (d != own or owner.get((own, table[r][1])) != r):
+            raise ValueError(f"rank {r} cannot receive the weights from replica {d}: it is a rank of exporting "
+                             f"replica {own} that does not own a stage of it")
+    stages = sorted({p for _, p, _ in table})
+    local = iter_hf_buckets(built, bucket_bytes, dtype, exporting=replica in exporting)
+    fed_by_me = [r for r, d in sorted(feeds.items()) if d == replica and r != rank] \
+        if owner.get((replica, stage)) == rank else []
+    device = device_tensors_device()  # NCCL moves only device tensors; gloo takes CPU memory
+
+    def own_stage() -> Iterator[Bucket]:
+        for bucket in local:
+            for r in fed_by_me:
+                dist.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in bucket]], r)
                 for _, t in bucket:
-                    dist.send(t.contiguous(), dst)
-            dist.send_object_list([None], dst)  # end of this stage
-        elif rank == dst:
+                    dist.send(t.contiguous(), r)
+            yield bucket
+        for r in fed_by_me:
+            dist.send_object_list([None], r)  # end of this stage
+
+    sent = False
+    if rank in feeds:
+        for p in stages:
+            src = owner[(feeds[rank], p)]
+            if src == rank:
+                yield from own_stage()
+                sent = True
+                continue
             while True:
                 box = [None]
                 dist.recv_object_list(box, src)
@@ -142,8 +184,8 @@ def buckets_at(built: BuiltModel, dst: int = 0, bucket_bytes: int = DEFAULT_BUCK
                     dist.recv(buf, src)
                     bucket.append((name, buf))
                 yield bucket
-    if rank != dst and not is_sender:
-        for _ in local:  # take part in the TP gathers of this rank's stage
+    if not sent:
+        for _ in own_stage():  # a sender, or a rank taking part in its stage's TP gathers
             pass
 
 

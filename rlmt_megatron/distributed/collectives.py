@@ -120,6 +120,45 @@ class Rank0Failed(RLMTError):
     its own, with its traceback)."""
 
 
+class RankFailed(RLMTError):
+    """Raised by :func:`each_rank_reports` on the ranks that did not fail, when another rank failed
+    with an error nobody expected (that rank raises its own, with its traceback)."""
+
+
+def each_rank_reports(fn: Callable[[], T], doing: str,
+                      shared: tuple[type[BaseException], ...] = ()) -> list[tuple[str, Any]]:
+    """Run ``fn`` on every rank; every rank returns every rank's outcome, in rank order. Collective.
+
+    The protocol for "each rank does its part, all agree on what came of it" (each node's first
+    rank drives its node's rollout engines), beside :func:`rank0_decides` for one deciding rank:
+
+    * an outcome is ``("value", what fn returned)`` or ``("shared", the exception)`` when ``fn``
+      raised one of ``shared``; both must be picklable. The caller combines them, the same way on
+      every rank;
+    * anything else ends the job on every rank: the failing rank re-raises its own exception, the
+      others raise :class:`RankFailed` naming the lowest failing rank, ``doing`` and the error.
+    """
+    outcome: Any
+    fatal: BaseException | None = None
+    try:
+        outcome = ("value", fn())
+    except shared as e:
+        outcome = ("shared", e)
+    except Exception as e:
+        fatal, outcome = e, ("fatal", f"{type(e).__name__}: {e}")
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        outcomes = [outcome]
+    else:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome)
+    if fatal is not None:
+        raise fatal
+    for rank, (kind, payload) in enumerate(outcomes):
+        if kind == "fatal":
+            raise RankFailed(f"rank {rank} failed while {doing}: {payload}")
+    return outcomes
+
+
 def rank0_decides(fn: Callable[[], T], doing: str, shared: tuple[type[BaseException], ...] = ()) -> T:
     """Run ``fn`` on global rank 0 only; every rank returns its result or raises alike. Collective.
 

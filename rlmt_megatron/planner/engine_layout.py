@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from rlmt_megatron.errors import LayoutError, RLMTError
 from rlmt_megatron.planner.rank_layout import ranges
+from rlmt_megatron.rollout.fleet import member_node, member_slot
 
 
 @dataclass
@@ -65,11 +66,13 @@ def place_engine(cfg, nodes: int, gpus_per_node: int, engine_dp: int) -> EngineP
     """The GPUs of every engine and the trainer's world size.
 
     SGLang engines are servers: each takes ``engine_tp_size x engine_dp`` GPUs of one node.
-    Colocated, the engines are spread over the trainer's nodes (engine i on node i mod nodes, the
-    next free GPUs there), so every node generates; disaggregated, they fill nodes of their own,
-    the last ones of the job. vLLM and hf engines are processes of rank 0: one GPU each of node
-    0, in turn (``rollout/factory.py``), colocated or not (disaggregated vLLM takes GPUs the
-    trainer does not use only if the launcher leaves them free)."""
+    Colocated, the engines are spread over the trainer's nodes as the run places them
+    (``fleet.member_node``: engine i on node i mod nodes, the next free GPUs there), so every node
+    generates, each node's engines synced by its own first rank (``trainer/engine_hosts.py``);
+    disaggregated, they fill nodes of their own, the last ones of the job. vLLM and hf engines are
+    processes of their node's first rank, spread the same way, one GPU each (``rollout/factory.py``),
+    colocated or not (disaggregated vLLM takes GPUs the trainer does not use only if the launcher
+    leaves them free)."""
     from rlmt_megatron.rollout.weight_sync.select import resolve_transport
 
     r = cfg.rollout
@@ -82,13 +85,15 @@ def place_engine(cfg, nodes: int, gpus_per_node: int, engine_dp: int) -> EngineP
                           f"({gpus_per_node} GPUs): CUDA IPC handles and SGLang's TP group cannot leave it")
     fit = gpus_per_node // per_engine  # engines one node holds
     if r.engine != "sglang":
-        if count > gpus_per_node:
-            raise LayoutError(f"rollout.engines={count} {r.engine} engines are processes of rank 0, one GPU each of "
-                              f"its node's {gpus_per_node}: two would share a GPU; lower rollout.engines")
-        members = [EngineMember(i, 0, [i]) for i in range(count)]
+        per_node = -(-count // nodes)
+        if per_node > gpus_per_node:
+            raise LayoutError(f"rollout.engines={count} {r.engine} engines put {per_node} on one node, one GPU each of "
+                              f"its {gpus_per_node}: two would share a GPU; lower rollout.engines or raise --nodes")
+        members = [EngineMember(i, member_node(i, nodes), [member_slot(i, nodes)]) for i in range(count)]
         world = nodes * gpus_per_node
+        hosted = {m.node * gpus_per_node + m.gpus[0] for m in members} if r.placement == "colocated" else set()
         return EnginePlacement(1, 1, members, world, gpus_per_node, r.placement == "colocated", transport,
-                               hosted=set(range(count)) if r.placement == "colocated" else set())
+                               hosted=hosted)
     if r.placement == "disaggregated":
         engine_nodes = -(-count // fit)
         if nodes - engine_nodes < 1:
@@ -105,13 +110,8 @@ def place_engine(cfg, nodes: int, gpus_per_node: int, engine_dp: int) -> EngineP
         raise LayoutError(f"rollout.engines={count} colocated engine(s) of {per_engine} GPUs ({sizes}) put {per_node} on "
                           f"one node, {per_node * per_engine} GPUs of its {gpus_per_node}; lower rollout.engines, "
                           f"rollout.engine_tp_size or --engine-dp, or raise --nodes")
-    members = [EngineMember(i, i % nodes, list(range(i // nodes * per_engine, (i // nodes + 1) * per_engine)))
+    members = [EngineMember(i, member_node(i, nodes), list(range(member_slot(i, nodes) * per_engine,
+                                                                  (member_slot(i, nodes) + 1) * per_engine)))
                for i in range(count)]
-    far = [m for m in members if m.node != 0]
-    if far and transport == "cuda_ipc":
-        raise LayoutError(f"rollout.engines={count} colocated: engine(s) {ranges([m.index for m in far])} run on node(s) "
-                          f"{ranges(sorted({m.node for m in far}))}, but every engine is synced from rank 0 and CUDA IPC "
-                          f"handles cannot leave node 0; set weight_sync.transport=disk (a folder every node reads), "
-                          f"or keep the engines on node 0 (rollout.engines=1 with --engine-dp)")
     hosted = {m.node * gpus_per_node + g for m in members for g in m.gpus}
     return EnginePlacement(tp, engine_dp, members, nodes * gpus_per_node, gpus_per_node, True, transport, hosted=hosted)

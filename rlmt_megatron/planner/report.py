@@ -78,7 +78,7 @@ def _layout_lines(plan: RunPlan) -> list[str]:
     if r.engine == "sglang":
         out.append(f"rollout engines: sglang{at}; weights via {e.transport}")
     else:
-        out.append(f"rollout engines: {r.engine}, processes of rank 0 ({r.placement}); weights via {e.transport}")
+        out.append(f"rollout engines: {r.engine}, processes of their node's first rank ({r.placement}); weights via {e.transport}")
     engines = e.describe()
     return out + ["  " + engines[0]] + ["  " + x for x in engines[1:]]
 

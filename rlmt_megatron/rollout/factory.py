@@ -21,21 +21,22 @@ VLLM_ENGINE = "rlmt_megatron.rollout.vllm_engine.VLLMEngine"
 
 
 def make_rollout_engine(rollout: RolloutConfig, model_dir: str, *, dtype: str, max_model_len: int,
-                        seed: int, member: int = 0) -> RolloutEngine:
-    """A new engine serving ``model_dir``: member ``member`` of the run's ``rollout.engines``.
+                        seed: int, member: int = 0, slot: int = 0) -> RolloutEngine:
+    """A new engine serving ``model_dir``: member ``member`` of the run's ``rollout.engines``, the
+    ``slot``-th engine of its node (``trainer/engine_hosts.py``).
     ``dtype``: the weights' dtype in the engine (the trainer's on GPU, float32 on CPU);
     ``max_model_len``: longest prompt + response (vLLM's KV cache); ``seed``: vLLM's sampler seed."""
     r = rollout
     if r.engine == "sglang":
         from rlmt_megatron.rollout.sglang_engine import DEFAULT_GROUP_NAME, SGLangHTTPEngine
 
-        # Each member's weight-update group is a process group in the trainer's rank 0, and torch
+        # Each member's weight-update group is a process group in the rank that drives it, and torch
         # refuses a second group of the same name: a fleet's members get one name each.
         group = DEFAULT_GROUP_NAME if r.engines == 1 else f"{DEFAULT_GROUP_NAME}_{member}"
         return SGLangHTTPEngine(r.server_urls()[member], timeout=r.timeout_s, group_name=group)
     from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 
-    env = _member_devices(r.engines, member)
+    env = _member_devices(r.engines, slot)
     if r.engine == "hf":
         if r.engine_process != "subprocess":
             from rlmt_megatron.rollout.hf_engine import HFEngine
@@ -50,13 +51,14 @@ def make_rollout_engine(rollout: RolloutConfig, model_dir: str, *, dtype: str, m
                             timeout_s=r.timeout_s, env=env)
 
 
-def _member_devices(engines: int, member: int) -> dict[str, str]:
-    """Engine processes of a fleet on one node each take one of the node's GPUs in turn (one
-    engine alone keeps the trainer's view of the devices). Nothing to choose on a CPU."""
+def _member_devices(engines: int, slot: int) -> dict[str, str]:
+    """Engine processes of a fleet each take one of their node's GPUs, by their place among the
+    node's engines (one engine alone keeps the trainer's view of the devices). Nothing to choose
+    on a CPU."""
     import torch
 
     if engines == 1 or not torch.cuda.is_available():
         return {}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    return {"CUDA_VISIBLE_DEVICES": devices[member % len(devices)]}
+    return {"CUDA_VISIBLE_DEVICES": devices[slot % len(devices)]}

@@ -146,35 +146,60 @@ def assign(work: Sequence[int], members: Sequence[int],
     return {m: sorted(s) for m, s in shares.items() if s}
 
 
+def member_node(member: int, nodes: int) -> int:
+    """The node engine ``member`` runs on, among ``nodes`` nodes that host engines: spread in turn
+    (engine i on node i mod nodes), so every node generates before any holds two."""
+    return member % nodes
+
+
+def member_slot(member: int, nodes: int) -> int:
+    """Engine ``member``'s place among its node's engines (which of the node's GPUs it takes)."""
+    return member // nodes
+
+
+ShareRunner = Callable[[Mapping[int, list[int]]], Mapping[int, Outcome]]
+
+
+def first_shares(members: Sequence[int], prompts: Sequence[Sequence[int]], params: SamplingParams) -> dict[int, list[int]]:
+    """The first round's shares: prompt positions per member (what a launched generation starts)."""
+    return assign([request_work(p, params) for p in prompts], sorted(members)) if prompts else {}
+
+
 def generate_across(engines: Mapping[int, RolloutEngine], prompts: Sequence[Sequence[int]],
                     params: SamplingParams, fleet_size: Optional[int] = None,
                     ) -> tuple[list[list[Generation]], dict[int, MemberReport]]:
-    """Generate ``params.n`` samples for each prompt over ``engines`` (index -> engine). Returns
-    the generations in prompt order (``prompt_index`` = position in ``prompts``) and a report per
-    member. Raises :class:`MembersFailed` when every member failed before all were served
-    (``fleet_size``: the run's engine count, for the error's wording; default ``len(engines)``)."""
-    reports = {i: MemberReport() for i in engines}
+    """Generate ``params.n`` samples for each prompt over ``engines`` (index -> engine), all in this
+    process. Returns the generations in prompt order (``prompt_index`` = position in ``prompts``)
+    and a report per member. Raises :class:`MembersFailed` when every member failed before all
+    were served (``fleet_size``: the run's engine count, for the error's wording; default
+    ``len(engines)``)."""
+    seeds = request_seeds(params.seed, len(prompts))
+    return serve_across(sorted(engines), prompts, params, lambda shares: run_each(
+        {m: share_job(engines[m], share, prompts, params, seeds) for m, share in shares.items()}),
+        fleet_size or len(engines))
+
+
+def serve_across(members: Sequence[int], prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 run_shares: ShareRunner, fleet_size: int) -> tuple[list[list[Generation]], dict[int, MemberReport]]:
+    """:func:`generate_across`'s rounds, wherever the members live: ``run_shares`` serves each
+    member's share (prompt positions) and returns each one's :class:`Outcome` (its value: the
+    share's generations, per prompt), e.g. from engines driven by other ranks. The same shares and
+    outcomes give the same result on every rank that calls it."""
+    reports = {i: MemberReport() for i in members}
     if not prompts:
         return [], reports
     work = [request_work(p, params) for p in prompts]
-    seeds = request_seeds(params.seed, len(prompts))
     results: list[Optional[list[Generation]]] = [None] * len(prompts)
-    serving = sorted(engines)
+    serving = sorted(members)
     pending = list(range(len(prompts)))
-    first_round = True
-    while pending:
-        if not serving:
-            raise MembersFailed({i: r.error for i, r in reports.items() if r.error is not None},
-                                fleet_size or len(engines))
-        shares = assign([work[p] for p in pending], serving)
-        shares = {m: [pending[i] for i in s] for m, s in shares.items()}
-        if first_round:
-            for m, share in shares.items():
-                reports[m].queued_work = sum(work[p] for p in share)
-            first_round = False
-        done = run_each({m: _share_job(engines[m], share, prompts, params, seeds) for m, share in shares.items()})
+    shares = first_shares(serving, prompts, params)
+    for m, share in shares.items():
+        reports[m].queued_work = sum(work[p] for p in share)
+    while True:
+        done = run_shares(shares)
         pending = []
-        for m, outcome in done.items():
+        for m in shares:
+            outcome = done.get(m) or Outcome(error="its share got no answer")
             report = reports[m]
             report.seconds += outcome.seconds
             if outcome.error is not None:
@@ -187,8 +212,12 @@ def generate_across(engines: Mapping[int, RolloutEngine], prompts: Sequence[Sequ
                 report.positions.append(p)
                 report.samples += len(per_prompt)
                 report.tokens += sum(len(g.token_ids) for g in per_prompt)
+        if not pending:
+            return results, reports  # type: ignore[return-value]
+        if not serving:
+            raise MembersFailed({i: r.error for i, r in reports.items() if r.error is not None}, fleet_size)
         pending.sort()
-    return results, reports  # type: ignore[return-value]
+        shares = {m: [pending[i] for i in s] for m, s in assign([work[p] for p in pending], serving).items()}
 
 
 def _renumbered(g: Generation, prompt_index: int) -> Generation:
@@ -196,8 +225,8 @@ def _renumbered(g: Generation, prompt_index: int) -> Generation:
     return g
 
 
-def _share_job(engine: RolloutEngine, share: list[int], prompts, params: SamplingParams,
-               seeds: Optional[list[int]]) -> Callable[[], list[list[Generation]]]:
+def share_job(engine: RolloutEngine, share: list[int], prompts, params: SamplingParams,
+              seeds: Optional[list[int]]) -> Callable[[], list[list[Generation]]]:
     """One member's share as a job for :func:`run_each` (an answer of the wrong shape fails it)."""
 
     def job() -> list[list[Generation]]:

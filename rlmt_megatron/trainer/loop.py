@@ -198,8 +198,9 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             write_exit_status(out, "finished", requeue=False, exit_code=0, step=cfg.run.total_steps,
                               checkpoint=saved.get(cfg.run.total_steps), message="the run finished")
     finally:
+        supervisor.close()  # each host its own engines
         if is_rank0():
-            for closing in (logger, progress, supervisor):
+            for closing in (logger, progress):
                 if closing is not None:
                     closing.close()
     return out

@@ -1,28 +1,23 @@
-"""Generate and score: prompts → chat/thinking template → engine → parsed answers → RM rewards.
+"""Generate and score: prompts → chat/thinking template → engines → parsed answers → RM rewards.
 
-Generation runs on global rank 0 (the engine's owner); the token ids and logprobs are broadcast
-so every rank builds the same ``Rollout`` list, or raises the same error. Parsing and reward
-scoring then run everywhere (the RM is a Megatron model on all ranks).
+The sampling settings and templated prompts are built here; the engines generate them
+(``trainer/rollout_supervisor.py``, which gives every rank the same ``Rollout`` list). Parsing and
+reward scoring then run everywhere (the RM is a Megatron model on all ranks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from rlmt_megatron.algorithms.reward_shaping import overlong_penalty
-from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
-from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.types import SamplingParams
 from rlmt_megatron.config.rlmt import RewardConfig, RolloutConfig
 from rlmt_megatron.thinking import build_prompt_ids, parse_response, stop_settings
 from rlmt_megatron.thinking.templates import ThinkingFormatConfig
 from rlmt_megatron.trainer.experience import Rollout
-from rlmt_megatron.trainer.stop import Interrupted, StepAbandoned, StopSignals
-from rlmt_megatron.trainer.watchdog import activity
 
 
 def sampling_params(r: RolloutConfig, fmt: ThinkingFormatConfig, tokenizer, run_seed: int, step: int,
@@ -44,37 +39,6 @@ def prompt_token_ids(fmt: ThinkingFormatConfig, max_prompt_tokens: int, tokenize
         ids.append(p)
         truncated.append(bool(cut))
     return ids, truncated
-
-
-def generate(engine: Optional[RolloutEngine], prompt_ids: list[list[int]], params: SamplingParams,
-             stop: Optional[StopSignals] = None) -> list[Rollout]:
-    """Rank 0 generates; every rank returns the same rollouts (prompt-major, n per prompt).
-
-    Rank 0 decides and every rank acts alike (``rank0_decides``): an ``EngineError`` is raised
-    everywhere; a stop signal while rank 0 waits for the engine (or an engine failure after one,
-    since SLURM's SIGTERM reaches the engine's process too) raises ``StepAbandoned`` everywhere;
-    any other failure on rank 0 is raised there and reported on the others.
-    """
-
-    def on_rank0():
-        try:
-            with activity("engine generate"), (stop.interruptible() if stop is not None else contextlib.nullcontext()):
-                gens = engine.generate(prompt_ids, params)
-        except Interrupted:
-            raise StepAbandoned() from None
-        except EngineError:
-            if stop is not None and stop.requested:
-                raise StepAbandoned() from None
-            raise
-        return [(g.prompt_index, g.token_ids, g.logprobs, g.finish_reason, g.weight_version)
-                for per_prompt in gens for g in per_prompt]
-
-    # rank 0's watchdog path shows "engine generate"; the others show what they wait for
-    with contextlib.nullcontext() if is_rank0() else activity("waiting for rank 0's rollouts"):
-        payload = rank0_decides(on_rank0, "generating rollouts", shared=(EngineError, StepAbandoned))
-    if len(payload) != len(prompt_ids) * params.n:
-        raise EngineError(f"rollout engine returned {len(payload)} samples for {len(prompt_ids)} prompts x n={params.n}")
-    return [Rollout(p, list(prompt_ids[p]), list(ids), list(lps), fin, ver) for p, ids, lps, fin, ver in payload]
 
 
 def parse_and_score(fmt: ThinkingFormatConfig, tokenizer, scorer, rollouts: list[Rollout],

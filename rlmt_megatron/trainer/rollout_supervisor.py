@@ -1,16 +1,19 @@
 """The rollout engines, kept alive: started, re-synced and restarted with every rank agreeing.
 
-The run has ``rollout.engines`` engines (one by default), all driven from global rank 0: each
-generation's prompts are spread over them by outstanding work (``rollout/fleet.py``), and each
-weight sync reaches all of them at once (``rollout/weight_sync/pipeline.py``). Each call here is
-collective and ends with rank 0 telling every rank what happened, so all ranks take the same
-decision and none waits forever in a collective the others left:
+The run has ``rollout.engines`` engines (one by default), spread over the nodes and each driven by
+its node's host rank (``trainer/engine_hosts.py``): each generation's prompts are spread over them
+by outstanding work (``rollout/fleet.py``), each host running its engines' share, and each weight
+sync reaches all of them at once, every host fed by its own replica's stage owners
+(``hf_export.buckets_for``) and fanning out to its engines (``rollout/weight_sync/pipeline.py``).
+Each call here is collective and ends with every rank learning what happened on every host
+(``each_rank_reports``), so all ranks take the same decision and none waits forever in a
+collective the others left:
 
 * an engine that fails (``EngineError``: its process died, or did not answer within
   ``rollout.timeout_s``) is marked broken on every rank. In a generation its prompts finish on the
-  other engines; in a sync the others still receive the weights, and rank 0 finishes reading the
-  export stream first, so the other ranks' gathers complete;
-* before the next generation every broken engine is restarted (rank 0 kills what is left of it
+  other engines (on any node); in a sync the others still receive the weights, and its host
+  finishes reading the export stream first, so the other ranks' gathers and sends complete;
+* before the next generation every broken engine is restarted (its host kills what is left of it
   and builds a new one with ``make_rollout_engine`` and a new transport) and the current weights
   are pushed to it alone; when no engine could finish a generation it is retried (same prompts,
   same seed) once they are restarted;
@@ -36,23 +39,24 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Mapping, Optional
 
 import torch
 
-from rlmt_megatron.checkpoint.hf_export import buckets_at
+from rlmt_megatron.checkpoint.hf_export import buckets_for
 from rlmt_megatron.config.rlmt import RolloutConfig
-from rlmt_megatron.distributed.collectives import is_rank0, rank0_decides
+from rlmt_megatron.distributed.collectives import each_rank_reports, is_rank0, world_rank
+from rlmt_megatron.errors import RLMTError
 from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.factory import make_rollout_engine
-from rlmt_megatron.rollout.fleet import MemberReport, MembersFailed, describe_failures, generate_across, run_each
-from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, drain, make_sync_pipeline
+from rlmt_megatron.rollout.fleet import (MemberReport, MembersFailed, Outcome, describe_failures, first_shares,
+                                         request_seeds, run_each, serve_across, share_job)
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, make_sync_pipeline
 from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, make_transport
-from rlmt_megatron.trainer import rollout_phase
-from rlmt_megatron.trainer.stop import StepAbandoned, StopSignals
+from rlmt_megatron.trainer.engine_hosts import EngineHosts, find_engine_hosts
+from rlmt_megatron.trainer.experience import Rollout
+from rlmt_megatron.trainer.stop import Interrupted, StepAbandoned, StopSignals
 from rlmt_megatron.trainer.watchdog import activity
-
-T = TypeVar("T")
 
 
 class EngineGaveUp(EngineError):
@@ -60,7 +64,8 @@ class EngineGaveUp(EngineError):
 
 
 class RolloutSupervisor:
-    """The run's rollout engines on rank 0, from the ``rollout`` and ``weight_sync`` sections.
+    """The run's rollout engines, each on its host rank, from the ``rollout`` and ``weight_sync``
+    sections.
 
     ``follows_policy``: the engines are synced after every update (False for one_round DPO, which
     samples from the initial model for the whole run: never synced, nor re-synced after a
@@ -90,33 +95,41 @@ class RolloutSupervisor:
         self.trainer_version = 0
         self._pipeline = make_sync_pipeline(weight_sync, rollout.engine)
         self._bucket_bytes = weight_sync.bucket_mb * 2**20
+        self.hosts: Optional[EngineHosts] = None  # found at start()
         # agreed on every rank
         self._broken: dict[int, str] = {}  # engine -> why it must be restarted before the next generation
         self._retired: dict[int, str] = {}  # engine -> why it is no longer restarted
-        # rank 0 only
+        self._reports: dict[int, MemberReport] = {}  # the last generation's, per engine
+        # this rank's own engines (those it hosts)
         self.engines: dict[int, RolloutEngine] = {}
         self._targets: dict[int, SyncTarget] = {}
         self._local_errors: dict[int, str] = {}  # failures outside a collective, agreed on at the next one
-        self._reports: dict[int, MemberReport] = {}  # the last generation's, per engine
         self._in_flight: Optional[threading.Thread] = None  # a launched generation's thread
 
     # ---------------------------------------------------------------- agreement
 
-    def _agree(self, doing: str, fn: Callable[[], T]) -> tuple[Optional[T], Optional[EngineError]]:
-        """Run ``fn`` on rank 0; every rank returns (its value, None) or (None, rank 0's
-        EngineError), or raises StepAbandoned when rank 0 saw a stop request (``rank0_decides``)."""
-        try:
-            return rank0_decides(fn, doing, shared=(EngineError, StepAbandoned)), None
-        except EngineError as e:
-            return None, e
+    def _mine(self, members) -> list[int]:
+        """Those of ``members`` this rank hosts."""
+        rank = world_rank()
+        return [m for m in members if self.hosts.host[m] == rank]
 
-    def _failures(self, error: Optional[EngineError], among: list[int]) -> dict[int, str]:
-        """Which engines an agreed error concerns: those it names, or all of ``among``."""
-        if error is None:
-            return {}
-        if isinstance(error, MembersFailed):
-            return error.failed
-        return {i: str(error) for i in among}
+    def _agree(self, doing: str, fn: Callable[[], object], among: list[int]) -> tuple[list, dict[int, str]]:
+        """Run ``fn`` on every rank (each acting on the engines it hosts); every rank returns the
+        ranks' values and the engines of ``among`` any host reported failed (its ``MembersFailed``,
+        or any other ``EngineError`` for all its engines among them), or raises StepAbandoned when
+        any rank saw a stop request."""
+        outcomes = each_rank_reports(fn, doing, shared=(EngineError, StepAbandoned))
+        if any(kind == "shared" and isinstance(payload, StepAbandoned) for kind, payload in outcomes):
+            raise StepAbandoned()
+        values, failed = [], {}
+        for rank, (kind, payload) in enumerate(outcomes):
+            if kind == "value":
+                values.append(payload)
+            elif isinstance(payload, MembersFailed):
+                failed.update(payload.failed)
+            else:
+                failed.update({m: str(payload) for m in among if self.hosts.host[m] == rank})
+        return values, failed
 
     def _serving(self) -> list[int]:
         """Engines that are neither broken nor retired (agreed)."""
@@ -125,9 +138,10 @@ class RolloutSupervisor:
     # ---------------------------------------------------------------- life cycle
 
     def _build(self, member: int) -> None:
-        """Rank 0: a new engine ``member`` and its transport."""
+        """A new engine ``member`` (hosted here) and its transport."""
         r = self.rollout
-        engine = make_rollout_engine(r, self.model_dir, member=member, **self._engine_args)
+        engine = make_rollout_engine(r, self.model_dir, member=member, slot=self.hosts.slot[member],
+                                     **self._engine_args)
         try:
             if self.weight_sync.checksum:
                 check_verifiable(engine)
@@ -143,23 +157,33 @@ class RolloutSupervisor:
         self._local_errors.pop(member, None)
 
     def _build_each(self, members: list[int]) -> None:
-        """Rank 0: build ``members`` at once (an engine start takes seconds to minutes); raises
-        MembersFailed naming those that could not start (the others are kept)."""
-        outcomes = run_each({m: functools.partial(self._build, m) for m in members})
+        """Build those of ``members`` hosted here, at once (an engine start takes seconds to
+        minutes); raises MembersFailed naming those that could not start (the others are kept)."""
+        mine = self._mine(members)
+        if not mine:
+            return
+        outcomes = run_each({m: functools.partial(self._build, m) for m in mine})
         failed = {m: o.error for m, o in outcomes.items() if o.error is not None}
         if failed:
             raise MembersFailed(failed, self.count)
 
     def start(self, version: int, push: bool) -> None:
-        """Start the engines (and push ``version`` of the policy). Collective. A first start that
-        fails is a setup problem: raised on every rank, not retried."""
+        """Find the engines' hosts, start the engines (and push ``version`` of the policy).
+        Collective. A first start that fails is a setup problem: raised on every rank, not retried."""
+        self.hosts = find_engine_hosts(self.count)
+        if self.weight_sync.master_address and len(set(self.hosts.node.values())) > 1:
+            raise RLMTError(f"weight_sync.master_address={self.weight_sync.master_address} is one address, but the "
+                            f"rollout engines are driven from {len(set(self.hosts.node.values()))} nodes "
+                            f"({self.hosts.describe()}); leave it unset: each host uses its own")
+        if self.count > 1 and is_rank0():
+            print(f"rollout engines: {self.hosts.describe()}", flush=True)
+        everyone = list(range(self.count))
         with activity("starting the rollout engines"):
-            _, error = self._agree("starting the rollout engines", lambda: self._build_each(list(range(self.count))))
-        if error is not None:
-            if is_rank0():
-                for member in list(self.engines):
-                    self._dispose(member)
-            raise EngineError(str(error))
+            _, failed = self._agree("starting the rollout engines", lambda: self._build_each(everyone), everyone)
+        if failed:
+            for member in list(self.engines):
+                self._dispose(member)
+            raise EngineError(describe_failures(failed, self.count))
         self.version = self.trainer_version = version
         if push:
             self.push(version)
@@ -167,7 +191,7 @@ class RolloutSupervisor:
                 raise EngineError(f"the first weight sync failed: {describe_failures(self._broken, self.count)}")
 
     def _dispose(self, member: int) -> None:
-        """Rank 0: end engine ``member`` whatever its state (a process is killed, then closed)."""
+        """End engine ``member`` (hosted here) whatever its state (a process is killed, then closed)."""
         engine = self.engines.pop(member, None)
         target = self._targets.pop(member, None)
         if target is not None:
@@ -228,13 +252,12 @@ class RolloutSupervisor:
         def rebuild():
             if self.stop is not None and self.stop.requested:
                 raise StepAbandoned()
-            for member in members:
+            for member in self._mine(members):
                 self._dispose(member)
             self._build_each(members)
 
         with activity("restarting the rollout engines"):
-            _, error = self._agree("restarting the rollout engines", rebuild)
-        failed = self._failures(error, members)
+            _, failed = self._agree("restarting the rollout engines", rebuild, members)
         for member in members:
             if member in failed:
                 self._broken[member] = failed[member]
@@ -260,27 +283,27 @@ class RolloutSupervisor:
             torch.cuda.empty_cache()
 
     def push(self, version: int, only: Optional[list[int]] = None) -> None:
-        """Sync the policy's weights as ``version`` to every serving engine (or to ``only``).
-        Collective. An engine that fails is marked broken (restarted before the next
-        generation); it does not raise."""
-        if is_rank0() and self.in_flight:
+        """Sync the policy's weights as ``version`` to every serving engine (or to ``only``): each
+        host gets them from its own replica and hands them to its engines at once. Collective. An
+        engine that fails is marked broken (restarted before the next generation); it does not
+        raise."""
+        if self.in_flight:
             raise RuntimeError("a weight sync while a launched generation runs: the loop must wait for it first")
         self._release_cached_memory()
         self.version = self.trainer_version = version  # an engine that misses them gets them at its restart
         members = [m for m in (only if only is not None else self._serving()) if m not in self._broken]
         with activity(f"weight sync v{version}"):
-            stream = buckets_at(self.policy.built, dst=0, bucket_bytes=self._bucket_bytes)
-            if is_rank0():
-                _, error = self._agree(f"syncing weights v{version}", lambda: self._push_on_rank0(stream, version, members))
-            else:
-                drain(stream)  # every rank takes part in the gathers
-                _, error = self._agree(f"syncing weights v{version}", lambda: None)
-        self._mark_broken(self._failures(error, members))
+            stream = buckets_for(self.policy.built, self.hosts.feeds(members), bucket_bytes=self._bucket_bytes)
+            _, failed = self._agree(f"syncing weights v{version}",
+                                    lambda: self._push_mine(stream, version, self._mine(members)), members)
+        self._mark_broken(failed)
 
-    def _push_on_rank0(self, stream, version: int, members: list[int]) -> None:
-        failed = {m: self._local_errors.pop(m) for m in members if m in self._local_errors}
-        failed.update({m: "the rollout engine is not running" for m in members if m not in self.engines})
-        targets = {m: self._targets[m] for m in members if m not in failed}
+    def _push_mine(self, stream, version: int, mine: list[int]) -> None:
+        """This rank's part of a sync: deliver the stream to its engines of ``mine`` (or only walk
+        it, taking part in the export, when it hosts none of them)."""
+        failed = {m: self._local_errors.pop(m) for m in mine if m in self._local_errors}
+        failed.update({m: "the rollout engine is not running" for m in mine if m not in self.engines})
+        targets = {m: self._targets[m] for m in mine if m not in failed}
         try:
             self._pipeline.push(stream, version, targets, self.count)  # drains the stream in every case
         except MembersFailed as e:
@@ -288,18 +311,57 @@ class RolloutSupervisor:
         if failed:
             raise MembersFailed(failed, self.count)
 
-    def launch(self, prompt_ids: list[list[int]], params) -> "_Pending":
+    def _run_mine(self, shares: Mapping[int, list[int]], prompt_ids, params) -> dict[int, Outcome]:
+        """Serve this rank's engines' shares (prompt positions) in this thread; a member that
+        failed outside a collective (while asleep) fails its share at once."""
+        mine = self._mine(shares)
+        seeds = request_seeds(params.seed, len(prompt_ids))
+        outcomes = {m: Outcome(error=self._local_errors.pop(m)) for m in mine if m in self._local_errors}
+        outcomes.update({m: Outcome(error="the rollout engine is not running")
+                         for m in mine if m not in self.engines and m not in outcomes})
+        jobs = {m: share_job(self.engines[m], shares[m], prompt_ids, params, seeds) for m in mine if m not in outcomes}
+        if jobs:
+            outcomes.update(run_each(jobs))
+        return outcomes
+
+    def _wait_mine(self, shares: Mapping[int, list[int]], serve: Callable[[], dict[int, Outcome]]
+                   ) -> dict[int, Outcome]:
+        """This rank's share outcomes from ``serve``, under the stop signals when it hosts engines
+        with a share: a stop while waiting for them (or an engine failure after one, since SLURM's
+        SIGTERM reaches the engines' processes too) abandons the step."""
+        if not self._mine(shares):
+            return serve()
+        try:
+            with activity("engine generate"), (self.stop.interruptible() if self.stop is not None
+                                               else contextlib.nullcontext()):
+                outcomes = serve()
+        except Interrupted:
+            raise StepAbandoned() from None
+        if self.stop is not None and self.stop.requested and any(o.error for o in outcomes.values()):
+            raise StepAbandoned()
+        return outcomes
+
+    def _gather_outcomes(self, shares: Mapping[int, list[int]], serve: Callable[[], dict[int, Outcome]]
+                         ) -> dict[int, Outcome]:
+        """Every share's outcome on every rank (each host serves its own with ``serve``)."""
+        values, failed = self._agree("generating rollouts", lambda: self._wait_mine(shares, serve), list(shares))
+        outcomes = {m: o for per_rank in values for m, o in per_rank.items()}
+        outcomes.update({m: Outcome(error=why) for m, why in failed.items()})
+        return outcomes
+
+    def launch(self, prompt_ids: list[list[int]], params) -> "_Launched":
         """Start generating ``prompt_ids`` from the weights the engines hold, in the background on
-        rank 0, and return at once (asynchronous rollouts; ``generate(..., pending=)`` waits for
-        it). Collective: broken engines are restarted first. No sync may happen until then."""
+        each host, and return at once (asynchronous rollouts; ``generate(..., pending=)`` waits
+        for it). Collective: broken engines are restarted first. No sync may happen until then."""
         while self._broken:
             self._restart_broken()
-        pending = _Pending(self, self._serving())
-        if is_rank0():
-            pending.start(prompt_ids, params)
-        return pending
+        launched = _Launched(self._serving(), first_shares(self._serving(), prompt_ids, params))
+        if self._mine(launched.shares):
+            launched.start(lambda: self._run_mine(launched.shares, prompt_ids, params))
+            self._in_flight = launched.thread
+        return launched
 
-    def generate(self, prompt_ids: list[list[int]], params, pending: Optional["_Pending"] = None) -> list:
+    def generate(self, prompt_ids: list[list[int]], params, pending: Optional["_Launched"] = None) -> list[Rollout]:
         """Rollouts for ``prompt_ids`` (same list on every rank), restarting engines as needed;
         ``pending``: the launched generation of these prompts, waited for first (when it failed,
         they are generated again). Raises StepAbandoned (stop request) or EngineGaveUp on every
@@ -310,50 +372,37 @@ class RolloutSupervisor:
                 self._restart_broken()
                 pending = None
                 continue
-            source, pending = (pending if pending is not None else _Fleet(self, self._serving())), None
-            serving = source.serving
-            try:
-                rollouts = rollout_phase.generate(source, prompt_ids, params, stop=self.stop)
-            except EngineGaveUp:
-                raise
-            except EngineError as e:  # broadcast by rank 0: the same on every rank
-                self._mark_broken(self._failures(e, serving))
-                continue
-            # engines that failed while the others finished their prompts: restarted before the next generation
-            failed, _ = self._agree("collecting the engines' failures", lambda: self._take_generation_failures(source))
-            self._mark_broken(failed)
+            serving = pending.serving if pending is not None else self._serving()
+            launched, pending = pending, None
+
+            def run_shares(shares):
+                nonlocal launched
+                if launched is not None:  # the first round, started at launch
+                    first, launched = launched, None
+                    return self._gather_outcomes(shares, first.wait)
+                return self._gather_outcomes(shares, lambda: self._run_mine(shares, prompt_ids, params))
+
+            with contextlib.nullcontext() if self._mine(serving) else activity("waiting for the hosts' rollouts"):
+                try:
+                    generations, self._reports = serve_across(serving, prompt_ids, params, run_shares, self.count)
+                except MembersFailed as e:  # every serving engine failed: restarted, and the prompts retried
+                    self._mark_broken(e.failed)
+                    continue
+            failed = {m: r.error for m, r in self._reports.items() if r.error is not None}
+            self._mark_broken(failed)  # restarted before the next generation
             for member in serving:
                 if member not in failed:
                     self.in_a_row[member] = 0
-            return rollouts
+            return _rollouts(generations, prompt_ids, params.n)
 
     @property
     def in_flight(self) -> bool:
-        """Rank 0: a launched generation is still running."""
+        """A launched generation is still running on this rank's engines."""
         return self._in_flight is not None and self._in_flight.is_alive()
 
-    def _generate_on_rank0(self, serving: list[int], prompt_ids, params) -> tuple[list, dict[int, MemberReport]]:
-        failed = {m: self._local_errors.pop(m) for m in serving if m in self._local_errors}
-        ready = {m: self.engines[m] for m in serving if m not in failed and m in self.engines}
-        if not ready:
-            raise MembersFailed(failed or {m: "the rollout engine is not running" for m in serving}, self.count)
-        try:
-            generations, reports = generate_across(ready, prompt_ids, params, fleet_size=self.count)
-        except MembersFailed as e:
-            raise MembersFailed({**failed, **e.failed}, self.count) from None
-        self._local_errors.update(failed)  # reported with the engines that failed in the generation
-        return generations, reports
-
-    def _take_generation_failures(self, source: "_Fleet") -> dict[int, str]:
-        """Rank 0, after a generation: its per-engine reports become the step's metrics; the
-        engines that failed in it (and any failure met outside a collective) are returned."""
-        self._reports = source.reports
-        failed = {m: r.error for m, r in self._reports.items() if r.error is not None}
-        failed.update({m: self._local_errors.pop(m) for m in list(self._local_errors)})
-        return failed
-
     def metrics(self) -> dict[str, float]:
-        """Rank 0: each engine's part in the last generation waited for (``docs/metrics.md``)."""
+        """Each engine's part in the last generation waited for (``docs/metrics.md``; the same on
+        every rank)."""
         out = {"engines/serving": float(self.count - len(self._retired) - len(self._broken))}
         for member in range(self.count):
             report = self._reports.get(member, MemberReport())
@@ -364,8 +413,8 @@ class RolloutSupervisor:
         return out
 
     def sleep(self) -> None:
-        """Colocated engines free their memory for training (rank 0; no collective: a failure is
-        agreed on at the next sync or generation)."""
+        """Colocated engines free their memory for training (each host its own; no collective: a
+        failure is agreed on at the next sync or generation)."""
         if self.rollout.placement != "colocated":
             return
         for member, engine in self.engines.items():
@@ -375,7 +424,7 @@ class RolloutSupervisor:
                 self._local_errors[member] = str(e)
 
     def close(self) -> None:
-        """Rank 0: close the engines (killed if broken or interrupted)."""
+        """Close this rank's engines (killed if broken or interrupted). Every rank calls it."""
         # a generation still running (the run ended between launch and wait) cannot be closed politely
         interrupted = (self.stop is not None and self.stop.requested) or self.in_flight
         for member in list(self.engines):
@@ -391,40 +440,41 @@ class RolloutSupervisor:
                 self._dispose(member)
 
 
-class _Fleet:
-    """What ``rollout_phase.generate`` calls on rank 0: the serving engines as one."""
+def _rollouts(generations, prompt_ids: list[list[int]], n: int) -> list[Rollout]:
+    """The generations (prompt-major, ``n`` per prompt) as the step's rollouts."""
+    samples = [g for per_prompt in generations for g in per_prompt]
+    if len(samples) != len(prompt_ids) * n:
+        raise EngineError(f"rollout engine returned {len(samples)} samples for {len(prompt_ids)} prompts x n={n}")
+    return [Rollout(g.prompt_index, list(prompt_ids[g.prompt_index]), list(g.token_ids), list(g.logprobs),
+                    g.finish_reason, g.weight_version) for g in samples]
 
-    def __init__(self, supervisor: RolloutSupervisor, serving: list[int]):
-        self.supervisor = supervisor
+
+class _Launched:
+    """A generation's first round, launched in the background on each host (asynchronous
+    rollouts): ``serving`` and ``shares`` are agreed on every rank; ``wait`` gives this host's
+    outcomes (in short joins, so a stop signal can interrupt the wait)."""
+
+    def __init__(self, serving: list[int], shares: dict[int, list[int]]):
         self.serving = serving
-        self.reports: dict[int, MemberReport] = {}
-
-    def generate(self, prompt_ids, params):
-        generations, self.reports = self.supervisor._generate_on_rank0(self.serving, prompt_ids, params)
-        return generations
-
-
-class _Pending(_Fleet):
-    """A generation launched in the background on rank 0; its ``generate`` waits for the result
-    (in short joins, so a stop signal can interrupt the wait)."""
-
-    def start(self, prompt_ids, params) -> None:
+        self.shares = shares
+        self.thread: Optional[threading.Thread] = None
         self._outcome: list = []
 
+    def start(self, serve: Callable[[], dict[int, Outcome]]) -> None:
         def run():
             try:
-                self._outcome.append(("value", super(_Pending, self).generate(prompt_ids, params)))
+                self._outcome.append(("value", serve()))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
                 self._outcome.append(("error", e))
 
-        thread = threading.Thread(target=run, daemon=True, name="launched-rollout")
-        self.supervisor._in_flight = thread
-        thread.start()
+        self.thread = threading.Thread(target=run, daemon=True, name="launched-rollout")
+        self.thread.start()
 
-    def generate(self, prompt_ids, params):
-        thread = self.supervisor._in_flight
-        while thread.is_alive():
-            thread.join(0.5)
+    def wait(self) -> dict[int, Outcome]:
+        if self.thread is None:  # this rank hosts none of the serving engines
+            return {}
+        while self.thread.is_alive():
+            self.thread.join(0.5)
         kind, value = self._outcome[0]
         if kind == "error":
             raise value

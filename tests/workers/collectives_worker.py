@@ -21,6 +21,15 @@ def outcome(fn):
         return ["raised", type(e).__name__, str(e)]
 
 
+def each_outcome(fn):
+    """What each_rank_reports did on this rank: ("value", [[kind, text], ...]) or ("raised", type, message)."""
+    try:
+        return ["value", [[kind, str(payload)] for kind, payload in
+                          c.each_rank_reports(fn, "testing the protocol", shared=(EngineError,))]]
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        return ["raised", type(e).__name__, str(e)]
+
+
 def main(out: Path) -> None:
     bootstrap.initialize(ParallelConfig())  # DP = 2
     rank = dist.get_rank()
@@ -35,6 +44,10 @@ def main(out: Path) -> None:
 
     seen["shared"] = outcome(engine_failed)
     seen["fatal"] = outcome(bug)
+    # each_rank_reports: every rank's outcome on every rank; rank 1's expected error travels, and
+    # an unexpected one on rank 1 ends every rank
+    seen["each"] = each_outcome(lambda: f"value of rank {rank}" if rank == 0 else engine_failed())
+    seen["each_fatal"] = each_outcome(lambda: bug() if rank == 1 else "fine")
     seen["sum"] = c.dp_all_reduce([1.0 + rank, 10.0 * rank])
     seen["max"] = c.dp_all_reduce([float(rank), -float(rank)], op="max")
     seen["min"] = c.dp_all_reduce([float(rank), -float(rank)], op="min")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rlmt_megatron.checkpoint.hf_export import buckets_at, gather_hf_state_dict
+from rlmt_megatron.checkpoint.hf_export import buckets_at, buckets_for, gather_hf_state_dict
 from rlmt_megatron.checkpoint.load import load_model
 from rlmt_megatron.config.model_build import ModelBuildConfig, ParallelConfig
 from rlmt_megatron.distributed import bootstrap
@@ -108,6 +108,7 @@ def run_layout(a, rollout, version: int, build: ModelBuildConfig, then_kill: boo
         for _ in buckets:
             pass
     trainer_state = gather_hf_state_dict(engine.built)
+    fed = _fed_by_own_replica(engine.built)
 
     prompts = [[1018, 1020, 304, 1021, 198, 198, 71, 72, 1022, 1020, 303, 1021, 198, 198], [1018, 40, 41, 42, 43]]
     if a.engines > 1:  # enough prompts, of several lengths, for every engine to get some
@@ -127,7 +128,7 @@ def run_layout(a, rollout, version: int, build: ModelBuildConfig, then_kill: boo
     if rank != 0:
         return None
     result.update({
-        "version": version,
+        "version": version, "fed": fed,
         "engine_checksum": rollout.checksum() if not isinstance(rollout, list) else None,
         "trainer_checksum": tensors_checksum(trainer_state.items()),
         "engine_state": {k: v.detach().clone() for k, v in rollout.model.named_parameters()} if a.engine == "hf" else None,
@@ -138,6 +139,33 @@ def run_layout(a, rollout, version: int, build: ModelBuildConfig, then_kill: boo
         result["after_kill"] = killed
         result["alive_after_kill"] = [e.health() for e in rollout]
     return result
+
+
+def _fed_by_own_replica(built):
+    """``buckets_for`` with every stage owner (TP rank 0) fed by its own data-parallel replica, as
+    engine hosts are: each receiver's checksum of what it got, by rank (on every rank), and the
+    error for a receiver that owns no stage (TP rank 1), or None when the layout has none."""
+    from megatron.core import parallel_state as ps
+
+    me = (ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank() == 0)
+    table = [None] * dist.get_world_size()
+    dist.all_gather_object(table, me)
+    feeds = {r: d for r, (d, owner) in enumerate(table) if owner}
+    rank = dist.get_rank()
+    got = buckets_for(built, feeds, bucket_bytes=256 * 1024)
+    mine = tensors_checksum((n, t) for bucket in got for n, t in bucket)  # every rank walks the stream
+    mine = mine if rank in feeds else None
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, mine)
+    refused = None
+    outsider = next((r for r, (_, owner) in enumerate(table) if not owner), None)
+    if outsider is not None:
+        try:
+            for _ in buckets_for(built, {outsider: table[outsider][0]}):
+                pass
+        except ValueError as e:
+            refused = str(e)
+    return {"checksums": {r: c for r, c in enumerate(sums) if c is not None}, "refused": refused}
 
 
 def _generate_and_score(rollout, engine, prompts, params, rank: int):

@@ -1,0 +1,79 @@
+"""Which trainer rank drives each rollout engine, and which data-parallel replica feeds it weights.
+
+Engines are spread over the nodes in turn (``fleet.member_node``: engine i on node i mod nodes),
+and each node's engines are driven by one rank of that node, its *host*: the lowest rank there
+that owns a pipeline stage of its data-parallel replica (its TP rank 0; on a GPU machine, local
+rank 0). The host builds, restarts and syncs its node's engines and runs their share of each
+generation; its own replica streams it the weights (``hf_export.buckets_for``): the TP gathers stay
+inside the replica and each stage's owner sends only its own layers, so with a replica per node
+nothing of a sync crosses nodes and no rank carries more than its node's part. A node whose ranks
+own no stage (a TP group that spans nodes) hosts no engine; the engines go to the other nodes.
+
+A node is a torchrun agent (``GROUP_RANK``), else a SLURM node (``SLURM_NODEID``), else a host name.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from rlmt_megatron.rollout.fleet import member_node, member_slot
+
+
+def node_key() -> str:
+    """What tells this process's node apart from the job's others."""
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(name) is not None:
+            return f"{name}={os.environ[name]}"
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class EngineHosts:
+    """The rank that drives each engine (``host``), each engine's node and place on it, and the
+    replica that feeds each host (``replica``: host rank -> data-parallel rank)."""
+
+    host: dict[int, int]
+    node: dict[int, int]
+    slot: dict[int, int]
+    replica: dict[int, int]
+
+    def members_of(self, rank: int) -> list[int]:
+        return sorted(m for m, h in self.host.items() if h == rank)
+
+    def feeds(self, members) -> dict[int, int]:
+        """What ``buckets_for`` needs to stream the weights to the hosts of ``members``."""
+        return {self.host[m]: self.replica[self.host[m]] for m in members}
+
+    def describe(self) -> str:
+        return "; ".join(f"engine {m} on node {self.node[m]} (rank {self.host[m]})" for m in sorted(self.host))
+
+
+def find_engine_hosts(count: int) -> EngineHosts:
+    """Where the run's ``count`` engines live. Collective (every rank says its node and stage)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return EngineHosts({m: 0 for m in range(count)}, {m: 0 for m in range(count)},
+                           {m: m for m in range(count)}, {0: 0})
+    from megatron.core import parallel_state as ps
+
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, (node_key(), ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                   ps.get_tensor_model_parallel_rank() == 0))
+    owner: dict[tuple[int, int], int] = {}
+    for rank, (_, replica, stage, tp_first) in enumerate(table):
+        if tp_first:
+            owner.setdefault((replica, stage), rank)
+    nodes = list(dict.fromkeys(key for key, *_ in table))  # numbered by their lowest rank
+    hosts = []  # per node that can host, its host rank
+    for key in nodes:
+        owners = [r for r, (k, d, p, _) in enumerate(table) if k == key and owner.get((d, p)) == r]
+        if owners:
+            hosts.append((nodes.index(key), owners[0]))
+    host, node, slot = {}, {}, {}
+    for m in range(count):
+        node[m], host[m] = hosts[member_node(m, len(hosts))]
+        slot[m] = member_slot(m, len(hosts))
+    return EngineHosts(host, node, slot, {r: table[r][1] for r in set(host.values())})
