@@ -195,8 +195,9 @@ def _urls(n: int) -> str:
 
 
 def test_colocated_fleet_puts_one_engine_on_each_node_and_every_gpu_hosts_one():
-    # 4 nodes, rollout.engines 4 of TP 2 x DP 4: engine i on node i, GPUs 0-7 of it; the weights
-    # through a shared folder (CUDA IPC cannot leave node 0).
+    # 4 nodes, rollout.engines 4 of TP 2 x DP 4: engine i on node i, GPUs 0-7 of it. The 4-node
+    # recipes sync each node's engine by CUDA IPC from that node's own ranks (checked at the end);
+    # the disk transport is set here for its arithmetic: one copy per engine through the folder.
     cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4), "weight_sync.transport=disk",
                                          "weight_sync.disk_dir=/shared/ws"])
     report = estimate(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
@@ -214,6 +215,12 @@ def test_colocated_fleet_puts_one_engine_on_each_node_and_every_gpu_hosts_one():
     # over the shared filesystem's assumed 2 GB/s
     assert report.step.seconds("sync") == pytest.approx(4 * 8_030_261_248 * 2 / 2e9, rel=1e-12)
     assert "4 x 16.1 GB (bf16) / 2.0 GB/s (disk, one copy per engine)" in text
+    # the default transport (the recipes'): CUDA IPC on every node, every engine fed at once by its
+    # own node, so one copy's time at the assumed 16.06 GB / 5 s
+    cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4)])
+    report = estimate(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
+    assert "weights via cuda_ipc" in report.render()
+    assert report.step.seconds("sync") == pytest.approx(8_030_261_248 * 2 / (8.03e9 * 2 / 5.0), rel=1e-12)
 
 
 def test_fleet_layouts_name_each_engines_gpus():

@@ -31,11 +31,11 @@ sizes are global, so they hold on any layout). The layouts are ours, not the aut
   same layout; 8K-token micro-batches. One engine; weights by CUDA IPC.
 - 4 nodes: 4 engines, one per node (``rollout.engines: 4``, one URL each); the trainer on all 32
   GPUs: policy TP 4 + SP, DP 8, 16K-token micro-batches (12K for PPO, which also holds a critic);
-  the reward model on its own TP 2 (DP 16). Every engine is synced from rank 0 and CUDA IPC
-  handles cannot leave node 0, so the weights go through a shared folder
-  (``weight_sync.transport: disk``) until a per-node sync exists. The dry run projects ~76 s per
-  GRPO step of 128 prompts x 8 for this layout against ~166 s for the former one (1 engine node,
-  3 trainer nodes), at its assumed rates.
+  the reward model on its own TP 2 (DP 16). Each node's engine is synced by CUDA IPC from that
+  node's own ranks (``trainer/engine_hosts.py``), the default colocated transport: no shared
+  folder. The dry run projects ~73 s per GRPO step of 128 prompts x 8 for this layout (5 s of it
+  the sync) against ~166 s for the former one (1 engine node, 3 trainer nodes), at its assumed
+  rates.
 - Synchronous (``rollout.max_staleness`` 0), as the authors' on-policy runs.
 """
 
@@ -85,8 +85,8 @@ LAYOUTS = {
     "4nodes": {"nodes": 4, "placement": "colocated", "parallel": {"tp": 4, "pp": 1, "sequence_parallel": True},
                "reward_parallel": {"tp": 2, "pp": 1}, "max_tokens": {"grpo": 16384, "ppo": 12288, "dpo": 16384},
                "sglang_url": [f"http://NODE{i}:30000" for i in range(4)],
-               # CUDA IPC cannot reach the engines of nodes 1-3 from rank 0: a folder every node reads
-               "weight_sync": {"transport": "disk", "disk_dir": "/path/to/shared/weight_sync"}},
+               # each node's engine is synced by CUDA IPC from that node's own ranks: no shared folder
+               "weight_sync": {}},
 }
 
 
@@ -351,7 +351,7 @@ def header(algo: str, model: str, start: str, thinking: str, layout: str, path: 
     else:
         launch = [f"#   on each of the {nodes} nodes, one server (node i: NODEi in rollout.sglang_url):",
                   f"#     {sglang}",
-                  f"#   then on every node: launch/torchrun.sh {path} (weight_sync.disk_dir: a folder all nodes share)"]
+                  f"#   then on every node: launch/torchrun.sh {path} (each node syncs its own server by CUDA IPC)"]
     dry = f"rlmt-train {path} --dry-run" + (f" --nodes {nodes}" if nodes != 1 else "") + f" --engine-dp {ENGINE_DP}"
     source = authors_run(algo, model, start, thinking)
     if algo == "dpo":
