@@ -16,6 +16,7 @@ SLOWEST_FIRST = (
     "test_fault_campaign.py", "test_slurm.py", "test_rollout_vllm_engine.py", "test_two_nodes.py", "test_train_state.py",
     "test_rlmt_train.py", "test_train_step.py", "test_loss_functions.py", "test_faults.py", "test_convert_cli.py",
     "test_parity.py", "test_run_folder.py", "test_sglang_protocol.py", "test_rollout_hf_engine.py",
+    "test_partial_rollouts.py",
 )
 
 

@@ -81,6 +81,14 @@ class RolloutConfig(StrictModel):
         0, description="0: synchronous (each step samples from the weights it trains). >= 1: asynchronous: the next "
         "step's generation runs while this step trains, from weights at most this many updates old (one-step-off-"
         "policy at 1; the engines are synced only when the bound needs it); needs algorithm.rollout_correction")
+    partial_tokens: NonNegativeInt = Field(
+        0, description="partial rollouts (0: off): each generation round gives every unfinished answer at most this "
+        "many tokens; a step trains on the first data.prompts_per_step groups whose answers all finished, and the "
+        "unfinished ones continue in the next step under the newer weights, each token tagged with the version that "
+        "sampled it (trainer/partial_rollouts.py). Must divide max_new_tokens; needs algorithm.rollout_correction")
+    partial_max_syncs: PositiveInt = Field(
+        1, description="partial rollouts: the most weight syncs one answer may span; an answer that would span more "
+        "is finished in the current step")
     sglang_url: Optional[Union[str, list[str]]] = Field(
         None, description="base URL of the SGLang server (engine=sglang), or a list with one URL per engine "
         "(rollout.engines)")
@@ -309,6 +317,8 @@ class RLMTConfig(StrictModel):
             raise ValueError("rollout.engine=sglang needs rollout.sglang_url")
         if self.rollout.max_staleness:
             self._check_asynchronous()
+        if self.rollout.partial_tokens:
+            self._check_partial()
         # Checked here so every rank fails together (the engine itself exists on rank 0 only).
         from rlmt_megatron.errors import RLMTError
         from rlmt_megatron.rollout.weight_sync.select import resolve_transport
@@ -359,6 +369,31 @@ class RLMTConfig(StrictModel):
         if r.engine == "hf" and r.engine_process != "subprocess":
             raise ValueError(f"{why} needs the hf engine in its own process (rollout.engine_process=subprocess): "
                              "generating in the trainer's process would share its RNG and threads with training")
+
+    def _check_partial(self) -> None:
+        """What ``rollout.partial_tokens`` > 0 cannot work with, each refused with its reason."""
+        r, a = self.rollout, self.algorithm
+        why = f"rollout.partial_tokens={r.partial_tokens} (partial rollouts)"
+        if r.max_new_tokens % r.partial_tokens:
+            raise ValueError(f"{why} must divide rollout.max_new_tokens={r.max_new_tokens}: every round then asks "
+                             "every engine for the same number of tokens, and no continued answer can pass the "
+                             "engine's length limit")
+        if a.name == "dpo":
+            raise ValueError(f"{why} applies to grpo and ppo, whose loss corrects tokens sampled by older weights with "
+                             "the engine's logprobs")
+        if a.rollout_correction.mode == "none":
+            raise ValueError(f"{why} continues answers under newer weights than the ones that began them: set "
+                             "algorithm.rollout_correction.mode (tis, mis or icepop) so the loss corrects with the "
+                             "engine's logprobs")
+        if a.dynamic_sampling.enabled:
+            raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: both decide which groups a "
+                             "step trains on, by different rules")
+        if r.max_staleness:
+            raise ValueError(f"{why} cannot be combined with rollout.max_staleness (asynchronous rollouts) yet: a "
+                             "launched generation would have to be cut at the next sync")
+        if self.format.kind == "zero":
+            raise ValueError(f"{why} cannot be used with format.kind=zero: its stop string could be split over two "
+                             "rounds, and an engine only looks for it in the tokens it generates in one")
 
     @property
     def engine_follows_policy(self) -> bool:

@@ -41,9 +41,16 @@ class Rollout:
     response_ids: list[int]
     engine_logprobs: list[float]
     finish_reason: str
-    weight_version: int
+    weight_version: int  # the (oldest) weights that sampled its tokens
     reward: float = math.nan
     extras: dict = field(default_factory=dict)  # parsed thinking/answer, format flags, ...
+    # per response token, the weights that sampled it (partial rollouts continue an answer under
+    # newer weights); None: every token is from ``weight_version``
+    token_versions: Optional[list[int]] = None
+
+    def versions(self) -> list[int]:
+        """The weight version of each response token."""
+        return self.token_versions if self.token_versions is not None else [self.weight_version] * len(self.response_ids)
 
     @property
     def trainable(self) -> bool:

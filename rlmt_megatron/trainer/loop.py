@@ -40,7 +40,9 @@ from rlmt_megatron.trainer.experience import check_trainable
 from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import rollout_metrics, staleness_metrics
-from rlmt_megatron.trainer.step_rollouts import collect_step_rollouts, finish_step_rollouts, launch_step_rollouts
+from rlmt_megatron.trainer.partial_rollouts import PartialRollouts
+from rlmt_megatron.trainer.step_rollouts import (collect_partial_rollouts, collect_step_rollouts, finish_step_rollouts,
+                                                 launch_step_rollouts)
 from rlmt_megatron.trainer.updates import UPDATES
 from rlmt_megatron.trainer.stop import (
     RunStopped,
@@ -116,6 +118,12 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     asynchronous = cfg.rollout.max_staleness > 0
     launched = None
     boundary = sampler.state_dict()
+    # Partial rollouts: the groups carried from step to step (kept in checkpoints).
+    r = cfg.rollout
+    partial = PartialRollouts(r.samples_per_prompt, r.partial_tokens, r.max_new_tokens,
+                              r.partial_max_syncs) if r.partial_tokens else None
+    if partial is not None and resume_dir is not None:
+        partial.load_state_dict(extra["partial_rollouts"])
 
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
@@ -125,7 +133,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                     "step": at, "weight_version": version,
                     "sampler": boundary if asynchronous else sampler.state_dict(),
                     "engine_restarts": supervisor.restarts, "engine_member_restarts": supervisor.member_restarts,
-                    "kl_coef": kl_control.coef})
+                    "kl_coef": kl_control.coef}
+                    | ({"partial_rollouts": partial.state_dict()} if partial is not None else {}))
             if is_rank0():
                 prune_checkpoints(ckpt_root, cfg.run.keep_last)
         return saved.get(at)
@@ -141,11 +150,14 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             progress = ProgressReporter(total_steps=cfg.run.total_steps, start_step=step)
         update = UPDATES[cfg.algorithm.name]
         for step in range(step + 1, cfg.run.total_steps + 1):
-            at_start = (sampler.state_dict(), capture_rng_state())  # to abandon the step
+            # to abandon the step
+            at_start = (sampler.state_dict(), capture_rng_state(), partial.state_dict() if partial else None)
             timer = PhaseTimer()
             try:
                 with activity(f"step {step}"), timer.phase("step"):
-                    if launched is None:
+                    if partial is not None:
+                        got = collect_partial_rollouts(cfg, roles, supervisor, sampler, partial, step, timer)
+                    elif launched is None:
                         got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer, pair_set)
                     else:
                         got, launched = finish_step_rollouts(cfg, roles, supervisor, launched, timer), None
@@ -172,6 +184,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                 # Nothing of the step was kept: back to its start, and the checkpoint is the previous step's.
                 sampler.load_state_dict(at_start[0])
                 restore_rng_state(at_start[1], Path(f"<start of step {step}>"))
+                if partial is not None:
+                    partial.load_state_dict(at_start[2])
                 if isinstance(e, StepAbandoned):
                     _stop(cfg, out, stop, step - 1, checkpoint(step - 1), abandoned=step)
                 _engine_failed(out, e, step - 1, checkpoint(step - 1))
@@ -278,4 +292,15 @@ def _sample_rows(rollouts, conversations, tokenizer, batch) -> list[dict]:
         "response_tokens": len(r.response_ids),
         "finish_reason": r.finish_reason,
         "weight_version": r.weight_version,
-    } for r in rollouts]
+    } | ({"token_versions": _runs(r.token_versions)} if r.token_versions is not None else {}) for r in rollouts]
+
+
+def _runs(values: list[int]) -> list[list[int]]:
+    """[[value, how many in a row], ...]: a partial rollout's token versions, compactly."""
+    out: list[list[int]] = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out

@@ -107,10 +107,11 @@ def rollout_metrics(rollouts: Sequence[Rollout], tokenizer, truncated_prompts: i
 
 def staleness_metrics(rollouts: Sequence[Rollout], trainer_version: int) -> dict[str, float]:
     """How far behind the trained weights the samples were drawn: per sample, the trainer's
-    version minus the engine's (0 when synchronous), and the share of response tokens drawn
-    from older weights (the ones the rollout correction reweights)."""
+    version minus the oldest weights that sampled any of its tokens (0 when synchronous), and
+    the share of response tokens drawn from older weights (the ones the rollout correction
+    reweights; a partial rollout's tokens each count with their own version)."""
     stale = [trainer_version - r.weight_version for r in rollouts]
-    tokens = [len(r.response_ids) for r in rollouts]
-    off = sum(t for t, s in zip(tokens, stale) if s > 0)
+    versions = [v for r in rollouts for v in r.versions()]
+    off = sum(v < trainer_version for v in versions)
     return {"rollout/staleness_mean": sum(stale) / len(stale), "rollout/staleness_max": float(max(stale)),
-            "rollout/off_policy_token_frac": off / max(1, sum(tokens))}
+            "rollout/off_policy_token_frac": off / max(1, len(versions))}

@@ -12,6 +12,10 @@ entropy terms). Each round has its own sampling seed, so a resumed run repeats i
 Asynchronous rollouts (``rollout.max_staleness`` >= 1): :func:`launch_step_rollouts` draws a
 step's prompts and starts their generation on the engines, and :func:`finish_step_rollouts`
 waits for it and scores the answers, a step later, after the trainer has trained in between.
+
+Partial rollouts (``rollout.partial_tokens`` > 0): :func:`collect_partial_rollouts` generates in
+rounds of a few tokens per answer and trains on the groups done first; the others carry over
+(``trainer/partial_rollouts.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rlmt_megatron.rollout.types import Generation
 from rlmt_megatron.trainer.experience import Rollout
 from rlmt_megatron.trainer.one_round import OneRoundStore
+from rlmt_megatron.trainer.partial_rollouts import PartialRollouts
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, sampling_params, shape_rewards
 from rlmt_megatron.trainer.watchdog import activity
 
@@ -153,3 +159,31 @@ def finish_step_rollouts(cfg, roles, supervisor, launched: LaunchedRollouts, tim
         got = supervisor.generate(drawn.prompt_ids, drawn.params, pending=launched.pending)
     _score(cfg, roles, got, drawn.conversations, timer)
     return _assemble(_groups(drawn.prompts, drawn.conversations, drawn.truncated, got), {})
+
+
+def collect_partial_rollouts(cfg, roles, supervisor, sampler, partial: PartialRollouts, step: int,
+                             timer) -> StepRollouts:
+    """This step's groups from the partial rollouts (every rank; the engine calls are collective):
+    rounds of ``rollout.partial_tokens`` tokens per unfinished answer, one request per answer."""
+
+    def draw():
+        d = _draw(cfg, roles, sampler, step)
+        return list(zip(d.prompts, d.prompt_ids, d.truncated))
+
+    def generate(prompt_ids: list[list[int]], round_: int):
+        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, round_)
+        params = params.model_copy(update={"n": 1, "max_new_tokens": cfg.rollout.partial_tokens})
+        with activity("rollout"), timer.phase("rollout"):
+            got = supervisor.generate(prompt_ids, params)
+        return [Generation(r.prompt_index, 0, r.response_ids, r.engine_logprobs, r.finish_reason, r.weight_version)
+                for r in got]
+
+    groups, metrics = partial.collect(cfg.data.prompts_per_step, supervisor.version, draw, generate)
+    supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
+    rollouts = [Rollout(index, list(g.prompt_ids), list(a.tokens), list(a.logprobs), a.finish,
+                        min(a.versions, default=supervisor.version),
+                        token_versions=list(a.versions))
+                for index, g in enumerate(groups) for a in g.answers]
+    conversations = [g.prompt.messages for g in groups]
+    _score(cfg, roles, rollouts, conversations, timer)
+    return StepRollouts([g.prompt for g in groups], conversations, [g.truncated for g in groups], rollouts, metrics)
