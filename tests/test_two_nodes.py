@@ -3,9 +3,12 @@ its own torchrun (``--nnodes 2``, one rank per node, a data-parallel replica eac
 asynchronous GRPO run with two hf engines in their own processes, split over the nodes: engine i
 is built, synced and driven by node i's rank, which gets the weights from its own replica
 (``trainer/engine_hosts.py``, ``hf_export.buckets_for``); each sync is checksummed on each engine.
-The reference is the same config run on one node (two ranks there, both engines on rank 0): the
-metrics, each engine's share of the prompts and the final weights must be equal bit for bit, so
-nothing in the loop depends on where its ranks or engines live.
+In the two-node run one engine process kills itself in its first generation
+(``tests/workers/faulty_engines.py``, ``die@0``): its prompt finishes on the engine of the other
+node, and its own node's rank restarts and re-syncs it. The reference is the same config run on
+one node without the fault (two ranks there, both engines on rank 0): the metrics (but restart
+counts and per-engine figures) and the final weights must be equal bit for bit, so nothing in
+the loop depends on where its ranks or engines live, nor on an engine lost on another node.
 
 The namespaces, the veth pair and the addresses are made by the fixture, named after this
 process, and deleted afterwards (root can do this inside the sandbox; nothing outside it is
@@ -14,6 +17,7 @@ machine's hostname resolves to an address that namespace does not have.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -49,7 +53,7 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def test_engines_split_over_two_nodes_give_the_same_run_as_on_one(tiny_models, tmp_path, two_hosts):
+def test_engines_split_over_two_nodes_give_the_same_run_as_on_one_even_when_one_dies(tiny_models, tmp_path, two_hosts):
     sections = dict(run={"total_steps": 3}, optim={"lr": 1e-2},
                     rollout={"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0, "engines": 2,
                              "engine_process": "subprocess", "max_staleness": 1},
@@ -59,12 +63,15 @@ def test_engines_split_over_two_nodes_give_the_same_run_as_on_one(tiny_models, t
     single = torchrun(2, ["-m", "rlmt_megatron.cli.train", str(one)], timeout=600)
 
     master, port = two_hosts[0][2], str(free_port())
+    faults = tmp_path / "faults"
+    faults.mkdir()
     procs = []
     for rank, (ns, dev, _) in enumerate(two_hosts):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": dev}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": dev,
+               "RLMT_FAULT": "die@0", "RLMT_FAULT_DIR": str(faults)}
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr", master, "--master-port", port,
-               "-m", "rlmt_megatron.cli.train", str(two)]
+               "tests/workers/fault_inject_worker.py", str(two)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = []
@@ -80,12 +87,18 @@ def test_engines_split_over_two_nodes_give_the_same_run_as_on_one(tiny_models, t
     # where the engines live: both on the one node's rank 0; one per node, each on its node's rank
     assert "rollout engines: engine 0 on node 0 (rank 0); engine 1 on node 0 (rank 0)" in single.stdout
     assert "rollout engines: engine 0 on node 0 (rank 0); engine 1 on node 1 (rank 1)" in outputs[0]
-    drop = ("timing/", "engines/", "memory/")
+    died = re.search(r"rollout engine (\d) failed: hf engine process died \(exit code -9\) while generating", outputs[0])
+    assert died, outputs[0][-3000:]
+    dead = int(died.group(1))
+    assert f"restarting rollout engine {dead} (1/3 in a row, 1 in this run)" in outputs[0]
+    drop = ("timing/", "engines/", "memory/", "rollout/restarts")
     rows = read_metrics(tmp_path / "two", drop)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows == read_metrics(tmp_path / "one", drop)
     assert [r["rollout/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]  # asynchronous, one update behind
-    shares = [{k: v for k, v in r.items() if k.endswith("/prompts")} for r in read_metrics(tmp_path / "two")]
-    assert shares == [{"engines/0/prompts": 1.0, "engines/1/prompts": 1.0}] * 3  # both engines served every step
-    assert shares == [{k: v for k, v in r.items() if k.endswith("/prompts")} for r in read_metrics(tmp_path / "one")]
+    # step 1: both prompts served by the engine of the other node; then one each, as on one node
+    shares = [[r[f"engines/{i}/prompts"] for i in (0, 1)] for r in read_metrics(tmp_path / "two")]
+    assert shares[0][dead] == 0 and shares[0][1 - dead] == 2 and shares[1:] == [[1, 1]] * 2
+    assert [[r[f"engines/{i}/prompts"] for i in (0, 1)] for r in read_metrics(tmp_path / "one")] == [[1, 1]] * 3
+    assert [r["rollout/restarts"] for r in read_metrics(tmp_path / "two")] == [1, 1, 1]
     a, b = (load_file(str(tmp_path / name / "final_hf" / "model.safetensors")) for name in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
