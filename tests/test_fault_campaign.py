@@ -437,6 +437,9 @@ class TestOneProcess:
         # the staleness as worked out above; the one sync before step 4's launch
         assert [r["rollout/staleness_max"] for r in rows] == [r["rollout/staleness_mean"] for r in rows] == [0, 1, 2, 1]
         assert [r["rollout/off_policy_token_frac"] for r in rows] == [0, 1, 1, 1]
+        hist = [{int(k.rsplit("/", 1)[1]): v for k, v in r.items() if k.startswith("rollout/staleness_hist/")}
+                for r in rows]
+        assert hist == [{0: 1}, {0: 0, 1: 1}, {0: 0, 1: 0, 2: 1}, {0: 0, 1: 1}]
         assert ["timing/sync" in r for r in rows] == [False, False, True, False]
         # the correction sees the staleness: weights of 1 on step 1 (same weights, two float32
         # implementations), clearly not on the stale steps

@@ -141,6 +141,9 @@ def test_a_run_with_partial_rollouts_resumes_to_the_uninterrupted_run(eos_prone_
             sum(k for v, k in tokens if v < trained_at) / sum(k for _, k in tokens), abs=1e-12)
         assert row["rollout/staleness_max"] == max(trained_at - per_answer[0][0] for per_answer in versions) <= 1
         assert row["partial/continued_samples"] == sum(len(v) > 1 for v in versions)
+        hist = {int(k.rsplit("/", 1)[1]): v for k, v in row.items() if k.startswith("rollout/staleness_hist/")}
+        assert hist == pytest.approx({s: sum(k for v, k in tokens if trained_at - v == s) / sum(k for _, k in tokens)
+                                      for s in range(int(row["rollout/staleness_max"]) + 1)}, abs=1e-12)
     assert rows[0]["partial/in_flight_groups"] > 0  # the cut below falls with groups in flight
 
     for total in (1, 3):  # one step, then resumed from its checkpoint to the third

@@ -107,11 +107,16 @@ def rollout_metrics(rollouts: Sequence[Rollout], tokenizer, truncated_prompts: i
 
 def staleness_metrics(rollouts: Sequence[Rollout], trainer_version: int) -> dict[str, float]:
     """How far behind the trained weights the samples were drawn: per sample, the trainer's
-    version minus the oldest weights that sampled any of its tokens (0 when synchronous), and
-    the share of response tokens drawn from older weights (the ones the rollout correction
-    reweights; a partial rollout's tokens each count with their own version)."""
+    version minus the oldest weights that sampled any of its tokens (0 when synchronous); the
+    share of response tokens drawn from older weights (the ones the rollout correction
+    reweights; a partial rollout's tokens each count with their own version); and the histogram
+    of the tokens' staleness, ``rollout/staleness_hist/<k>``: the share of tokens sampled k
+    updates before the weights they train, for k from 0 to the step's largest."""
     stale = [trainer_version - r.weight_version for r in rollouts]
     versions = [v for r in rollouts for v in r.versions()]
     off = sum(v < trainer_version for v in versions)
+    total = max(1, len(versions))
+    hist = {f"rollout/staleness_hist/{k}": sum(trainer_version - v == k for v in versions) / total
+            for k in range(max(stale) + 1)}
     return {"rollout/staleness_mean": sum(stale) / len(stale), "rollout/staleness_max": float(max(stale)),
-            "rollout/off_policy_token_frac": off / max(1, len(versions))}
+            "rollout/off_policy_token_frac": off / total} | hist
