@@ -63,19 +63,42 @@ def steps(partial: PartialRollouts, script: Script, count: int, want: int):
     return out
 
 
+# 2 prompts a step x 2 answers, 2 tokens a round, answers of the full 8 tokens, S = 1: at most
+# 2 x 2 groups in flight. Step 1 draws at rounds 0 and 1 (serials 0-3) and trains 0, 1 after 4
+# rounds; each later step draws once and finishes the batch drawn a step before, in 1 or 3 rounds.
+FULL_LENGTH_SCHEDULE = {
+    "serials": [[0, 1], [2, 3], [4, 5], [6, 7]],
+    "versions": [[[0] * 8] * 4, [[0] * 6 + [1] * 2] * 4, [[1] * 2 + [2] * 6] * 4, [[2] * 6 + [3] * 2] * 4],
+    "rounds, draws, continued, spanned, in flight": [(4, 2, 0, 0, 2), (1, 1, 4, 1, 2), (3, 1, 4, 1, 2), (1, 1, 4, 1, 2)],
+}
+
+
+def _schedule(got):
+    return {"serials": [serials for serials, _, _ in got], "versions": [versions for _, versions, _ in got],
+            "rounds, draws, continued, spanned, in flight": [
+                (m["partial/rounds"], m["partial/drawn_batches"], m["partial/continued_samples"],
+                 m["partial/max_syncs_spanned"], m["partial/in_flight_groups"]) for _, _, m in got]}
+
+
 def test_answers_continue_across_syncs_on_the_schedule_derived_by_hand():
-    # 2 prompts a step x 2 answers, 2 tokens a round, answers of the full 8 tokens, S = 1: at most
-    # 2 x 2 groups in flight. Step 1 draws at rounds 0 and 1 (serials 0-3) and trains 0, 1 after 4
-    # rounds; each later step draws once and finishes the batch drawn a step before, in 1 or 3 rounds.
     lengths = {s: [NEVER, NEVER] for s in range(12)}
     partial = PartialRollouts(samples_per_prompt=2, chunk_tokens=2, max_new_tokens=8, max_syncs=1)
-    got = steps(partial, Script(lengths, batch=2, chunk=2), 4, want=2)
-    assert [serials for serials, _, _ in got] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert [versions for _, versions, _ in got] == [
-        [[0] * 8] * 4, [[0] * 6 + [1] * 2] * 4, [[1] * 2 + [2] * 6] * 4, [[2] * 6 + [3] * 2] * 4]
-    assert [(m["partial/rounds"], m["partial/drawn_batches"], m["partial/continued_samples"],
-             m["partial/max_syncs_spanned"], m["partial/in_flight_groups"]) for _, _, m in got] == [
-        (4, 2, 0, 0, 2), (1, 1, 4, 1, 2), (3, 1, 4, 1, 2), (1, 1, 4, 1, 2)]
+    assert _schedule(steps(partial, Script(lengths, batch=2, chunk=2), 4, want=2)) == FULL_LENGTH_SCHEDULE
+
+
+def test_a_first_round_launched_ahead_takes_the_place_of_the_steps_first():
+    # Each step after the first launches its first round ahead (first_round, as asynchronous
+    # rollouts do while the previous step trains), here from the same weights: the same schedule.
+    lengths = {s: [NEVER, NEVER] for s in range(12)}
+    partial = PartialRollouts(samples_per_prompt=2, chunk_tokens=2, max_new_tokens=8, max_syncs=1)
+    script, got = Script(lengths, batch=2, chunk=2), []
+    for step in range(4):
+        first = partial.first_round(2, script.draw) if step else None
+        launched = None if first is None else (first, script.generate(first.requests, 0))
+        groups, metrics = partial.collect(2, script.version, script.draw, script.generate, launched)
+        got.append(([g.serial for g in groups], [a.versions for g in groups for a in g.answers], metrics))
+        script.version += 1
+    assert _schedule(got) == FULL_LENGTH_SCHEDULE
 
 
 def test_an_answer_that_would_span_too_many_syncs_is_finished_and_trained_first():
@@ -114,36 +137,43 @@ def eos_prone_policy(tiny_models, tmp_path_factory):
     return out
 
 
-def _config(path, tiny_models, policy, out, total_steps):
+def _config(path, tiny_models, policy, out, total_steps, **rollout):
     cfg = write_train_config(path, tiny_models, out, run={"total_steps": total_steps, "save_every": 1},
                              models={"policy": str(policy), "reward": str(tiny_models / "llama-rm")},
                              optim={"lr": 1e-2}, data={"prompts_per_step": 4},
-                             rollout={"samples_per_prompt": 2, "max_new_tokens": 8, "partial_tokens": 2},
+                             rollout={"samples_per_prompt": 2, "max_new_tokens": 8, "partial_tokens": 2, **rollout},
                              algorithm={"rollout_correction": {"mode": "tis"}})
     return [str(cfg)]
+
+
+def _check_token_versions(out, steps: int, bound: int) -> list[dict]:
+    """Every step's staleness metrics recounted from its samples' token versions (the weights
+    step k trains are version k - 1); some answers carry two versions; none is more than
+    ``bound`` updates stale. Returns the metric rows."""
+    rows = read_metrics(out)
+    samples = [[json.loads(line) for line in (out / "samples" / f"step_{s:06d}.jsonl").read_text().splitlines()]
+               for s in range(1, steps + 1)]
+    runs = [[tuple(map(tuple, r["token_versions"])) for r in step] for step in samples]
+    assert any(len(v) == 2 for step in runs for v in step), runs
+    for trained_at, (row, versions) in enumerate(zip(rows, runs)):
+        tokens = [(v, k) for per_answer in versions for v, k in per_answer]
+        total = sum(k for _, k in tokens)
+        assert total == sum(r["response_tokens"] for r in samples[trained_at])
+        assert row["rollout/off_policy_token_frac"] == pytest.approx(
+            sum(k for v, k in tokens if v < trained_at) / total, abs=1e-12)
+        assert row["rollout/staleness_max"] == max(trained_at - per_answer[0][0] for per_answer in versions) <= bound
+        assert row["partial/continued_samples"] == sum(len(v) > 1 for v in versions)
+        hist = {int(k.rsplit("/", 1)[1]): v for k, v in row.items() if k.startswith("rollout/staleness_hist/")}
+        assert hist == pytest.approx({s: sum(k for v, k in tokens if trained_at - v == s) / total
+                                      for s in range(int(row["rollout/staleness_max"]) + 1)}, abs=1e-12)
+    return rows
 
 
 def test_a_run_with_partial_rollouts_resumes_to_the_uninterrupted_run(eos_prone_policy, tiny_models, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run = run_cli("rlmt_megatron.cli.train", _config(tmp_path / "w.yaml", tiny_models, eos_prone_policy, whole, 3))
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = read_metrics(whole)
-    # answers continued under newer weights, every token tagged; never more than one sync spanned
-    samples = [[json.loads(line) for line in (whole / "samples" / f"step_{s:06d}.jsonl").read_text().splitlines()]
-               for s in (1, 2, 3)]
-    runs = [[tuple(map(tuple, r["token_versions"])) for r in step] for step in samples]
-    assert any(len(v) == 2 for step in runs for v in step), runs
-    for step, (row, versions) in enumerate(zip(rows, runs)):
-        trained_at = step  # the weights step k trains are version k - 1
-        tokens = [(v, k) for per_answer in versions for v, k in per_answer]
-        assert sum(k for _, k in tokens) == sum(r["response_tokens"] for r in samples[step])
-        assert row["rollout/off_policy_token_frac"] == pytest.approx(
-            sum(k for v, k in tokens if v < trained_at) / sum(k for _, k in tokens), abs=1e-12)
-        assert row["rollout/staleness_max"] == max(trained_at - per_answer[0][0] for per_answer in versions) <= 1
-        assert row["partial/continued_samples"] == sum(len(v) > 1 for v in versions)
-        hist = {int(k.rsplit("/", 1)[1]): v for k, v in row.items() if k.startswith("rollout/staleness_hist/")}
-        assert hist == pytest.approx({s: sum(k for v, k in tokens if trained_at - v == s) / sum(k for _, k in tokens)
-                                      for s in range(int(row["rollout/staleness_max"]) + 1)}, abs=1e-12)
+    rows = _check_token_versions(whole, 3, bound=1)  # synchronous: at most the one sync an answer may span
     assert rows[0]["partial/in_flight_groups"] > 0  # the cut below falls with groups in flight
 
     for total in (1, 3):  # one step, then resumed from its checkpoint to the third
@@ -153,6 +183,17 @@ def test_a_run_with_partial_rollouts_resumes_to_the_uninterrupted_run(eos_prone_
     assert read_metrics(cut, drop) == read_metrics(whole, drop)
     a, b = (load_file(str(d / "final_hf" / "model.safetensors")) for d in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_asynchronous_partial_rollouts_launch_each_steps_first_round_ahead(eos_prone_policy, tiny_models, tmp_path):
+    # One-step-off-policy (max_staleness 1): each step's first round runs on the engine while the
+    # previous step trains, from weights one update older; a continued answer may be one more behind.
+    out = tmp_path / "async"
+    run = run_cli("rlmt_megatron.cli.train", _config(tmp_path / "a.yaml", tiny_models, eos_prone_policy, out, 3,
+                                                     max_staleness=1, engine_process="subprocess"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = _check_token_versions(out, 3, bound=2)
+    assert [r["rollout/staleness_hist/1"] > 0 for r in rows[1:]] == [True, True]  # the launched rounds' tokens
 
 
 def test_partial_rollout_settings_that_cannot_work_are_refused_at_load():
@@ -176,7 +217,9 @@ def test_partial_rollout_settings_that_cannot_work_are_refused_at_load():
         config(algorithm={"name": "dpo", "rollout_correction": {"mode": "none"}})
     with pytest.raises(ValueError, match="cannot be combined with algorithm.dynamic_sampling"):
         config(algorithm={"dynamic_sampling": {"enabled": True}})
-    with pytest.raises(ValueError, match=r"cannot be combined with rollout.max_staleness"):
-        config(rollout={"max_staleness": 1, "engine_process": "subprocess"})
+    # with asynchronous rollouts, what those need too
+    assert config(rollout={"max_staleness": 1, "engine_process": "subprocess"}).rollout.max_staleness == 1
+    with pytest.raises(ValueError, match=r"needs the hf engine in its own process"):
+        config(rollout={"max_staleness": 1})
     with pytest.raises(ValueError, match="cannot be used with format.kind=zero"):
         config(format={"kind": "zero"})

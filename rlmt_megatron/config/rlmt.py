@@ -388,9 +388,6 @@ class RLMTConfig(StrictModel):
         if a.dynamic_sampling.enabled:
             raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: both decide which groups a "
                              "step trains on, by different rules")
-        if r.max_staleness:
-            raise ValueError(f"{why} cannot be combined with rollout.max_staleness (asynchronous rollouts) yet: a "
-                             "launched generation would have to be cut at the next sync")
         if self.format.kind == "zero":
             raise ValueError(f"{why} cannot be used with format.kind=zero: its stop string could be split over two "
                              "rounds, and an engine only looks for it in the tokens it generates in one")

@@ -42,7 +42,7 @@ from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import rollout_metrics, staleness_metrics
 from rlmt_megatron.trainer.partial_rollouts import PartialRollouts
 from rlmt_megatron.trainer.step_rollouts import (collect_partial_rollouts, collect_step_rollouts, finish_step_rollouts,
-                                                 launch_step_rollouts)
+                                                 launch_partial_round, launch_step_rollouts)
 from rlmt_megatron.trainer.updates import UPDATES
 from rlmt_megatron.trainer.stop import (
     RunStopped,
@@ -112,12 +112,6 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
                                    seed=cfg.run.seed, member_restarts=member_restarts)
 
-    # Asynchronous rollouts: the next step's generation, launched before this step trains, and the
-    # sampler's state before its prompts were drawn (what a checkpoint keeps: a resumed run draws
-    # them again and generates them from the checkpoint's weights, one version newer).
-    asynchronous = cfg.rollout.max_staleness > 0
-    launched = None
-    boundary = sampler.state_dict()
     # Partial rollouts: the groups carried from step to step (kept in checkpoints).
     r = cfg.rollout
     partial = PartialRollouts(r.samples_per_prompt, r.partial_tokens, r.max_new_tokens,
@@ -125,16 +119,28 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     if partial is not None and resume_dir is not None:
         partial.load_state_dict(extra["partial_rollouts"])
 
+    def sampling_state() -> tuple[dict, Optional[dict]]:
+        """The sampler's state and the partial rollouts' (what a checkpoint keeps)."""
+        return sampler.state_dict(), partial.state_dict() if partial is not None else None
+
+    # Asynchronous rollouts: the next step's generation, launched before this step trains, and the
+    # sampling state before its prompts were drawn (what a checkpoint keeps: a resumed run draws
+    # them again and generates them from the checkpoint's weights, one version newer).
+    asynchronous = cfg.rollout.max_staleness > 0
+    launched = None
+    boundary = sampling_state()
+
     def checkpoint(at: int) -> Optional[Path]:
         """Save the training state after step ``at`` (once per step; nothing to save at step 0)."""
         if at not in saved and at > 0:
+            kept = boundary if asynchronous else sampling_state()
             with activity("checkpoint"):
                 saved[at] = save_train_state(ckpt_root, at, engines, {
                     "step": at, "weight_version": version,
-                    "sampler": boundary if asynchronous else sampler.state_dict(),
+                    "sampler": kept[0],
                     "engine_restarts": supervisor.restarts, "engine_member_restarts": supervisor.member_restarts,
                     "kl_coef": kl_control.coef}
-                    | ({"partial_rollouts": partial.state_dict()} if partial is not None else {}))
+                    | ({"partial_rollouts": kept[1]} if partial is not None else {}))
             if is_rank0():
                 prune_checkpoints(ckpt_root, cfg.run.keep_last)
         return saved.get(at)
@@ -156,7 +162,9 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             try:
                 with activity(f"step {step}"), timer.phase("step"):
                     if partial is not None:
-                        got = collect_partial_rollouts(cfg, roles, supervisor, sampler, partial, step, timer)
+                        got = collect_partial_rollouts(cfg, roles, supervisor, sampler, partial, step, timer,
+                                                       launched)
+                        launched = None
                     elif launched is None:
                         got = collect_step_rollouts(cfg, roles, supervisor, sampler, step, timer, pair_set)
                     else:
@@ -164,10 +172,10 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                     rollouts = got.rollouts
                     check_trainable(rollouts)
                     stale = staleness_metrics(rollouts, version)
+                    if asynchronous:
+                        boundary = sampling_state()
                     if asynchronous and step < cfg.run.total_steps:
-                        launched, boundary = _launch_next(cfg, roles, supervisor, sampler, step + 1, version, timer)
-                    elif asynchronous:
-                        boundary = sampler.state_dict()
+                        launched = _launch_next(cfg, roles, supervisor, sampler, partial, step + 1, version, timer)
                     with activity("train"), timer.phase("train"):
                         algorithm = cfg.algorithm.model_copy(update={"kl_coef": kl_control.coef})
                         metrics = update(algorithm, roles, rollouts, temperature=cfg.rollout.temperature,
@@ -220,15 +228,16 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
     return out
 
 
-def _launch_next(cfg, roles, supervisor, sampler, step: int, version: int, timer):
+def _launch_next(cfg, roles, supervisor, sampler, partial, step: int, version: int, timer):
     """Asynchronous rollouts: sync the engines if the batch launched now would otherwise be more
     than ``rollout.max_staleness`` updates old when trained (at version ``version + 1``), then
-    launch step ``step``'s generation. Returns it and the sampler state before its prompts."""
-    before = sampler.state_dict()
+    launch step ``step``'s generation (with partial rollouts: its first round)."""
     if supervisor.version < version + 1 - cfg.rollout.max_staleness:
         with timer.phase("sync"):
             supervisor.push(version)
-    return launch_step_rollouts(cfg, roles, supervisor, sampler, step), before
+    if partial is not None:
+        return launch_partial_round(cfg, roles, supervisor, sampler, partial, step)
+    return launch_step_rollouts(cfg, roles, supervisor, sampler, step)
 
 
 def _record_failure(out: Path, error: Exception) -> None:

@@ -20,6 +20,10 @@ beyond the step's need wait for the next step. With answers of the full length, 
 ``max_new_tokens / T`` rounds, so ``T >= max_new_tokens / (S + 1)`` lets them flow without being
 forced to finish.
 
+With asynchronous rollouts (``rollout.max_staleness`` >= 1) a step's first round is launched
+while the previous step trains (:meth:`PartialRollouts.first_round`), from the weights the engines
+hold then; the step waits for it and runs any further rounds itself.
+
 Why token budgets and not aborts at the sync's wall-clock time (SGLang's and vLLM's abort
 requests): a budget makes the split of every answer, and so the whole run, reproducible and
 resumable bit for bit; the mechanism (continue an answer from its tokens so far under new
@@ -76,6 +80,19 @@ class Group:
         return all(a.finish is not None for a in self.answers)
 
 
+@dataclass
+class Round:
+    """A round started ahead (asynchronous rollouts): the answers it continues, in request order,
+    and whether a batch was drawn for it."""
+
+    pending: list[tuple["Group", "Answer"]]
+    drew: bool
+
+    @property
+    def requests(self) -> list[list[int]]:
+        return [g.prompt_ids + a.tokens for g, a in self.pending]
+
+
 # What a step's rounds need from outside: the next batch of prompts (sampler record, templated
 # ids, truncated flag each), and one round's generation (one request per answer, with the
 # round's seed) returning one Generation per request.
@@ -102,26 +119,31 @@ class PartialRollouts:
         return [a for g in self.in_flight for a in g.answers
                 if a.finish is None and a.syncs_spanned(version + 1) > self.max_syncs]
 
-    def collect(self, want: int, version: int, draw: Draw, generate: GenerateRound) -> tuple[list[Group], dict]:
+    def first_round(self, want: int, draw: Draw) -> Optional["Round"]:
+        """The next step's first round, to launch while this step trains (asynchronous
+        rollouts): its new batch drawn now, if the rules draw one; None when there is nothing to
+        generate before the step could train."""
+        if len(self.done) >= want:
+            return None  # the step may need no round at all (its must-finish rounds are decided then)
+        drew = self._draw_if_needed(want, draw)
+        return Round(self._pending(), drew)
+
+    def collect(self, want: int, version: int, draw: Draw, generate: GenerateRound,
+                launched: Optional[tuple["Round", list[Generation]]] = None) -> tuple[list[Group], dict]:
         """The ``want`` groups a step trains on, generating rounds at engine weights ``version``
-        as needed; returns them and the step's ``partial/...`` metrics."""
+        as needed; returns them and the step's ``partial/...`` metrics. ``launched``: the step's
+        first round (from :meth:`first_round`) and its generations, generated while the previous
+        step trained."""
         rounds = draws = 0
+        if launched is not None:
+            first, got = launched
+            self._apply(first.pending, got)
+            rounds, draws = 1, int(first.drew)
         while len(self.done) < want or self.must_finish(version):
-            if len(self.done) < want and len(self.in_flight) < (self.max_syncs + 1) * want:
-                for prompt, ids, truncated in draw():
-                    self.in_flight.append(Group(self.drawn, prompt, list(ids), truncated,
-                                                [Answer() for _ in range(self.n)]))
-                    self.drawn += 1
-                draws += 1
-            pending = [(g, a) for g in self.in_flight for a in g.answers if a.finish is None]
-            got = generate([g.prompt_ids + a.tokens for g, a in pending], rounds)
-            if len(got) != len(pending):
-                raise RuntimeError(f"a partial-rollout round got {len(got)} answers for {len(pending)} requests")
-            for (_, answer), g in zip(pending, got):
-                answer.add(g, self.max_new_tokens)
+            draws += self._draw_if_needed(want, draw)
+            pending = self._pending()
+            self._apply(pending, generate([g.prompt_ids + a.tokens for g, a in pending], rounds))
             rounds += 1
-            self.done += [g for g in self.in_flight if g.done]
-            self.in_flight = [g for g in self.in_flight if not g.done]
         self.done.sort(key=lambda g: g.serial)  # the oldest first: the least stale batch
         taken, self.done = self.done[:want], self.done[want:]
         answers = [a for g in taken for a in g.answers]
@@ -134,6 +156,27 @@ class PartialRollouts:
             "partial/in_flight_groups": float(len(self.in_flight)),
             "partial/waiting_groups": float(len(self.done)),
         }
+
+    def _draw_if_needed(self, want: int, draw: Draw) -> bool:
+        """Draw a batch while the step lacks done groups and fewer than (S + 1) x want are in flight."""
+        if len(self.done) >= want or len(self.in_flight) >= (self.max_syncs + 1) * want:
+            return False
+        for prompt, ids, truncated in draw():
+            self.in_flight.append(Group(self.drawn, prompt, list(ids), truncated, [Answer() for _ in range(self.n)]))
+            self.drawn += 1
+        return True
+
+    def _pending(self) -> list[tuple[Group, Answer]]:
+        return [(g, a) for g in self.in_flight for a in g.answers if a.finish is None]
+
+    def _apply(self, pending: list[tuple[Group, Answer]], got: list[Generation]) -> None:
+        """One round's generations, in request order; groups now done move to ``done``."""
+        if len(got) != len(pending):
+            raise RuntimeError(f"a partial-rollout round got {len(got)} answers for {len(pending)} requests")
+        for (_, answer), g in zip(pending, got):
+            answer.add(g, self.max_new_tokens)
+        self.done += [g for g in self.in_flight if g.done]
+        self.in_flight = [g for g in self.in_flight if not g.done]
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -27,7 +27,7 @@ from typing import Optional
 from rlmt_megatron.rollout.types import Generation
 from rlmt_megatron.trainer.experience import Rollout
 from rlmt_megatron.trainer.one_round import OneRoundStore
-from rlmt_megatron.trainer.partial_rollouts import PartialRollouts
+from rlmt_megatron.trainer.partial_rollouts import PartialRollouts, Round
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, sampling_params, shape_rewards
 from rlmt_megatron.trainer.watchdog import activity
 
@@ -161,29 +161,69 @@ def finish_step_rollouts(cfg, roles, supervisor, launched: LaunchedRollouts, tim
     return _assemble(_groups(drawn.prompts, drawn.conversations, drawn.truncated, got), {})
 
 
-def collect_partial_rollouts(cfg, roles, supervisor, sampler, partial: PartialRollouts, step: int,
-                             timer) -> StepRollouts:
+def collect_partial_rollouts(cfg, roles, supervisor, sampler, partial: PartialRollouts, step: int, timer,
+                             launched: Optional["LaunchedRound"] = None) -> StepRollouts:
     """This step's groups from the partial rollouts (every rank; the engine calls are collective):
-    rounds of ``rollout.partial_tokens`` tokens per unfinished answer, one request per answer."""
-
-    def draw():
-        d = _draw(cfg, roles, sampler, step)
-        return list(zip(d.prompts, d.prompt_ids, d.truncated))
+    rounds of ``rollout.partial_tokens`` tokens per unfinished answer, one request per answer;
+    ``launched``: the step's first round, launched while the previous step trained."""
 
     def generate(prompt_ids: list[list[int]], round_: int):
-        params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, round_)
-        params = params.model_copy(update={"n": 1, "max_new_tokens": cfg.rollout.partial_tokens})
+        params = _partial_params(cfg, roles, step, round_)
         with activity("rollout"), timer.phase("rollout"):
-            got = supervisor.generate(prompt_ids, params)
-        return [Generation(r.prompt_index, 0, r.response_ids, r.engine_logprobs, r.finish_reason, r.weight_version)
-                for r in got]
+            return _generations(supervisor.generate(prompt_ids, params))
 
-    groups, metrics = partial.collect(cfg.data.prompts_per_step, supervisor.version, draw, generate)
-    supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
+    first = None
+    if launched is not None:
+        with activity("rollout"), timer.phase("rollout"):
+            got = supervisor.generate(launched.round.requests, launched.params, pending=launched.pending)
+        first = (launched.round, _generations(got))
+    groups, metrics = partial.collect(cfg.data.prompts_per_step, supervisor.version, _partial_draw(cfg, roles, sampler, step),
+                                      generate, first)
+    if not cfg.rollout.max_staleness:
+        supervisor.sleep()  # colocated engines free their GPU memory for the reward model and training
     rollouts = [Rollout(index, list(g.prompt_ids), list(a.tokens), list(a.logprobs), a.finish,
-                        min(a.versions, default=supervisor.version),
-                        token_versions=list(a.versions))
+                        min(a.versions, default=supervisor.version), token_versions=list(a.versions))
                 for index, g in enumerate(groups) for a in g.answers]
     conversations = [g.prompt.messages for g in groups]
     _score(cfg, roles, rollouts, conversations, timer)
     return StepRollouts([g.prompt for g in groups], conversations, [g.truncated for g in groups], rollouts, metrics)
+
+
+@dataclass
+class LaunchedRound:
+    """A step's first partial-rollout round, under way on the engines (asynchronous rollouts)."""
+
+    round: Round
+    params: object
+    pending: object  # the supervisor's handle on the generation
+
+
+def launch_partial_round(cfg, roles, supervisor, sampler, partial: PartialRollouts, step: int
+                         ) -> Optional[LaunchedRound]:
+    """Start step ``step``'s first partial-rollout round from the weights the engines hold (every
+    rank; returns at once); None when the step needs no round to begin with."""
+    first = partial.first_round(cfg.data.prompts_per_step, _partial_draw(cfg, roles, sampler, step))
+    if first is None:
+        return None
+    params = _partial_params(cfg, roles, step, 0)
+    with activity("launching the next step's rollout"):
+        return LaunchedRound(first, params, supervisor.launch(first.requests, params))
+
+
+def _partial_draw(cfg, roles, sampler, step: int):
+    def draw():
+        d = _draw(cfg, roles, sampler, step)
+        return list(zip(d.prompts, d.prompt_ids, d.truncated))
+
+    return draw
+
+
+def _partial_params(cfg, roles, step: int, round_: int):
+    """A partial-rollout round's sampling: one answer per request, ``partial_tokens`` at most."""
+    params = sampling_params(cfg.rollout, cfg.format, roles.tokenizer, cfg.run.seed, step, round_)
+    return params.model_copy(update={"n": 1, "max_new_tokens": cfg.rollout.partial_tokens})
+
+
+def _generations(rollouts: list[Rollout]) -> list[Generation]:
+    return [Generation(r.prompt_index, 0, r.response_ids, r.engine_logprobs, r.finish_reason, r.weight_version)
+            for r in rollouts]
