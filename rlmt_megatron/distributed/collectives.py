@@ -125,6 +125,18 @@ class RankFailed(RLMTError):
     with an error nobody expected (that rank raises its own, with its traceback)."""
 
 
+def _outcome_of(fn: Callable[[], Any], shared: tuple[type[BaseException], ...]
+                ) -> tuple[tuple[str, Any], BaseException | None]:
+    """``fn``'s outcome as the agreement protocols send it, and the exception to re-raise here when
+    it failed in a way nobody expected."""
+    try:
+        return ("value", fn()), None
+    except shared as e:
+        return ("shared", e), None
+    except Exception as e:
+        return ("fatal", f"{type(e).__name__}: {e}"), e
+
+
 def each_rank_reports(fn: Callable[[], T], doing: str,
                       shared: tuple[type[BaseException], ...] = ()) -> list[tuple[str, Any]]:
     """Run ``fn`` on every rank; every rank returns every rank's outcome, in rank order. Collective.
@@ -138,14 +150,7 @@ def each_rank_reports(fn: Callable[[], T], doing: str,
     * anything else ends the job on every rank: the failing rank re-raises its own exception, the
       others raise :class:`RankFailed` naming the lowest failing rank, ``doing`` and the error.
     """
-    outcome: Any
-    fatal: BaseException | None = None
-    try:
-        outcome = ("value", fn())
-    except shared as e:
-        outcome = ("shared", e)
-    except Exception as e:
-        fatal, outcome = e, ("fatal", f"{type(e).__name__}: {e}")
+    outcome, fatal = _outcome_of(fn, shared)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         outcomes = [outcome]
     else:
@@ -171,15 +176,7 @@ def rank0_decides(fn: Callable[[], T], doing: str, shared: tuple[type[BaseExcept
     * anything else: rank 0 re-raises its own exception, the others raise :class:`Rank0Failed`
       naming ``doing`` and the error, so the job ends on every rank instead of hanging.
     """
-    outcome: Any = None
-    fatal: BaseException | None = None
-    if is_rank0():
-        try:
-            outcome = ("value", fn())
-        except shared as e:
-            outcome = ("shared", e)
-        except Exception as e:
-            fatal, outcome = e, ("fatal", f"{type(e).__name__}: {e}")
+    outcome, fatal = _outcome_of(fn, shared) if is_rank0() else (None, None)
     kind, payload = broadcast_from_rank0(outcome)
     if fatal is not None:
         raise fatal
