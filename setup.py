@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # accelerate: transformers loads FP8 folders with it; pytest-xdist: the suite runs on both cores
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "accelerate"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "accelerate"],
         "datasets": ["datasets>=2.14"],
         "te": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["sglang==0.5.23"],
