@@ -38,7 +38,7 @@ class RunConfig(StrictModel):
     # Fault handling (trainer/stop.py, trainer/watchdog.py, trainer/rollout_supervisor.py)
     collective_timeout_minutes: Optional[PositiveFloat] = Field(
         None, description="torch.distributed timeout: a collective waiting longer fails instead of hanging; must "
-        "exceed rollout.timeout_s (the other ranks wait for rank 0's engine); null: rollout.timeout_s + 10 min, at least 30")
+        "exceed rollout.timeout_s (the other ranks wait for the engine hosts); null: rollout.timeout_s + 10 min, at least 30")
     watchdog_timeout_s: NonNegativeFloat = Field(
         1800.0, description="a rank that stays in one loop phase longer than this dumps the phase and its Python "
         "stacks to stderr and out_dir/watchdog/rank_N.txt (0 = off)")
@@ -319,7 +319,7 @@ class RLMTConfig(StrictModel):
             self._check_asynchronous()
         if self.rollout.partial_tokens:
             self._check_partial()
-        # Checked here so every rank fails together (the engine itself exists on rank 0 only).
+        # Checked here so every rank fails together (the engines exist on their host ranks only).
         from rlmt_megatron.errors import RLMTError
         from rlmt_megatron.rollout.weight_sync.select import resolve_transport
 
@@ -333,7 +333,7 @@ class RLMTConfig(StrictModel):
         if minutes is not None and minutes <= engine_wait:
             raise ValueError(
                 f"run.collective_timeout_minutes={minutes:g} is not longer than rollout.timeout_s={self.rollout.timeout_s:g} s "
-                f"({engine_wait:g} min): ranks other than 0 wait in a collective while rank 0 waits for the engine, so a "
+                f"({engine_wait:g} min): the other ranks wait in a collective while the engine hosts wait for the engines, so a "
                 "slow engine would end the job instead of being restarted; raise the first or lower the second")
         # Decaying schedules run over the whole run unless the recipe says otherwise.
         for optim in (self.optim, self.critic_optim):
@@ -400,7 +400,7 @@ class RLMTConfig(StrictModel):
 
     def collective_timeout_minutes(self) -> float:
         """``run.collective_timeout_minutes``, or when unset 10 minutes more than ``rollout.timeout_s``
-        (at least 30): ranks other than 0 wait in a collective while rank 0 waits for the engine, so
+        (at least 30): the other ranks wait in a collective while the engine hosts wait for the engines, so
         the engine's own timeout must fire first for a slow engine to be restarted, not the job
         killed (checked at load)."""
         if self.run.collective_timeout_minutes is not None:

@@ -4,8 +4,8 @@
       ─► old/ref logprobs (+ critic values) ─► advantages ─► policy (and critic) update
       ─► weight sync to the engine ─► metrics, samples, checkpoint ─► next step
 
-Every trainer rank runs this function (SPMD under torchrun); rank 0 also owns the rollout engine
-and writes the run directory. Faults: a stop signal (SLURM preemption / time limit) ends the run
+Every trainer rank runs this function (SPMD under torchrun); each node's first rank also drives
+that node's rollout engines (``trainer/engine_hosts.py``), and rank 0 writes the run directory. Faults: a stop signal (SLURM preemption / time limit) ends the run
 after a checkpoint with the requeue contract of ``trainer/stop.py``; a failing rollout engine is
 restarted and the step retried (``trainer/rollout_supervisor.py``); collectives time out and a
 watchdog reports stuck ranks (``trainer/watchdog.py``).

@@ -5,9 +5,9 @@ ranks with the run's layout (``build.parallel``), except that the reward model m
 TP/PP (``reward.parallel``: its own Megatron groups in the same world, see
 ``distributed/role_layouts.py``). The reference is a frozen second model (see
 ``runner/model_runner.py`` for why not a weight swap); it is only built when the algorithm needs it.
-The rollout engine lives on global rank 0, which drives generation and receives every weight
-sync; the other ranks learn the rollouts by broadcast. ``trainer/rollout_supervisor.py`` keeps it
-alive (restarts, re-syncs) with every rank agreeing.
+The rollout engines live on their nodes' host ranks (``trainer/engine_hosts.py``), which drive
+generation and receive the weight syncs; every rank learns every rollout by gathering.
+``trainer/rollout_supervisor.py`` keeps them alive (restarts, re-syncs) with every rank agreeing.
 """
 
 from __future__ import annotations

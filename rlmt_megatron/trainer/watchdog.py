@@ -1,7 +1,7 @@
 """A per-rank watchdog: says which rank is stuck where, before a collective timeout kills the job.
 
 The loop names what each rank is doing with nested :func:`activity` blocks ("step 3 > rollout >
-broadcast of rank 0's rollouts"). A daemon thread per rank watches the innermost one; when a rank
+waiting for the hosts' rollouts"). A daemon thread per rank watches the innermost one; when a rank
 has stayed in the same activity longer than ``run.watchdog_timeout_s``, it appends a report to
 ``<out_dir>/watchdog/rank_<N>.txt`` and prints it to stderr: the activity, how long, and every
 thread's Python stack (``faulthandler.dump_traceback``). Ranks that wait for another rank show

@@ -57,7 +57,7 @@ class WeightSyncConfig(StrictModel):
                                     "default <run dir>/weight_sync")
     fp8: Literal["none", "per_tensor", "block"] = Field("none", description="quantize the synced weights to FP8 for "
                                                        "the rollout engine (weight_sync/fp8.py)")
-    master_address: Optional[str] = Field(None, description="nccl: an address of the trainer's rank 0 the SGLang "
+    master_address: Optional[str] = Field(None, description="nccl: an address of the engine's host rank the SGLang "
                                           "server can reach; default: this host's IP")
     master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port (engine i of a fleet: "
                                        "master_port + i); default: a free one per engine")
