@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from helpers import read_metrics, run_cli, write_train_config
 from rlmt_megatron.data.prompts import Prompt
 from rlmt_megatron.rollout.types import Generation
-from rlmt_megatron.trainer.partial_rollouts import PartialRollouts
+from rlmt_megatron.trainer.partial_rollouts import Answer, PartialRollouts
 
 NEVER = 10**6  # an answer that never stops by itself: it ends at max_new_tokens
 
@@ -221,5 +221,28 @@ def test_partial_rollout_settings_that_cannot_work_are_refused_at_load():
     assert config(rollout={"max_staleness": 1, "engine_process": "subprocess"}).rollout.max_staleness == 1
     with pytest.raises(ValueError, match=r"needs the hf engine in its own process"):
         config(rollout={"max_staleness": 1})
-    with pytest.raises(ValueError, match="cannot be used with format.kind=zero"):
-        config(format={"kind": "zero"})
+    assert config(format={"kind": "zero"}).format.kind == "zero"  # its stop string is found across rounds
+
+
+def test_a_stop_string_split_over_two_rounds_ends_the_answer_where_it_ends(tiny_models):
+    # The zero format stops at "</response>". Split an answer's tokens before the string's last
+    # token: the engine, searching only the second round's text, would not see it; the cut finds
+    # where it ends.
+    from transformers import AutoTokenizer
+
+    from rlmt_megatron.thinking.templates import ThinkingFormatConfig
+    from rlmt_megatron.trainer.step_rollouts import stop_string_cut
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models / "llama-policy"))
+    ids = tok("<response>Go north.</response> and then some", add_special_tokens=False)["input_ids"]
+    ends = next(k for k in range(1, len(ids) + 1) if "</response>" in tok.decode(ids[:k]))
+    split = ends - 1
+    assert "</response>" not in tok.decode(ids[split:])  # the second round alone does not hold it
+    cut = stop_string_cut(ThinkingFormatConfig(kind="zero"), tok)
+    assert cut(ids[:split], ids[split:]) == 1  # keep the string's last token, drop the rest
+    assert cut(ids[:split - 1], ids[split - 1:split]) is None  # not complete yet
+    assert stop_string_cut(ThinkingFormatConfig(), tok) is None  # the chat formats stop on tokens
+    # in an answer: the round's tokens after the string are dropped and the answer is finished
+    answer = Answer(list(ids[:split]), [0.0] * split, [0] * split)
+    answer.add(Generation(0, 0, ids[split:], [-1.0] * (len(ids) - split), "length", 1), 64, cut)
+    assert answer.tokens == ids[:ends] and answer.finish == "stop" and answer.versions == [0] * split + [1]

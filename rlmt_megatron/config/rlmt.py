@@ -388,9 +388,6 @@ class RLMTConfig(StrictModel):
         if a.dynamic_sampling.enabled:
             raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: both decide which groups a "
                              "step trains on, by different rules")
-        if self.format.kind == "zero":
-            raise ValueError(f"{why} cannot be used with format.kind=zero: its stop string could be split over two "
-                             "rounds, and an engine only looks for it in the tokens it generates in one")
 
     @property
     def engine_follows_policy(self) -> bool:

@@ -42,7 +42,7 @@ from rlmt_megatron.trainer.roles import build_roles, engine_model_dir
 from rlmt_megatron.trainer.rollout_phase import rollout_metrics, staleness_metrics
 from rlmt_megatron.trainer.partial_rollouts import PartialRollouts
 from rlmt_megatron.trainer.step_rollouts import (collect_partial_rollouts, collect_step_rollouts, finish_step_rollouts,
-                                                 launch_partial_round, launch_step_rollouts)
+                                                 launch_partial_round, launch_step_rollouts, stop_string_cut)
 from rlmt_megatron.trainer.updates import UPDATES
 from rlmt_megatron.trainer.stop import (
     RunStopped,
@@ -114,8 +114,8 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
 
     # Partial rollouts: the groups carried from step to step (kept in checkpoints).
     r = cfg.rollout
-    partial = PartialRollouts(r.samples_per_prompt, r.partial_tokens, r.max_new_tokens,
-                              r.partial_max_syncs) if r.partial_tokens else None
+    partial = PartialRollouts(r.samples_per_prompt, r.partial_tokens, r.max_new_tokens, r.partial_max_syncs,
+                              stop_string_cut(cfg.format, roles.tokenizer)) if r.partial_tokens else None
     if partial is not None and resume_dir is not None:
         partial.load_state_dict(extra["partial_rollouts"])
 

@@ -50,12 +50,16 @@ class Answer:
     versions: list[int] = field(default_factory=list)
     finish: Optional[str] = None  # "stop" or "length" once finished
 
-    def add(self, g: Generation, max_new_tokens: int) -> None:
-        """Append one round's tokens: finished on a stop token or at ``max_new_tokens``."""
-        self.tokens += g.token_ids
-        self.logprobs += g.logprobs
-        self.versions += [g.weight_version] * len(g.token_ids)
-        if g.finish_reason == "stop":
+    def add(self, g: Generation, max_new_tokens: int, cut: Optional["StopCut"] = None) -> None:
+        """Append one round's tokens: finished on a stop token or at ``max_new_tokens``. ``cut``:
+        where a stop string completed by this round's tokens ends (one begun in an earlier round
+        is invisible to the engine, which only searches what it generated)."""
+        keep = cut(self.tokens, g.token_ids) if cut is not None else None
+        tokens, logprobs = (g.token_ids, g.logprobs) if keep is None else (g.token_ids[:keep], g.logprobs[:keep])
+        self.tokens += tokens
+        self.logprobs += logprobs
+        self.versions += [g.weight_version] * len(tokens)
+        if g.finish_reason == "stop" or keep is not None:
             self.finish = "stop"
         elif len(self.tokens) >= max_new_tokens:
             self.finish = "length"
@@ -97,6 +101,9 @@ class Round:
 # ids, truncated flag each), and one round's generation (one request per answer, with the
 # round's seed) returning one Generation per request.
 Draw = Callable[[], Sequence[tuple[Prompt, list[int], bool]]]
+# (an answer's tokens so far, a round's new tokens) -> how many of the new ones to keep when a stop
+# string ends in them, else None
+StopCut = Callable[[list[int], list[int]], Optional[int]]
 GenerateRound = Callable[[list[list[int]], int], list[Generation]]
 
 
@@ -104,8 +111,10 @@ class PartialRollouts:
     """The groups held between steps: ``in_flight`` (some answer unfinished) and ``done`` (not
     yet trained), each in the order drawn."""
 
-    def __init__(self, samples_per_prompt: int, chunk_tokens: int, max_new_tokens: int, max_syncs: int):
+    def __init__(self, samples_per_prompt: int, chunk_tokens: int, max_new_tokens: int, max_syncs: int,
+                 cut: Optional[StopCut] = None):
         self.n = samples_per_prompt
+        self.cut = cut
         self.chunk_tokens = chunk_tokens
         self.max_new_tokens = max_new_tokens
         self.max_syncs = max_syncs
@@ -174,7 +183,7 @@ class PartialRollouts:
         if len(got) != len(pending):
             raise RuntimeError(f"a partial-rollout round got {len(got)} answers for {len(pending)} requests")
         for (_, answer), g in zip(pending, got):
-            answer.add(g, self.max_new_tokens)
+            answer.add(g, self.max_new_tokens, self.cut)
         self.done += [g for g in self.in_flight if g.done]
         self.in_flight = [g for g in self.in_flight if not g.done]
 

@@ -28,6 +28,7 @@ from rlmt_megatron.rollout.types import Generation
 from rlmt_megatron.trainer.experience import Rollout
 from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.partial_rollouts import PartialRollouts, Round
+from rlmt_megatron.thinking import stop_settings
 from rlmt_megatron.trainer.rollout_phase import parse_and_score, prompt_token_ids, sampling_params, shape_rewards
 from rlmt_megatron.trainer.watchdog import activity
 
@@ -208,6 +209,25 @@ def launch_partial_round(cfg, roles, supervisor, sampler, partial: PartialRollou
     params = _partial_params(cfg, roles, step, 0)
     with activity("launching the next step's rollout"):
         return LaunchedRound(first, params, supervisor.launch(first.requests, params))
+
+
+def stop_string_cut(fmt, tokenizer):
+    """The format's stop strings (the zero format's ``response_end``) found across rounds: a stop
+    string begun in one round and ended in the next is where the answer ends (the engine searched
+    the second round's text alone). None when the format stops on tokens only."""
+    stop, _ = stop_settings(fmt, tokenizer)
+    if not stop:
+        return None
+    longest = max(len(s) for s in stop)  # tokens: every token is at least one character
+
+    def cut(before: list[int], new: list[int]):
+        tail = before[-longest:]
+        if not any(s in tokenizer.decode(tail + new, skip_special_tokens=False) for s in stop):
+            return None
+        return next(k for k in range(1, len(new) + 1)
+                    if any(s in tokenizer.decode(tail + new[:k], skip_special_tokens=False) for s in stop))
+
+    return cut
 
 
 def _partial_draw(cfg, roles, sampler, step: int):
