@@ -1,11 +1,11 @@
 """Two nodes for real: two network namespaces on this machine, joined by a veth pair, each running
 its own torchrun (``--nnodes 2``, one rank per node, a data-parallel replica each), and a tiny
-asynchronous GRPO run with partial rollouts and two hf engines in their own processes, split
-over the nodes: engine i is built, synced and driven by node i's rank, which gets the weights
-from its own replica (``trainer/engine_hosts.py``, ``hf_export.buckets_for``); each sync is
-checksummed on each engine. In the two-node run one engine process kills itself in its first
-generation (``tests/workers/faulty_engines.py``, ``die@0``): its requests finish on the engine of
-the other node, and its own node's rank restarts and re-syncs it. The reference is the same config run on
+asynchronous GRPO run with two hf engines in their own processes, split over the nodes: engine i
+is built, synced and driven by node i's rank, which gets the weights from its own replica
+(``trainer/engine_hosts.py``, ``hf_export.buckets_for``); each sync is checksummed on each
+engine. In the two-node run one engine process kills itself in its first generation
+(``tests/workers/faulty_engines.py``, ``die@0``): its prompt finishes on the engine of the other
+node, and its own node's rank restarts and re-syncs it. The reference is the same config run on
 one node without the fault (two ranks there, both engines on rank 0): the metrics (but restart
 counts and per-engine figures) and the final weights must be equal bit for bit, so nothing in
 the loop depends on where its ranks or engines live, nor on an engine lost on another node.
@@ -56,7 +56,7 @@ def two_hosts():
 def test_engines_split_over_two_nodes_give_the_same_run_as_on_one_even_when_one_dies(tiny_models, tmp_path, two_hosts):
     sections = dict(run={"total_steps": 3}, optim={"lr": 1e-2},
                     rollout={"samples_per_prompt": 3, "max_new_tokens": 8, "temperature": 1.0, "engines": 2,
-                             "engine_process": "subprocess", "max_staleness": 1, "partial_tokens": 4},
+                             "engine_process": "subprocess", "max_staleness": 1},
                     algorithm={"kl_coef": 0.01, "entropy_coef": 0.001, "rollout_correction": {"mode": "tis"}})
     one = write_train_config(tmp_path / "one.yaml", tiny_models, tmp_path / "one", **sections)
     two = write_train_config(tmp_path / "two.yaml", tiny_models, tmp_path / "two", **sections)
@@ -94,14 +94,11 @@ def test_engines_split_over_two_nodes_give_the_same_run_as_on_one_even_when_one_
     drop = ("timing/", "engines/", "memory/", "rollout/restarts")
     rows = read_metrics(tmp_path / "two", drop)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows == read_metrics(tmp_path / "one", drop)
-    # asynchronous (launched rounds one update behind) with partial rollouts (answers continued
-    # across one more sync)
-    assert [r["rollout/staleness_max"] for r in rows] == [0.0, 1.0, 2.0]
-    assert any(r["partial/continued_samples"] > 0 for r in rows)
-    # each step's last round: its requests (one per unfinished answer) split evenly, as on one node
+    assert [r["rollout/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]  # asynchronous, one update behind
+    # step 1: both prompts served by the engine of the other node; then one each, as on one node
     shares = [[r[f"engines/{i}/prompts"] for i in (0, 1)] for r in read_metrics(tmp_path / "two")]
-    assert shares == [[r[f"engines/{i}/prompts"] for i in (0, 1)] for r in read_metrics(tmp_path / "one")]
-    assert all(a == b > 0 for a, b in shares)
+    assert shares[0][dead] == 0 and shares[0][1 - dead] == 2 and shares[1:] == [[1, 1]] * 2
+    assert [[r[f"engines/{i}/prompts"] for i in (0, 1)] for r in read_metrics(tmp_path / "one")] == [[1, 1]] * 3
     assert [r["rollout/restarts"] for r in read_metrics(tmp_path / "two")] == [1, 1, 1]
     a, b = (load_file(str(tmp_path / name / "final_hf" / "model.safetensors")) for name in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
