@@ -82,7 +82,7 @@ def _schedule(got):
 
 def test_answers_continue_across_syncs_on_the_schedule_derived_by_hand():
     lengths = {s: [NEVER, NEVER] for s in range(12)}
-    partial = PartialRollouts(samples_per_prompt=2, chunk_tokens=2, max_new_tokens=8, max_syncs=1)
+    partial = PartialRollouts(samples_per_prompt=2, max_new_tokens=8, max_syncs=1)
     assert _schedule(steps(partial, Script(lengths, batch=2, chunk=2), 4, want=2)) == FULL_LENGTH_SCHEDULE
 
 
@@ -90,7 +90,7 @@ def test_a_first_round_launched_ahead_takes_the_place_of_the_steps_first():
     # Each step after the first launches its first round ahead (first_round, as asynchronous
     # rollouts do while the previous step trains), here from the same weights: the same schedule.
     lengths = {s: [NEVER, NEVER] for s in range(12)}
-    partial = PartialRollouts(samples_per_prompt=2, chunk_tokens=2, max_new_tokens=8, max_syncs=1)
+    partial = PartialRollouts(samples_per_prompt=2, max_new_tokens=8, max_syncs=1)
     script, got = Script(lengths, batch=2, chunk=2), []
     for step in range(4):
         first = partial.first_round(2, script.draw) if step else None
@@ -108,7 +108,7 @@ def test_an_answer_that_would_span_too_many_syncs_is_finished_and_trained_first(
     # step 3 runs a second round, in which it ends (4 tokens), and trains it before serial 3, the
     # oldest first; serial 3 waits and step 4 trains it without generating.
     lengths = {0: [1], 1: [NEVER], 2: [1], 3: [1], 4: [1]}
-    partial = PartialRollouts(samples_per_prompt=1, chunk_tokens=1, max_new_tokens=4, max_syncs=1)
+    partial = PartialRollouts(samples_per_prompt=1, max_new_tokens=4, max_syncs=1)
     script = Script(lengths, batch=1, chunk=1)
     got = steps(partial, script, 2, want=1)
     state = json.loads(json.dumps(partial.state_dict()))  # what a checkpoint keeps
@@ -118,7 +118,7 @@ def test_an_answer_that_would_span_too_many_syncs_is_finished_and_trained_first(
     assert [(m["partial/rounds"], m["partial/drawn_batches"], m["partial/waiting_groups"]) for _, _, m in got] == [
         (1, 1, 0), (2, 2, 0), (2, 1, 1), (0, 0, 0)]
     # the same two steps again from the saved state
-    resumed = PartialRollouts(samples_per_prompt=1, chunk_tokens=1, max_new_tokens=4, max_syncs=1)
+    resumed = PartialRollouts(samples_per_prompt=1, max_new_tokens=4, max_syncs=1)
     resumed.load_state_dict(state)
     script.next, script.version = 3, 2
     assert steps(resumed, script, 2, want=1) == got[2:]

@@ -5,10 +5,11 @@
       ─► weight sync to the engine ─► metrics, samples, checkpoint ─► next step
 
 Every trainer rank runs this function (SPMD under torchrun); each node's first rank also drives
-that node's rollout engines (``trainer/engine_hosts.py``), and rank 0 writes the run directory. Faults: a stop signal (SLURM preemption / time limit) ends the run
-after a checkpoint with the requeue contract of ``trainer/stop.py``; a failing rollout engine is
-restarted and the step retried (``trainer/rollout_supervisor.py``); collectives time out and a
-watchdog reports stuck ranks (``trainer/watchdog.py``).
+that node's rollout engines (``trainer/engine_hosts.py``), and rank 0 writes the run directory.
+Faults: a stop signal (SLURM preemption / time limit) ends the run after a checkpoint with the
+requeue contract of ``trainer/stop.py``; a failing rollout engine is restarted and the step
+retried (``trainer/rollout_supervisor.py``); collectives time out and a watchdog reports stuck
+ranks (``trainer/watchdog.py``).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
 
     # Partial rollouts: the groups carried from step to step (kept in checkpoints).
     r = cfg.rollout
-    partial = PartialRollouts(r.samples_per_prompt, r.partial_tokens, r.max_new_tokens, r.partial_max_syncs,
+    partial = PartialRollouts(r.samples_per_prompt, r.max_new_tokens, r.partial_max_syncs,
                               stop_string_cut(cfg.format, roles.tokenizer)) if r.partial_tokens else None
     if partial is not None and resume_dir is not None:
         partial.load_state_dict(extra["partial_rollouts"])
@@ -156,8 +157,7 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
             progress = ProgressReporter(total_steps=cfg.run.total_steps, start_step=step)
         update = UPDATES[cfg.algorithm.name]
         for step in range(step + 1, cfg.run.total_steps + 1):
-            # to abandon the step
-            at_start = (sampler.state_dict(), capture_rng_state(), partial.state_dict() if partial else None)
+            at_start = (sampling_state(), capture_rng_state())  # to abandon the step
             timer = PhaseTimer()
             try:
                 with activity(f"step {step}"), timer.phase("step"):
@@ -190,10 +190,10 @@ def _run(cfg: RLMTConfig, out: Path, stop: StopSignals) -> Path:
                                 supervisor.push(version)
             except (StepAbandoned, EngineGaveUp) as e:
                 # Nothing of the step was kept: back to its start, and the checkpoint is the previous step's.
-                sampler.load_state_dict(at_start[0])
-                restore_rng_state(at_start[1], Path(f"<start of step {step}>"))
+                sampler.load_state_dict(at_start[0][0])
                 if partial is not None:
-                    partial.load_state_dict(at_start[2])
+                    partial.load_state_dict(at_start[0][1])
+                restore_rng_state(at_start[1], Path(f"<start of step {step}>"))
                 if isinstance(e, StepAbandoned):
                     _stop(cfg, out, stop, step - 1, checkpoint(step - 1), abandoned=step)
                 _engine_failed(out, e, step - 1, checkpoint(step - 1))

@@ -101,21 +101,20 @@ class Round:
 # ids, truncated flag each), and one round's generation (one request per answer, with the
 # round's seed) returning one Generation per request.
 Draw = Callable[[], Sequence[tuple[Prompt, list[int], bool]]]
+GenerateRound = Callable[[list[list[int]], int], list[Generation]]
 # (an answer's tokens so far, a round's new tokens) -> how many of the new ones to keep when a stop
 # string ends in them, else None
 StopCut = Callable[[list[int], list[int]], Optional[int]]
-GenerateRound = Callable[[list[list[int]], int], list[Generation]]
 
 
 class PartialRollouts:
     """The groups held between steps: ``in_flight`` (some answer unfinished) and ``done`` (not
     yet trained), each in the order drawn."""
 
-    def __init__(self, samples_per_prompt: int, chunk_tokens: int, max_new_tokens: int, max_syncs: int,
-                 cut: Optional[StopCut] = None):
+    def __init__(self, samples_per_prompt: int, max_new_tokens: int, max_syncs: int, cut: Optional[StopCut] = None):
+        # (the round's token budget is the caller's sampling setting, rollout.partial_tokens)
         self.n = samples_per_prompt
         self.cut = cut
-        self.chunk_tokens = chunk_tokens
         self.max_new_tokens = max_new_tokens
         self.max_syncs = max_syncs
         self.in_flight: list[Group] = []
@@ -134,8 +133,7 @@ class PartialRollouts:
         generate before the step could train."""
         if len(self.done) >= want:
             return None  # the step may need no round at all (its must-finish rounds are decided then)
-        drew = self._draw_if_needed(want, draw)
-        return Round(self._pending(), drew)
+        return self._next_round(want, draw)
 
     def collect(self, want: int, version: int, draw: Draw, generate: GenerateRound,
                 launched: Optional[tuple["Round", list[Generation]]] = None) -> tuple[list[Group], dict]:
@@ -149,9 +147,9 @@ class PartialRollouts:
             self._apply(first.pending, got)
             rounds, draws = 1, int(first.drew)
         while len(self.done) < want or self.must_finish(version):
-            draws += self._draw_if_needed(want, draw)
-            pending = self._pending()
-            self._apply(pending, generate([g.prompt_ids + a.tokens for g, a in pending], rounds))
+            round_ = self._next_round(want, draw)
+            draws += round_.drew
+            self._apply(round_.pending, generate(round_.requests, rounds))
             rounds += 1
         self.done.sort(key=lambda g: g.serial)  # the oldest first: the least stale batch
         taken, self.done = self.done[:want], self.done[want:]
@@ -166,17 +164,16 @@ class PartialRollouts:
             "partial/waiting_groups": float(len(self.done)),
         }
 
-    def _draw_if_needed(self, want: int, draw: Draw) -> bool:
-        """Draw a batch while the step lacks done groups and fewer than (S + 1) x want are in flight."""
-        if len(self.done) >= want or len(self.in_flight) >= (self.max_syncs + 1) * want:
-            return False
-        for prompt, ids, truncated in draw():
-            self.in_flight.append(Group(self.drawn, prompt, list(ids), truncated, [Answer() for _ in range(self.n)]))
-            self.drawn += 1
-        return True
-
-    def _pending(self) -> list[tuple[Group, Answer]]:
-        return [(g, a) for g in self.in_flight for a in g.answers if a.finish is None]
+    def _next_round(self, want: int, draw: Draw) -> Round:
+        """The next round: first a new batch while the step lacks done groups and fewer than
+        (S + 1) x want are in flight, then every unfinished answer in flight."""
+        drew = len(self.done) < want and len(self.in_flight) < (self.max_syncs + 1) * want
+        if drew:
+            for prompt, ids, truncated in draw():
+                self.in_flight.append(Group(self.drawn, prompt, list(ids), truncated,
+                                            [Answer() for _ in range(self.n)]))
+                self.drawn += 1
+        return Round([(g, a) for g in self.in_flight for a in g.answers if a.finish is None], drew)
 
     def _apply(self, pending: list[tuple[Group, Answer]], got: list[Generation]) -> None:
         """One round's generations, in request order; groups now done move to ``done``."""
