@@ -298,11 +298,17 @@ class RolloutSupervisor:
                                     lambda: self._push_mine(stream, version, self._mine(members)), members)
         self._mark_broken(failed)
 
+    def _unavailable(self, mine: list[int]) -> dict[int, str]:
+        """Those of this rank's engines ``mine`` that cannot take part, and why: a failure met
+        outside a collective (taken: it is reported now), or no engine running."""
+        out = {m: self._local_errors.pop(m) for m in mine if m in self._local_errors}
+        out.update({m: "the rollout engine is not running" for m in mine if m not in self.engines and m not in out})
+        return out
+
     def _push_mine(self, stream, version: int, mine: list[int]) -> None:
         """This rank's part of a sync: deliver the stream to its engines of ``mine`` (or only walk
         it, taking part in the export, when it hosts none of them)."""
-        failed = {m: self._local_errors.pop(m) for m in mine if m in self._local_errors}
-        failed.update({m: "the rollout engine is not running" for m in mine if m not in self.engines})
+        failed = self._unavailable(mine)
         targets = {m: self._targets[m] for m in mine if m not in failed}
         try:
             self._pipeline.push(stream, version, targets, self.count)  # drains the stream in every case
@@ -316,9 +322,7 @@ class RolloutSupervisor:
         failed outside a collective (while asleep) fails its share at once."""
         mine = self._mine(shares)
         seeds = request_seeds(params.seed, len(prompt_ids))
-        outcomes = {m: Outcome(error=self._local_errors.pop(m)) for m in mine if m in self._local_errors}
-        outcomes.update({m: Outcome(error="the rollout engine is not running")
-                         for m in mine if m not in self.engines and m not in outcomes})
+        outcomes = {m: Outcome(error=why) for m, why in self._unavailable(mine).items()}
         jobs = {m: share_job(self.engines[m], shares[m], prompt_ids, params, seeds) for m in mine if m not in outcomes}
         if jobs:
             outcomes.update(run_each(jobs))
@@ -355,7 +359,8 @@ class RolloutSupervisor:
         for it). Collective: broken engines are restarted first. No sync may happen until then."""
         while self._broken:
             self._restart_broken()
-        launched = _Launched(self._serving(), first_shares(self._serving(), prompt_ids, params))
+        serving = self._serving()
+        launched = _Launched(serving, first_shares(serving, prompt_ids, params))
         if self._mine(launched.shares):
             launched.start(lambda: self._run_mine(launched.shares, prompt_ids, params))
             self._in_flight = launched.thread
