@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from rlmt_megatron.distributed.collectives import device_tensors_device
+from rlmt_megatron.distributed.collectives import device_tensors_device, stage_owners
 from rlmt_megatron.checkpoint.hf_loader import global_layer_numbers
 from rlmt_megatron.checkpoint.mapping import HF_ARCHITECTURES, ResolvedRule, layer_index, resolve, unfuse
 from rlmt_megatron.checkpoint.safetensors_io import (
@@ -130,29 +130,21 @@ def buckets_for(built: BuiltModel, feeds: Mapping[int, int], bucket_bytes: int =
     A receiver inside an exporting replica must be fed by that replica and own a stage of it: any
     other rank of it is busy in its stage's TP gathers while the stages are sent (ValueError).
     """
-    from megatron.core import parallel_state as ps
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         yield from iter_hf_buckets(built, bucket_bytes, dtype, exporting=bool(feeds))
         return
     rank = dist.get_rank()
-    replica, stage = ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    table: list = [None] * dist.get_world_size()
-    dist.all_gather_object(table, (replica, stage, ps.get_tensor_model_parallel_rank() == 0))
-    owner: dict[tuple[int, int], int] = {}
-    for r, (d, p, tp_first) in enumerate(table):
-        if tp_first:
-            owner.setdefault((d, p), r)
+    layout = stage_owners()
+    replica = layout.replica[rank]
     exporting = set(feeds.values())
     for r, d in feeds.items():
-        own = table[r][0]
-        if own in exporting and (d != own or owner.get((own, table[r][1])) != r):
+        own = layout.replica[r]
+        if own in exporting and (d != own or not layout.owns(r)):
             raise ValueError(f"rank {r} cannot receive the weights from replica {d}: it is a rank of exporting "
                              f"replica {own} that does not own a stage of it")
-    stages = sorted({p for _, p, _ in table})
+    stages = sorted(set(layout.stage))
     local = iter_hf_buckets(built, bucket_bytes, dtype, exporting=replica in exporting)
-    fed_by_me = [r for r, d in sorted(feeds.items()) if d == replica and r != rank] \
-        if owner.get((replica, stage)) == rank else []
+    fed_by_me = [r for r, d in sorted(feeds.items()) if d == replica and r != rank] if layout.owns(rank) else []
     device = device_tensors_device()  # NCCL moves only device tensors; gloo takes CPU memory
 
     def own_stage() -> Iterator[Bucket]:
@@ -168,7 +160,7 @@ def buckets_for(built: BuiltModel, feeds: Mapping[int, int], bucket_bytes: int =
     sent = False
     if rank in feeds:
         for p in stages:
-            src = owner[(feeds[rank], p)]
+            src = layout.owner[(feeds[rank], p)]
             if src == rank:
                 yield from own_stage()
                 sent = True

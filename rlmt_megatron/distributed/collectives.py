@@ -11,6 +11,7 @@ forward/backward inside the replica sees consistent inputs.
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import torch
@@ -78,6 +79,35 @@ def dp_rank_and_size() -> tuple[int, int]:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+@dataclass(frozen=True)
+class StageOwners:
+    """Every rank's data-parallel replica and pipeline stage, and the rank that owns each (replica,
+    stage): its lowest TP rank 0, where an export's TP gathers collect (``hf_export.buckets_for``)."""
+
+    replica: list[int]
+    stage: list[int]
+    owner: dict[tuple[int, int], int]
+
+    def owns(self, rank: int) -> bool:
+        return self.owner.get((self.replica[rank], self.stage[rank])) == rank
+
+
+def stage_owners() -> StageOwners:
+    """The world's :class:`StageOwners`. Collective."""
+    if not dist.is_initialized():
+        return StageOwners([0], [0], {(0, 0): 0})
+    from megatron.core import parallel_state as ps
+
+    table: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(table, (ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                   ps.get_tensor_model_parallel_rank() == 0))
+    owner: dict[tuple[int, int], int] = {}
+    for rank, (replica, stage, tp_first) in enumerate(table):
+        if tp_first:
+            owner.setdefault((replica, stage), rank)
+    return StageOwners([t[0] for t in table], [t[1] for t in table], owner)
 
 
 def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:

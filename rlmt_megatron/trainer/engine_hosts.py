@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from rlmt_megatron.distributed.collectives import stage_owners
 from rlmt_megatron.rollout.fleet import member_node, member_slot
 
 
@@ -57,23 +58,17 @@ def find_engine_hosts(count: int) -> EngineHosts:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return EngineHosts({m: 0 for m in range(count)}, {m: 0 for m in range(count)},
                            {m: m for m in range(count)}, {0: 0})
-    from megatron.core import parallel_state as ps
-
-    table: list = [None] * dist.get_world_size()
-    dist.all_gather_object(table, (node_key(), ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                   ps.get_tensor_model_parallel_rank() == 0))
-    owner: dict[tuple[int, int], int] = {}
-    for rank, (_, replica, stage, tp_first) in enumerate(table):
-        if tp_first:
-            owner.setdefault((replica, stage), rank)
-    nodes = list(dict.fromkeys(key for key, *_ in table))  # numbered by their lowest rank
+    layout = stage_owners()
+    keys: list = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, node_key())
+    nodes = list(dict.fromkeys(keys))  # numbered by their lowest rank
     hosts = []  # per node that can host, its host rank
-    for key in nodes:
-        owners = [r for r, (k, d, p, _) in enumerate(table) if k == key and owner.get((d, p)) == r]
+    for index, key in enumerate(nodes):
+        owners = [r for r, k in enumerate(keys) if k == key and layout.owns(r)]
         if owners:
-            hosts.append((nodes.index(key), owners[0]))
+            hosts.append((index, owners[0]))
     host, node, slot = {}, {}, {}
     for m in range(count):
         node[m], host[m] = hosts[member_node(m, len(hosts))]
         slot[m] = member_slot(m, len(hosts))
-    return EngineHosts(host, node, slot, {r: table[r][1] for r in set(host.values())})
+    return EngineHosts(host, node, slot, {r: layout.replica[r] for r in set(host.values())})
