@@ -351,43 +351,45 @@ class RLMTConfig(StrictModel):
         return (("policy",) + (("reference",) if self.needs_reference else ())
                 + (("critic",) if self.algorithm.name == "ppo" else ()) + ("reward",))
 
+    def _check_off_policy(self, why: str, *, loss: str, older: str, dynamic: str) -> None:
+        """What training on tokens sampled by other weights than the trained ones cannot work with
+        (asynchronous and partial rollouts), refused with ``why`` and the feature's reasons:
+        ``loss``, why the loss of grpo and ppo copes; ``older``, how its samples come from older
+        weights; ``dynamic``, why dynamic sampling conflicts."""
+        a = self.algorithm
+        if a.name == "dpo":
+            raise ValueError(f"{why} applies to grpo and ppo, whose loss {loss}")
+        if a.rollout_correction.mode == "none":
+            raise ValueError(f"{why} {older}: set algorithm.rollout_correction.mode (tis, mis or icepop) so the loss "
+                             "corrects with the engine's logprobs")
+        if a.dynamic_sampling.enabled:
+            raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: {dynamic}")
+
     def _check_asynchronous(self) -> None:
         """What ``rollout.max_staleness`` >= 1 cannot work with, each refused with its reason."""
-        r, a = self.rollout, self.algorithm
+        r = self.rollout
         why = f"rollout.max_staleness={r.max_staleness} (asynchronous rollouts)"
-        if a.name == "dpo":
-            raise ValueError(f"{why} applies to grpo and ppo, whose loss corrects for the staleness with the engine's "
-                             "logprobs; dpo trains on pairs of its own policy's samples (and one_round DPO's engine "
-                             "keeps the initial weights)")
-        if a.rollout_correction.mode == "none":
-            raise ValueError(f"{why} samples from weights older than the ones trained: set "
-                             "algorithm.rollout_correction.mode (tis, mis or icepop) so the loss corrects with the "
-                             "engine's logprobs")
-        if a.dynamic_sampling.enabled:
-            raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: its extra generation rounds "
-                             "depend on the step's rewards, known only after the generation")
+        self._check_off_policy(
+            why, loss="corrects for the staleness with the engine's logprobs; dpo trains on pairs of its own policy's "
+            "samples (and one_round DPO's engine keeps the initial weights)",
+            older="samples from weights older than the ones trained",
+            dynamic="its extra generation rounds depend on the step's rewards, known only after the generation")
         if r.engine == "hf" and r.engine_process != "subprocess":
             raise ValueError(f"{why} needs the hf engine in its own process (rollout.engine_process=subprocess): "
                              "generating in the trainer's process would share its RNG and threads with training")
 
     def _check_partial(self) -> None:
         """What ``rollout.partial_tokens`` > 0 cannot work with, each refused with its reason."""
-        r, a = self.rollout, self.algorithm
+        r = self.rollout
         why = f"rollout.partial_tokens={r.partial_tokens} (partial rollouts)"
         if r.max_new_tokens % r.partial_tokens:
             raise ValueError(f"{why} must divide rollout.max_new_tokens={r.max_new_tokens}: every round then asks "
                              "every engine for the same number of tokens, and no continued answer can pass the "
                              "engine's length limit")
-        if a.name == "dpo":
-            raise ValueError(f"{why} applies to grpo and ppo, whose loss corrects tokens sampled by older weights with "
-                             "the engine's logprobs")
-        if a.rollout_correction.mode == "none":
-            raise ValueError(f"{why} continues answers under newer weights than the ones that began them: set "
-                             "algorithm.rollout_correction.mode (tis, mis or icepop) so the loss corrects with the "
-                             "engine's logprobs")
-        if a.dynamic_sampling.enabled:
-            raise ValueError(f"{why} cannot be combined with algorithm.dynamic_sampling: both decide which groups a "
-                             "step trains on, by different rules")
+        self._check_off_policy(
+            why, loss="corrects tokens sampled by older weights with the engine's logprobs",
+            older="continues answers under newer weights than the ones that began them",
+            dynamic="both decide which groups a step trains on, by different rules")
 
     @property
     def engine_follows_policy(self) -> bool:
