@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from rlmt_megatron.rollout.engine import Bucket, EngineError, RolloutEngine
-from rlmt_megatron.rollout.types import Generation, SamplingParams
+from rlmt_megatron.rollout.types import Generation, SamplingParams, stop_string_end
 from rlmt_megatron.rollout.weight_sync.checksum import tensors_checksum
 
 
@@ -151,14 +151,10 @@ class HFEngine(RolloutEngine):
 
     def _cut(self, tokens: list[int], stop_ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
         """Cut at the first stop token (kept) or after the first stop string's last token."""
-        for i, t in enumerate(tokens):
-            if t in stop_ids:
-                return tokens[: i + 1], "stop"
-            if params.stop:
-                text = self.tokenizer.decode(tokens[: i + 1])
-                if any(s in text for s in params.stop):
-                    return tokens[: i + 1], "stop"
-        return tokens, "length"
+        ends = [i + 1 for i, t in enumerate(tokens) if t in stop_ids][:1]
+        at_string = stop_string_end(self.tokenizer.decode, tokens, params.stop)
+        ends += [] if at_string is None else [at_string]
+        return (tokens[: min(ends)], "stop") if ends else (tokens, "length")
 
     def close(self) -> None:
         self.model = None

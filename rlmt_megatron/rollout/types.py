@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
@@ -24,6 +24,17 @@ class SamplingParams(StrictModel):
 
 
 FinishReason = Literal["stop", "length"]
+
+
+def stop_string_end(decode: Callable[[list[int]], str], tokens: Sequence[int], stop: Sequence[str],
+                    before: Sequence[int] = ()) -> Optional[int]:
+    """How many of ``tokens`` an answer keeps when it ends at a stop string: the fewest whose text,
+    after the tokens ``before`` them, holds one of ``stop`` (kept in the output, as vLLM and SGLang
+    keep it); None when none does. ``decode``: token ids -> text."""
+    context = list(before)
+    if not stop or not any(s in decode(context + list(tokens)) for s in stop):
+        return None
+    return next(k for k in range(1, len(tokens) + 1) if any(s in decode(context + list(tokens[:k])) for s in stop))
 
 
 @dataclass

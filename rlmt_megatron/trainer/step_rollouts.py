@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rlmt_megatron.rollout.types import Generation
+from rlmt_megatron.rollout.types import Generation, stop_string_end
 from rlmt_megatron.trainer.experience import Rollout
 from rlmt_megatron.trainer.one_round import OneRoundStore
 from rlmt_megatron.trainer.partial_rollouts import PartialRollouts, Round
@@ -221,11 +221,8 @@ def stop_string_cut(fmt, tokenizer):
     longest = max(len(s) for s in stop)  # tokens: every token is at least one character
 
     def cut(before: list[int], new: list[int]):
-        tail = before[-longest:]
-        if not any(s in tokenizer.decode(tail + new, skip_special_tokens=False) for s in stop):
-            return None
-        return next(k for k in range(1, len(new) + 1)
-                    if any(s in tokenizer.decode(tail + new[:k], skip_special_tokens=False) for s in stop))
+        return stop_string_end(lambda ids: tokenizer.decode(ids, skip_special_tokens=False), new, stop,
+                               before[-longest:])
 
     return cut
 
