@@ -9,6 +9,7 @@ shards; observed differences are ~1e-6).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def megatron_outputs(layout, tiny_models, test_sequences, tmp_path_factory):
                      str(test_sequences[0]), "--layouts", ",".join(_key(l) for l in LAYOUTS), "--out", str(out),
                      "--export-layout", _key(EXPORT_LAYOUT), "--export-dir", str(export)])
         got = json.loads(out.read_text())
+        _runs["threads"] = [json.loads(Path(f"{out}.threads.{rank}").read_text()) for rank in range(4)]
         _runs.update({layout: (got[_key(layout)], export if layout == EXPORT_LAYOUT else None) for layout in LAYOUTS})
     return _runs[layout]
 
@@ -86,6 +88,16 @@ def test_matches_transformers(layout, tiny_models, test_sequences, tmp_path_fact
         values = torch.tensor(values)
         assert values.shape == (len(s),), "the critic returns one value per token"
         assert (values - ref).abs().max().item() <= TOL
+
+
+def test_shutdown_frees_every_process_group(tiny_models, test_sequences, tmp_path_factory):
+    """After ``bootstrap.shutdown`` no process group's gloo threads run on any rank (they ran
+    before it): a group left alive is destroyed at interpreter exit, where it has aborted a rank
+    of a finished run (SIGABRT, "terminate called without an active exception")."""
+    megatron_outputs(LAYOUTS[0], tiny_models, test_sequences, tmp_path_factory)
+    for rank, threads in enumerate(_runs["threads"]):
+        assert any("gloo" in name for name in threads["before"]), (rank, threads["before"])
+        assert not [name for name in threads["after"] if "gloo" in name], (rank, threads["after"])
 
 
 def test_export_from_tp2_pp2_is_bit_exact(tiny_models, test_sequences, tmp_path_factory):

@@ -74,10 +74,31 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: floa
 
 
 def shutdown() -> None:
-    """Tear down Megatron's groups and the process group (end of a CLI or test worker)."""
+    """Tear down Megatron's groups and the process group (end of a CLI or test worker), and free
+    every process group object while the interpreter is whole.
+
+    ``destroy_process_group`` only unregisters the groups: a group object lives on, with its
+    gloo threads, while anything still refers to it, and is then destroyed during interpreter
+    finalization, where its threads can take the process down with SIGABRT ("terminate called
+    without an active exception") after a run that finished; torchrun then reports the job
+    failed. Megatron-Core 0.16 keeps two references past ``destroy_model_parallel``: the
+    ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP[_GLOO]`` globals, which it never resets, and
+    ``RotaryEmbedding.forward``'s ``lru_cache``, which keeps its modules (and their
+    ``cp_group``) alive. The rest are cycles between modules, freed by a collection.
+    """
+    import gc
+
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    for name, value in list(vars(parallel_state).items()):
+        if name.isupper() and isinstance(value, dist.ProcessGroup):
+            setattr(parallel_state, name, None)
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    if hasattr(RotaryEmbedding.forward, "cache_clear"):
+        RotaryEmbedding.forward.cache_clear()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

@@ -9,6 +9,7 @@ Layout keys: ``TPxPP``, ``TPxPPvppV``, ``TPxPPsp``.
 """
 
 import argparse
+import glob
 import json
 from pathlib import Path
 
@@ -51,7 +52,17 @@ def main():
         results[key] = outputs_at(Path(a.models), seqs, ModelBuildConfig(parallel=parse_layout(key)), export)
     if dist.get_rank() == 0:
         Path(a.out).write_text(json.dumps(results))
+    # The threads this process runs (Linux names them in /proc) before and after shutdown: a
+    # process group whose gloo threads outlive it is destroyed at interpreter exit, where it can
+    # abort a rank of a finished run.
+    rank, threads = dist.get_rank(), {"before": native_threads()}
     bootstrap.shutdown()
+    threads["after"] = native_threads()
+    Path(f"{a.out}.threads.{rank}").write_text(json.dumps(threads))
+
+
+def native_threads() -> list[str]:
+    return sorted(Path(task, "comm").read_text().strip() for task in glob.glob("/proc/self/task/*"))
 
 
 def outputs_at(models: Path, seqs, build: ModelBuildConfig, export_dir) -> dict:
