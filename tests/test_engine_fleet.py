@@ -141,3 +141,28 @@ def test_request_seeds_are_distinct_in_range_and_do_not_cancel_when_derived_agai
     sample_seeds = [s for p in prompt_seeds for s in request_seeds(p, 4)]
     assert len(set(sample_seeds + prompt_seeds + [11])) == 8 * 4 + 8 + 1
     assert request_seeds(11, 8) == prompt_seeds  # a resumed run derives the same ones
+
+
+def test_stage_senders_are_the_owners_of_each_engines_feeding_replica():
+    """Which stage owners send to which engine when every stage sends its own layers
+    (``EngineHosts.fed_by``), and on which nodes they sit (``sender_nodes``, what
+    ``weight_sync.master_address`` is checked against), for layouts written out by hand."""
+    from rlmt_megatron.distributed.collectives import StageOwners
+    from rlmt_megatron.trainer.engine_hosts import EngineHosts
+
+    # 8 ranks, TP2 x PP2 x DP2, replica r on node r: ranks 0,1 | 2,3 are replica 0's stages 0 | 1.
+    layout = StageOwners(replica=[0, 0, 0, 0, 1, 1, 1, 1], stage=[0, 0, 1, 1, 0, 0, 1, 1],
+                         owner={(0, 0): 0, (0, 1): 2, (1, 0): 4, (1, 1): 6})
+    hosts = EngineHosts(host={0: 0, 1: 4, 2: 0}, node={0: 0, 1: 1, 2: 0}, slot={0: 0, 1: 0, 2: 1},
+                        replica={0: 0, 4: 1}, layout=layout, rank_node=[0, 0, 0, 0, 1, 1, 1, 1])
+    assert hosts.stages == 2
+    assert [hosts.feeding(m) for m in range(3)] == [0, 1, 0]
+    assert {r: hosts.fed_by(r, [0, 1, 2]) for r in range(8)} == {
+        0: [0, 2], 1: [], 2: [0, 2], 3: [], 4: [1], 5: [], 6: [1], 7: []}
+    assert hosts.fed_by(2, [1]) == []  # rank 2 owns a stage of replica 0 only
+    assert hosts.sender_nodes([0, 2]) == {0} and hosts.sender_nodes([0, 1, 2]) == {0, 1}
+    # one replica whose second stage sits on another node: its engine is synced from two nodes
+    split = EngineHosts(host={0: 0}, node={0: 0}, slot={0: 0}, replica={0: 0},
+                        layout=StageOwners([0, 0, 0, 0], [0, 0, 1, 1], {(0, 0): 0, (0, 1): 2}),
+                        rank_node=[0, 0, 1, 1])
+    assert split.sender_nodes([0]) == {0, 1}

@@ -30,6 +30,7 @@ servers at once through ``SyncPipeline`` and spreads one generation over them wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -333,35 +334,39 @@ def test_built_requests_pass_sglangs_own_classes(sglang_verdict):
 # ------------------------------------------------------------------ (e) a fleet of two emulated servers, broadcast over gloo
 
 
-def _two_free_ports() -> int:
-    """A port p with p + 1 free too (engine i's group rendezvous at master_port + i)."""
+def _free_ports(count: int) -> int:
+    """A port p with p + 1 .. p + count - 1 free too (engine i's stage-s group meets at master_port + 2i + s)."""
     for _ in range(50):
         port = free_port()
-        with socket.socket() as s:
+        with contextlib.ExitStack() as held:
             try:
-                s.bind(("127.0.0.1", port + 1))
+                for k in range(1, count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port + k))
             except OSError:
                 continue
         return port
-    raise RuntimeError("no two consecutive free ports")
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 @pytest.fixture(scope="module")
 def fleet_run(tiny_models, tmp_path_factory, sglang_python):
-    """Two emulated servers, one torchrun job (TP2 x PP2) that syncs both and generates across
-    both; then every request each server received judged by sglang's own classes (one run)."""
+    """Two emulated servers, one torchrun job (TP2 x PP2) whose rollout supervisor syncs both
+    (each pipeline stage's owner through a group of its own) and generates across both; then
+    every request each server received judged by sglang's own classes (one run)."""
     folder = tmp_path_factory.mktemp("sglang_fleet")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     outs = [folder / f"server{i}.pt" for i in range(2)]
     servers = [subprocess.Popen(
         [sys.executable, "-m", "rlmt_megatron.testing.sglang_emulator", "--out", str(out), "--timeout", "240"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]
+    port = _free_ports(4)
     try:
         urls = [sglang_emulator.wait_ready(str(out), lambda s=s: s.poll() is None) for out, s in zip(outs, servers)]
         torchrun(4, ["tests/workers/broadcast_worker.py", "--role", "trainer", "--model", str(tiny_models / "llama-policy"),
-                     "--url", *urls, "--master-port", str(_two_free_ports()), "--bucket-bytes", str(64 * 1024),
-                     "--out", str(folder / "trainer.pt")], timeout=300)
-        states = [sglang_emulator.dump_state(url, str(out)) for url, out in zip(urls, outs)]
+                     "--url", *urls, "--master-port", str(port), "--out", str(folder / "trainer.pt"),
+                     "--last-dump", str(outs[-1])], timeout=300)
+        states = [sglang_emulator.dump_state(urls[0], str(outs[0])), torch.load(outs[-1])]  # the last one was stopped
     finally:
         for s in servers:
             if s.poll() is None:
@@ -374,42 +379,82 @@ def fleet_run(tiny_models, tmp_path_factory, sglang_python):
     sglang_side_env.run_checker(sglang_python, ["--log", *logs, "--summary-out", str(folder / "verdict.json")])
     import json
 
-    return {"states": states, "trainer": torch.load(folder / "trainer.pt"),
+    return {"states": states, "trainer": torch.load(folder / "trainer.pt"), "port": port,
             "verdict": json.loads((folder / "verdict.json").read_text())}
 
 
+def _stage_of(name: str, layers: int) -> int:
+    """Which of two pipeline stages holds HF tensor ``name`` (first half of the layers and the
+    embedding on stage 0; the rest, the final norm and the head on stage 1)."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) >= layers // 2
+    return 0 if name.startswith("model.embed_tokens") else 1
+
+
 def test_fleet_sync_reaches_every_server(fleet_run, tiny_models):
-    """Both emulated servers, synced at once by one SyncPipeline push from the real TP2 x PP2
-    trainer, hold the model bit for bit, each through its own weight-update group."""
+    """Both emulated servers, synced at once by the supervisor of the real TP2 x PP2 trainer, hold
+    the model bit for bit; each pipeline stage's owner sent its own layers, and only those, through
+    a weight-update group of its own (rank 0 of it, meeting at master_port + 2i + stage), into one
+    session the engine's host opened and closed."""
+    import json
+
     from safetensors.torch import load_file
 
     expected = {}
     for f in sorted((tiny_models / "llama-policy").glob("*.safetensors")):
         expected.update(load_file(str(f)))
-    groups = []
-    for got in fleet_run["states"]:
+    layers = json.loads((tiny_models / "llama-policy" / "config.json").read_text())["num_hidden_layers"]
+    sent_groups = {}  # (engine, stage) -> group name, as the stage owners report it
+    for sender in fleet_run["trainer"]["senders"]:
+        for member, group in sender["groups"].items():
+            sent_groups[(member, sender["stage"])] = group
+    assert sorted(sent_groups) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # two stage owners, each to both engines
+    session = ["/pause_generation", "/begin_weight_update", "/update_weights_from_distributed",
+               "/end_weight_update", "/flush_cache", "/continue_generation"]
+    for i, got in enumerate(fleet_run["states"]):
         routes = [p.split("?")[0] for p, _ in got["log"] if not p.startswith("/_emulator")]
-        n_updates = routes.count("/update_weights_from_distributed")
-        assert routes == (["/init_weights_update_group", "/pause_generation", "/begin_weight_update"]
-                          + ["/update_weights_from_distributed"] * n_updates
-                          + ["/end_weight_update", "/flush_cache", "/continue_generation", "/generate",
-                             "/destroy_weights_update_group"])
-        assert n_updates > 1  # several buckets
-        init = got["log"][0][1]
-        assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 2, "gloo")
-        groups.append((init["group_name"], init["master_port"]))
+        routes = [r for k, r in enumerate(routes) if k == 0 or r != routes[k - 1]]  # one per run of buckets
+        # server 1 was stopped after the generation; server 0 then took version 2 and the close
+        assert routes == (["/init_weights_update_group"] + session + ["/generate"]
+                          + (session + ["/destroy_weights_update_group"] if i == 0 else []))
+        inits = {body["group_name"]: body for p, body in got["log"] if p == "/init_weights_update_group"}
+        assert sorted(inits) == [f"weight_update_group_{i}_pp0", f"weight_update_group_{i}_pp1"]
+        for stage in (0, 1):
+            init = inits[f"weight_update_group_{i}_pp{stage}"]
+            assert (init["rank_offset"], init["world_size"], init["backend"]) == (1, 2, "gloo")
+            assert init["master_port"] == fleet_run["port"] + 2 * i + stage
+            assert sent_groups[(i, stage)] == init["group_name"]
+        by_group = {}
+        for p, body in got["log"]:
+            if p == "/update_weights_from_distributed":
+                by_group.setdefault(body["group_name"], []).append(body["names"])
+        for stage in (0, 1):
+            buckets = by_group[f"weight_update_group_{i}_pp{stage}"]
+            assert len(buckets) > 1  # several buckets per stage
+            assert {_stage_of(n, layers) for names in buckets for n in names} == {stage}
+        destroyed = sorted(body["group_name"] for p, body in got["log"] if p == "/destroy_weights_update_group")
+        assert destroyed == (sorted(inits) if i == 0 else [])
+        versions = [body["weight_version"] for p, body in got["log"] if p == "/update_weights_from_distributed"]
+        assert sorted(set(versions)) == (["1", "2"] if i == 0 else ["1"])
+        for version in versions:  # each sync sends every tensor exactly once, over the two groups
+            names = [n for p, body in got["log"] if p == "/update_weights_from_distributed"
+                     and body["weight_version"] == version for n in body["names"]]
+            assert sorted(names) == sorted(expected), version
         state = got["ranks"][0]
         assert sorted(state) == sorted(expected)
         for name, t in expected.items():
             assert state[name].dtype == t.dtype and state[name].shape == t.shape, name
             assert torch.equal(state[name].view(torch.uint8), t.contiguous().view(torch.uint8)), name
-    # each member its own weight-update group (torch refuses two groups of one name in a process)
-    assert len(set(g for g, _ in groups)) == 2 and groups[1][1] == groups[0][1] + 1
-    assert fleet_run["trainer"]["group_names"] == [g for g, _ in groups]
+    assert fleet_run["trainer"]["versions"] == {0: 1, 1: 1}
+    # with server 1 gone, version 2 reached server 0 (the session opened on server 1 failed), and
+    # every rank marks engine 1 broken alike
+    for sender in fleet_run["trainer"]["senders"]:
+        assert sender["after_loss"]["broken"] == [1]
+    assert fleet_run["trainer"]["senders"][0]["after_loss"]["versions"] == {0: 2, 1: 1}
 
 
 def test_fleet_generation_spreads_over_both_servers(fleet_run):
-    """generate_across gives each emulated server its share (in one /generate each) and puts the
+    """The supervisor gives each emulated server its share (in one /generate each) and puts the
     answers back in prompt order; the emulator's tokens are a function of the prompt, so a
     misplaced answer shows."""
     trainer = fleet_run["trainer"]
@@ -424,11 +469,11 @@ def test_fleet_generation_spreads_over_both_servers(fleet_run):
         (body,) = [b for p, b in got["log"] if p == "/generate"]
         assert body["input_ids"] == [prompts[p] for p in shares[i] for _ in range(2)]  # each server: its share only
         assert [sp["sampling_seed"] for sp in body["sampling_params"]] == [s for p in shares[i] for s in seeds[p]]
-    for p, per_prompt in enumerate(trainer["generations"]):  # back in prompt order, from whichever server
-        assert [(g[0], g[1]) for g in per_prompt] == [(p, 0), (p, 1)]
-        for prompt_index, sample, tokens, logprobs, version in per_prompt:
-            assert tokens == sglang_emulator.emulated_completion(prompts[p], 0, 4, seeds[p][sample])
-            assert len(logprobs) == 4 and version == 1
+    rollouts = trainer["rollouts"]
+    assert [r[0] for r in rollouts] == [p for p in range(len(prompts)) for _ in range(2)]  # back in prompt order
+    for k, (p, tokens, logprobs, version) in enumerate(rollouts):
+        assert tokens == sglang_emulator.emulated_completion(prompts[p], 0, 4, seeds[p][k % 2])
+        assert len(logprobs) == 4 and version == 1
 
 
 def test_fleet_payloads_pass_sglangs_own_classes(fleet_run):

@@ -7,8 +7,9 @@
   than the budget travels alone); :func:`buckets_at` streams every stage's buckets to one rank
   (:func:`buckets_for`: to several, each fed by its own replica), stage by stage, so the
   destination holds at most one bucket beyond what it has consumed: peak
-  extra memory is bounded by the bucket size, not the model size. Both are collective: every
-  rank must drive the iterator to the end. Weight sync to rollout engines uses them directly.
+  extra memory is bounded by the bucket size, not the model size; :func:`stage_buckets` leaves
+  each stage's buckets on its owner. All are collective: every rank must drive the iterator to
+  the end. Weight sync to rollout engines uses them directly.
 - :func:`gather_hf_state_dict` collects those buckets into one dict on the destination rank.
 - :func:`save_hf_folder` writes safetensors + config.json + tokenizer files that transformers loads.
 """
@@ -179,6 +180,19 @@ def buckets_for(built: BuiltModel, feeds: Mapping[int, int], bucket_bytes: int =
     if not sent:
         for _ in own_stage():  # a sender, or a rank taking part in its stage's TP gathers
             pass
+
+
+def stage_buckets(built: BuiltModel, replicas: set[int], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                  dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """Each stage's own buckets, yielded on that stage's owner in each data-parallel replica of
+    ``replicas``; the other ranks of those replicas take part in their stage's TP gathers and
+    yield nothing, other replicas do nothing. Collective. For senders that reach the engines from
+    every stage (``rollout/weight_sync/stage_groups.py``); :func:`buckets_for` brings every stage to one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return iter_hf_buckets(built, bucket_bytes, dtype, exporting=bool(replicas))
+    from megatron.core import parallel_state
+
+    return iter_hf_buckets(built, bucket_bytes, dtype, exporting=parallel_state.get_data_parallel_rank() in replicas)
 
 
 def gather_hf_state_dict(built: BuiltModel, dst: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:

@@ -20,6 +20,20 @@ HF_ENGINE = "rlmt_megatron.rollout.hf_engine.HFEngine"
 VLLM_ENGINE = "rlmt_megatron.rollout.vllm_engine.VLLMEngine"
 
 
+def sglang_client(rollout: RolloutConfig, member: int = 0, stage: int = 0, stages: int = 1):
+    """A client of SGLang server ``member``; its weight-update group is the one of pipeline stage
+    ``stage`` of ``stages`` (``weight_sync/stage_groups.py``; one stage: the engine's only group)."""
+    from rlmt_megatron.rollout.sglang_engine import DEFAULT_GROUP_NAME, SGLangHTTPEngine
+
+    # Each member's weight-update group is a process group in the rank that drives it, and torch
+    # refuses a second group of the same name: a fleet's members get one name each, and so do the
+    # stages (SGLang keeps a group per name).
+    group = DEFAULT_GROUP_NAME if rollout.engines == 1 else f"{DEFAULT_GROUP_NAME}_{member}"
+    if stages > 1:
+        group = f"{group}_pp{stage}"
+    return SGLangHTTPEngine(rollout.server_urls()[member], timeout=rollout.timeout_s, group_name=group)
+
+
 def make_rollout_engine(rollout: RolloutConfig, model_dir: str, *, dtype: str, max_model_len: int,
                         seed: int, member: int = 0, slot: int = 0) -> RolloutEngine:
     """A new engine serving ``model_dir``: member ``member`` of the run's ``rollout.engines``, the
@@ -28,12 +42,7 @@ def make_rollout_engine(rollout: RolloutConfig, model_dir: str, *, dtype: str, m
     ``max_model_len``: longest prompt + response (vLLM's KV cache); ``seed``: vLLM's sampler seed."""
     r = rollout
     if r.engine == "sglang":
-        from rlmt_megatron.rollout.sglang_engine import DEFAULT_GROUP_NAME, SGLangHTTPEngine
-
-        # Each member's weight-update group is a process group in the rank that drives it, and torch
-        # refuses a second group of the same name: a fleet's members get one name each.
-        group = DEFAULT_GROUP_NAME if r.engines == 1 else f"{DEFAULT_GROUP_NAME}_{member}"
-        return SGLangHTTPEngine(r.server_urls()[member], timeout=r.timeout_s, group_name=group)
+        return sglang_client(r, member)
     from rlmt_megatron.rollout.subprocess_engine import SubprocessEngine
 
     env = _member_devices(r.engines, slot)

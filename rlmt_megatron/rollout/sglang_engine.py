@@ -97,7 +97,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -417,42 +417,67 @@ class SGLangHTTPEngine(RolloutEngine):
         self._request(f"/flush_cache?timeout={self.control_timeout:g}", None, "flushing the cache",
                       self.control_timeout + 5, method="POST")
 
-    @contextmanager
-    def _weight_update_session(self, version: int) -> Iterator[None]:
-        """weights back (if released) -> pause -> begin -> [body] -> end -> flush -> continue.
-
-        On failure the session is still ended (quietly: the first error is the one to report) and
-        generation continued; the server's weights are then partly updated and a new sync is needed.
-        """
+    def open_weight_update(self) -> None:
+        """weights back (if released) -> pause -> begin: the server takes weight updates. A failed
+        begin continues generation before it raises."""
         if "weights" in self._released:
             self.wake(["weights"])
         self.pause_generation()
         try:
             self.begin_weight_update()
-            try:
-                yield
-            except BaseException:
+        except BaseException:
+            with suppress(EngineError):  # the begin's error is the one to report
+                self.continue_generation()
+            raise
+
+    def close_weight_update(self, version: int, complete: bool = True) -> None:
+        """end -> flush -> continue; the server then serves ``version``. ``complete`` False (the
+        update failed part-way): the session is ended quietly (the first error is the one to
+        report) and generation continued; the weights are partly updated, a new sync is needed."""
+        try:
+            if complete:
+                self.end_weight_update()
+                self.flush_cache()
+            else:
                 try:
                     self.end_weight_update()
                 except EngineError as e:
                     log.warning("%s engine at %s: after a failed sync v%d: %s", self.name, self.url, version, e)
-                raise
-            self.end_weight_update()
-            self.flush_cache()
         finally:
             self.continue_generation()
-        self.weight_version = version
+        if complete:
+            self.weight_version = version
+
+    @contextmanager
+    def _weight_update_session(self, version: int) -> Iterator[None]:
+        """:meth:`open_weight_update` -> [body] -> :meth:`close_weight_update`."""
+        self.open_weight_update()
+        try:
+            yield
+        except BaseException:
+            self.close_weight_update(version, complete=False)
+            raise
+        self.close_weight_update(version)
 
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
         """Per bucket: POST update_weights_from_distributed while the trainer broadcasts the tensors
         (inside a weight-update session, see the module docstring)."""
+        self._check_group(version)
+        with self._weight_update_session(version):
+            self.send_buckets(buckets, version)
+
+    def send_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
+        """The buckets of :meth:`update_weights` without its session: for a sender that is one of
+        several into a session someone else holds open (``weight_sync/stage_groups.py``)."""
+        self._check_group(version)
+        for i, bucket in enumerate(buckets):
+            self._sync_bucket(bucket, version, i)
+
+    def _check_group(self, version: int) -> None:
         if self.broadcast is None:
             raise EngineError(f"{self.name} engine at {self.url}: syncing weights v{version}: no weight-update group "
                               "(call NCCLBroadcastTransport.connect first, or push with CudaIPCTransport or "
                               "DiskTransport)")
-        with self._weight_update_session(version):
-            for i, bucket in enumerate(buckets):
-                self._sync_bucket(bucket, version, i)
 
     def update_weights_from_tensor(self, payloads: Iterable[Sequence[str]], version: int) -> None:
         """One ``/update_weights_from_tensor`` per bucket; ``payloads`` yields, per bucket, the

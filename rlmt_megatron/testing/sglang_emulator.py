@@ -23,8 +23,12 @@ does (file references are to ``python/sglang/srt``):
   ``FlattenedTensorBucket.reconstruct_tensors`` does: ``flat[start_idx:end_idx].view(dtype).reshape(shape)``
   from metadata read attribute by attribute (``_update_weights_from_flattened_bucket``);
 * ``/update_weights_from_distributed``: empty tensors of the requested dtype/shape, one broadcast
-  from group rank 0 per name (``nccl_broadcast.receive_bucket``); ``/init_weights_update_group``
-  joins as the model runner does (``join_as_receiver``);
+  from rank 0 of the group the request names per name (``nccl_broadcast.receive_bucket``);
+  ``/init_weights_update_group`` joins as the model runner does (``join_as_receiver``), and the
+  groups are kept by name as it does (``_model_update_group[group_name]``), several side by side;
+* one request at a time, but ``/generate``: the server's communicators queue concurrent callers
+  and its scheduler runs one request after another (``managers/communicator.py``), so two
+  senders' weight updates never interleave;
 * ``/update_weights_from_disk``: reads every ``*.safetensors`` file of ``model_path`` (filtered by
   the index when there is one), as the default loader does; no session needed;
 * ``/generate``: a batched, non-streamed request answered in 0.5.23's response format (one item
@@ -289,8 +293,9 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
     _patch_torch_reductions()
     ranks = _Ranks(tp_size, weights, device, dtype)
     log: list = []
-    shared = {"session": None, "offload_tags": set(), "group": None, "paused": False, "weight_version": "default"}
+    shared = {"session": None, "offload_tags": set(), "groups": {}, "paused": False, "weight_version": "default"}
     stop = threading.Event()
+    one_at_a_time = threading.Lock()
 
     def dump():
         torch.save({"ranks": ranks.cpu_state(), "log": log, "offload_tags": sorted(shared["offload_tags"])}, out)
@@ -319,9 +324,10 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
             route = self.path.split("?")[0]
             n = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(n)) if n else None
-            log.append((self.path, body))
             try:
-                return self._handle(route, body)
+                with contextlib.nullcontext() if route == "/generate" else one_at_a_time:
+                    log.append((self.path, body))
+                    return self._handle(route, body)
             except Exception as e:  # noqa: BLE001 - reported to the client like a server error
                 return self._reply({"error": {"message": f"{type(e).__name__}: {e}"}}, 500)
 
@@ -354,7 +360,10 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
                 return self._result(True, "Success")
             if route == "/update_weights_from_distributed":
                 shared["weight_version"] = body.get("weight_version") or shared["weight_version"]
-                for name, t in receive_bucket(shared["group"], body["names"], body["dtypes"], body["shapes"]):
+                group = shared["groups"].get(body["group_name"])
+                if group is None:  # the model runner's assertion
+                    raise AssertionError(f"Group {body['group_name']} not in {list(shared['groups'])}")
+                for name, t in receive_bucket(group, body["names"], body["dtypes"], body["shapes"]):
                     for r in range(tp_size):
                         ranks.take(r, name, t)
                 ranks.finish()
@@ -369,14 +378,14 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
             if route == "/generate":
                 return self._reply(_generate(body, shared["weight_version"]))
             if route == "/init_weights_update_group":
-                shared["group"] = join_as_receiver(body["master_address"], body["master_port"], body["rank_offset"],
+                shared["groups"][body["group_name"]] = join_as_receiver(body["master_address"], body["master_port"], body["rank_offset"],
                                                    body["world_size"], body["group_name"], body["backend"],
                                                    tp_rank=0, timeout_s=60)
                 return self._result(True, "Succeeded to initialize custom process group.")
             if route == "/destroy_weights_update_group":
-                if shared["group"] is not None:
-                    torch.distributed.destroy_process_group(shared["group"])
-                    shared["group"] = None
+                group = shared["groups"].pop(body["group_name"], None)
+                if group is not None:
+                    torch.distributed.destroy_process_group(group)
                 return self._result(True, "Succeeded to destroy custom process group.")
             if route == "/release_memory_occupation":
                 shared["offload_tags"].update(body.get("tags") or MEMORY_TAGS)

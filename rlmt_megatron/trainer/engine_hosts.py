@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from rlmt_megatron.distributed.collectives import stage_owners
+from rlmt_megatron.distributed.collectives import StageOwners, stage_owners
 from rlmt_megatron.rollout.fleet import member_node, member_slot
 
 
@@ -34,13 +34,35 @@ def node_key() -> str:
 
 @dataclass(frozen=True)
 class EngineHosts:
-    """The rank that drives each engine (``host``), each engine's node and place on it, and the
-    replica that feeds each host (``replica``: host rank -> data-parallel rank)."""
+    """The rank that drives each engine (``host``), each engine's node and place on it, the
+    replica that feeds each host (``replica``: host rank -> data-parallel rank), every rank's
+    replica and stage (``layout``) and node (``rank_node``)."""
 
     host: dict[int, int]
     node: dict[int, int]
     slot: dict[int, int]
     replica: dict[int, int]
+    layout: StageOwners
+    rank_node: list[int]
+
+    @property
+    def stages(self) -> int:
+        return len(set(self.layout.stage))
+
+    def feeding(self, member: int) -> int:
+        """The data-parallel replica whose weights engine ``member`` gets."""
+        return self.replica[self.host[member]]
+
+    def fed_by(self, rank: int, members) -> list[int]:
+        """Those of ``members`` whose feeding replica has ``rank`` as a stage owner."""
+        if not self.layout.owns(rank):
+            return []
+        return [m for m in members if self.feeding(m) == self.layout.replica[rank]]
+
+    def sender_nodes(self, members) -> set[int]:
+        """The nodes of the stage owners that feed ``members``."""
+        feeding = {self.feeding(m) for m in members}
+        return {self.rank_node[r] for (replica, _), r in self.layout.owner.items() if replica in feeding}
 
     def members_of(self, rank: int) -> list[int]:
         return sorted(m for m, h in self.host.items() if h == rank)
@@ -57,7 +79,7 @@ def find_engine_hosts(count: int) -> EngineHosts:
     """Where the run's ``count`` engines live. Collective (every rank says its node and stage)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return EngineHosts({m: 0 for m in range(count)}, {m: 0 for m in range(count)},
-                           {m: m for m in range(count)}, {0: 0})
+                           {m: m for m in range(count)}, {0: 0}, stage_owners(), [0])
     layout = stage_owners()
     keys: list = [None] * dist.get_world_size()
     dist.all_gather_object(keys, node_key())
@@ -71,4 +93,5 @@ def find_engine_hosts(count: int) -> EngineHosts:
     for m in range(count):
         node[m], host[m] = hosts[member_node(m, len(hosts))]
         slot[m] = member_slot(m, len(hosts))
-    return EngineHosts(host, node, slot, {r: layout.replica[r] for r in set(host.values())})
+    return EngineHosts(host, node, slot, {r: layout.replica[r] for r in set(host.values())}, layout,
+                       [nodes.index(k) for k in keys])

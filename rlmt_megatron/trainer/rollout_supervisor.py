@@ -4,7 +4,9 @@ The run has ``rollout.engines`` engines (one by default), spread over the nodes 
 its node's host rank (``trainer/engine_hosts.py``): each generation's prompts are spread over them
 by outstanding work (``rollout/fleet.py``), each host running its engines' share, and each weight
 sync reaches all of them at once, every host fed by its own replica's stage owners
-(``hf_export.buckets_for``) and fanning out to its engines (``rollout/weight_sync/pipeline.py``).
+(``hf_export.buckets_for``) and fanning out to its engines (``rollout/weight_sync/pipeline.py``);
+with disaggregated SGLang at PP > 1 each stage's owner sends its own layers to the engines and
+the host only opens and closes their sessions (``rollout/weight_sync/stage_groups.py``).
 Each call here is collective and ends with every rank learning what happened on every host
 (``each_rank_reports``), so all ranks take the same decision and none waits forever in a
 collective the others left:
@@ -43,7 +45,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from rlmt_megatron.checkpoint.hf_export import buckets_for
+from rlmt_megatron.checkpoint.hf_export import buckets_for, stage_buckets
 from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.distributed.collectives import each_rank_reports, is_rank0, world_rank
 from rlmt_megatron.errors import RLMTError
@@ -52,7 +54,8 @@ from rlmt_megatron.rollout.factory import make_rollout_engine
 from rlmt_megatron.rollout.fleet import (MemberReport, MembersFailed, Outcome, describe_failures, first_shares,
                                          request_seeds, run_each, serve_across, share_job)
 from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, make_sync_pipeline
-from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, make_transport
+from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, make_transport, sent_by_stage
+from rlmt_megatron.rollout.weight_sync.stage_groups import StageSenders
 from rlmt_megatron.trainer.engine_hosts import EngineHosts, find_engine_hosts
 from rlmt_megatron.trainer.experience import Rollout
 from rlmt_megatron.trainer.stop import Interrupted, StepAbandoned, StopSignals
@@ -105,6 +108,10 @@ class RolloutSupervisor:
         self._targets: dict[int, SyncTarget] = {}
         self._local_errors: dict[int, str] = {}  # failures outside a collective, agreed on at the next one
         self._in_flight: Optional[threading.Thread] = None  # a launched generation's thread
+        # Disaggregated SGLang with PP > 1: this rank's senders of its own stage (stage_groups.py),
+        # and the engines every stage owner has joined (agreed)
+        self._stage_senders: Optional[StageSenders] = None
+        self._joined: set[int] = set()
 
     # ---------------------------------------------------------------- agreement
 
@@ -171,10 +178,17 @@ class RolloutSupervisor:
         """Find the engines' hosts, start the engines (and push ``version`` of the policy).
         Collective. A first start that fails is a setup problem: raised on every rank, not retried."""
         self.hosts = find_engine_hosts(self.count)
-        if self.weight_sync.master_address and len(set(self.hosts.node.values())) > 1:
+        if self.hosts.stages > 1 and sent_by_stage(self.weight_sync, self.rollout.engine, self.rollout.placement):
+            self._stage_senders = StageSenders(self.rollout, self.weight_sync, self.hosts.layout.stage[world_rank()],
+                                               self.hosts.stages)
+        senders = set(self.hosts.node.values())
+        if self._stage_senders is not None:
+            senders |= self.hosts.sender_nodes(range(self.count))
+        if self.weight_sync.master_address and len(senders) > 1:
             raise RLMTError(f"weight_sync.master_address={self.weight_sync.master_address} is one address, but the "
-                            f"rollout engines are driven from {len(set(self.hosts.node.values()))} nodes "
-                            f"({self.hosts.describe()}); leave it unset: each host uses its own")
+                            f"rollout engines are synced from {len(senders)} nodes ({self.hosts.describe()}"
+                            f"{'; every pipeline stage sends its own layers' if self._stage_senders else ''}); "
+                            "leave it unset: each sender uses its own")
         if self.count > 1 and is_rank0():
             print(f"rollout engines: {self.hosts.describe()}", flush=True)
         everyone = list(range(self.count))
@@ -252,9 +266,13 @@ class RolloutSupervisor:
         def rebuild():
             if self.stop is not None and self.stop.requested:
                 raise StepAbandoned()
+            if self._stage_senders is not None:  # a restarted engine gets new groups
+                self._stage_senders.drop(members)
             for member in self._mine(members):
                 self._dispose(member)
             self._build_each(members)
+
+        self._joined.difference_update(members)
 
         with activity("restarting the rollout engines"):
             _, failed = self._agree("restarting the rollout engines", rebuild, members)
@@ -293,10 +311,56 @@ class RolloutSupervisor:
         self.version = self.trainer_version = version  # an engine that misses them gets them at its restart
         members = [m for m in (only if only is not None else self._serving()) if m not in self._broken]
         with activity(f"weight sync v{version}"):
-            stream = buckets_for(self.policy.built, self.hosts.feeds(members), bucket_bytes=self._bucket_bytes)
-            _, failed = self._agree(f"syncing weights v{version}",
-                                    lambda: self._push_mine(stream, version, self._mine(members)), members)
+            if self._stage_senders is not None:
+                failed = self._push_by_stage(version, members)
+            else:
+                stream = buckets_for(self.policy.built, self.hosts.feeds(members), bucket_bytes=self._bucket_bytes)
+                _, failed = self._agree(f"syncing weights v{version}",
+                                        lambda: self._push_mine(stream, version, self._mine(members)), members)
         self._mark_broken(failed)
+
+    def _push_by_stage(self, version: int, members: list[int]) -> dict[int, str]:
+        """``push`` when each pipeline stage's owner broadcasts its own layers (steps in
+        ``rollout/weight_sync/stage_groups.py``); the engines that failed, and why."""
+        senders, rank = self._stage_senders, world_rank()
+        failed: dict[int, str] = {}
+        joining = [m for m in members if m not in self._joined]
+        if joining:
+            _, failed = self._agree("joining the weight-update groups",
+                                    lambda: senders.join(self.hosts.fed_by(rank, joining)), joining)
+            self._joined.update(m for m in joining if m not in failed)
+        going = [m for m in members if m not in failed]
+        _, lost = self._agree(f"opening weight-update sessions v{version}",
+                              lambda: self._each_mine(going, lambda engine, member: engine.open_weight_update()), going)
+        failed.update(lost)
+        going = [m for m in going if m not in lost]
+        stream = stage_buckets(self.policy.built, {self.hosts.feeding(m) for m in going}, self._bucket_bytes)
+        _, lost = self._agree(f"syncing weights v{version}",
+                              lambda: senders.push(stream, version, self.hosts.fed_by(rank, going), self._pipeline),
+                              going)
+        failed.update(lost)
+
+        def close(engine, member):
+            engine.close_weight_update(version, complete=member not in lost)
+
+        _, more = self._agree(f"closing weight-update sessions v{version}", lambda: self._each_mine(going, close), going)
+        failed.update({m: why for m, why in more.items() if m not in failed})
+        return failed
+
+    def _each_mine(self, members: list[int], act: Callable[[RolloutEngine, int], object]) -> None:
+        """``act(engine, member)`` on each of this rank's engines of ``members``; raises
+        ``MembersFailed`` naming those that failed or are unavailable."""
+        mine = self._mine(members)
+        failed = self._unavailable(mine)
+        for member in mine:
+            if member in failed:
+                continue
+            try:
+                act(self.engines[member], member)
+            except EngineError as e:
+                failed[member] = str(e)
+        if failed:
+            raise MembersFailed(failed, self.count)
 
     def _unavailable(self, mine: list[int]) -> dict[int, str]:
         """Those of this rank's engines ``mine`` that cannot take part, and why: a failure met
@@ -432,6 +496,8 @@ class RolloutSupervisor:
         """Close this rank's engines (killed if broken or interrupted). Every rank calls it."""
         # a generation still running (the run ended between launch and wait) cannot be closed politely
         interrupted = (self.stop is not None and self.stop.requested) or self.in_flight
+        if self._stage_senders is not None:
+            self._stage_senders.close()
         for member in list(self.engines):
             if interrupted or member in self._broken or member in self._local_errors:
                 self._dispose(member)

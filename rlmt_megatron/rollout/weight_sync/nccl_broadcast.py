@@ -107,11 +107,15 @@ class NCCLBroadcastTransport(WeightTransport):
 
     ``connect()`` asks the server to join (HTTP, in a thread) while this process joins as rank 0;
     ``push`` drives the engine's ``update_weights``, which broadcasts each bucket with this sender.
+    ``session=False``: ``push`` sends the buckets only (``send_buckets``), into a weight-update
+    session that another rank holds open (``stage_groups.py``).
     """
 
     def __init__(self, engine, master_address: str, master_port: int, engine_world_size: int,
-                 backend: str = "nccl", timeout_s: float = 600.0, device: Optional[str] = None):
+                 backend: str = "nccl", timeout_s: float = 600.0, device: Optional[str] = None,
+                 session: bool = True):
         self.engine = engine
+        self.session = session
         self.sender = BroadcastSender(master_address, master_port, 1 + int(engine_world_size), backend,
                                       engine.group_name, timeout_s, device)
 
@@ -140,7 +144,7 @@ class NCCLBroadcastTransport(WeightTransport):
     def push(self, buckets: Iterable[Bucket], version: int) -> None:
         if self.engine.broadcast is None:
             self.connect()
-        self.engine.update_weights(buckets, version)
+        (self.engine.update_weights if self.session else self.engine.send_buckets)(buckets, version)
 
     def close(self) -> None:
         self.engine.broadcast = None

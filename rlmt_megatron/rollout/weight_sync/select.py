@@ -40,6 +40,11 @@ TRANSPORTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sglang", "colocated"): ("cuda_ipc", "disk"),
     ("sglang", "disaggregated"): ("nccl", "disk"),
 }
+# Transports whose receiving end is a network group any trainer rank can join: with them each
+# pipeline stage's owner sends its own layers to the engines (stage_groups.py). The others take
+# every stage through the rank that drives the engine (hf_export.buckets_for): a pipe, CUDA IPC
+# on one GPU, or one folder.
+SENT_BY_STAGE = frozenset({"nccl"})
 _WHY_NOT = {
     ("hf", "disaggregated"): "the hf engine runs inside the trainer's process, so it is always colocated",
 }
@@ -59,8 +64,8 @@ class WeightSyncConfig(StrictModel):
                                                        "the rollout engine (weight_sync/fp8.py)")
     master_address: Optional[str] = Field(None, description="nccl: an address of the engine's host rank the SGLang "
                                           "server can reach; default: this host's IP")
-    master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port (engine i of a fleet: "
-                                       "master_port + i); default: a free one per engine")
+    master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port (engine i of a fleet, "
+                                       "pipeline stage s of S: master_port + i*S + s); default: a free one per group")
     nccl_backend: Literal["nccl", "gloo"] = Field("nccl", description="nccl: process-group backend (gloo: CPU tests)")
     timeout_s: PositiveFloat = Field(600.0, description="nccl: longest wait to join the group / for one broadcast")
 
@@ -78,6 +83,20 @@ def resolve_transport(kind: str, placement: str, requested: str = "auto") -> str
         raise RLMTError(f"weight_sync.transport={requested!r} cannot work with engine {kind!r} placed "
                         f"{placement!r}; allowed: {', '.join(allowed)} (auto = {allowed[0]})")
     return requested
+
+
+def sent_by_stage(config: "WeightSyncConfig", kind: str, placement: str) -> bool:
+    """Whether each pipeline stage's owner sends its own layers (see ``SENT_BY_STAGE``)."""
+    return resolve_transport(kind, placement, config.transport) in SENT_BY_STAGE
+
+
+def nccl_rendezvous(config: "WeightSyncConfig", member: Optional[int], stage: int = 0, stages: int = 1) -> tuple[str, int]:
+    """Where the weight-update group of engine ``member`` (None: the only one) and pipeline stage
+    ``stage`` meets: this host's address (or ``master_address``), and port
+    ``master_port + member * stages + stage`` when ``master_port`` is set, else a free one."""
+    address = config.master_address or socket.gethostbyname(socket.gethostname())
+    port = config.master_port + (member or 0) * stages + stage if config.master_port else free_port()
+    return address, port
 
 
 def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_tp_size: int = 1,
@@ -103,8 +122,7 @@ def make_transport(config: WeightSyncConfig, engine, placement: str, *, engine_t
     if name == "nccl":
         from rlmt_megatron.rollout.weight_sync.nccl_broadcast import NCCLBroadcastTransport
 
-        address = config.master_address or socket.gethostbyname(socket.gethostname())
-        port = config.master_port + (member or 0) if config.master_port else free_port()
+        address, port = nccl_rendezvous(config, member)
         return NCCLBroadcastTransport(engine, address, port, engine_tp_size,
                                       backend=config.nccl_backend, timeout_s=config.timeout_s)
     from rlmt_megatron.rollout.weight_sync.disk import DiskTransport
