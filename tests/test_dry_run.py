@@ -195,9 +195,9 @@ def _urls(n: int) -> str:
 
 
 def test_colocated_fleet_puts_one_engine_on_each_node_and_every_gpu_hosts_one():
-    # 4 nodes, rollout.engines 4 of TP 2 x DP 4: engine i on node i, GPUs 0-7 of it. The 4-node
-    # recipes sync each node's engine by CUDA IPC from that node's own ranks (checked at the end);
-    # the disk transport is set here for its arithmetic: one copy per engine through the folder.
+    # 4 nodes, rollout.engines 4 of TP 2 x DP 4: engine i on node i, GPUs 0-7 of it. Data-parallel
+    # replicas inside a server take weights from disk only (SGLang refuses the others, checked at
+    # the end); the disk arithmetic: one copy per engine through the folder.
     cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4), "weight_sync.transport=disk",
                                          "weight_sync.disk_dir=/shared/ws"])
     report = estimate(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
@@ -215,12 +215,22 @@ def test_colocated_fleet_puts_one_engine_on_each_node_and_every_gpu_hosts_one():
     # over the shared filesystem's assumed 2 GB/s
     assert report.step.seconds("sync") == pytest.approx(4 * 8_030_261_248 * 2 / 2e9, rel=1e-12)
     assert "4 x 16.1 GB (bf16) / 2.0 GB/s (disk, one copy per engine)" in text
-    # the default transport (the recipes'): CUDA IPC on every node, every engine fed at once by its
-    # own node, so one copy's time at the assumed 16.06 GB / 5 s
-    cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4)])
-    report = estimate(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
+    # the recipes' layout: 16 engines of TP 2, four per node (engine i: node i mod 4, GPUs 2(i // 4)
+    # and up), synced by CUDA IPC on every node, every engine fed at once by its own node, so one
+    # copy's time at the assumed 16.06 GB / 5 s
+    cfg = load_rlmt_config(None, BASE + ["rollout.engines=16", _urls(16)])
+    report = estimate(cfg, run_plan.DryRunOptions(nodes=4))
+    plan = run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=4))
+    assert [(m.node, m.gpus) for m in plan.engine.members] == [(i % 4, [2 * (i // 4), 2 * (i // 4) + 1])
+                                                               for i in range(16)]
+    assert plan.engine.hosted == set(range(32)) and plan.engine.gpus == 32
     assert "weights via cuda_ipc" in report.render()
     assert report.step.seconds("sync") == pytest.approx(8_030_261_248 * 2 / (8.03e9 * 2 / 5.0), rel=1e-12)
+    # replicas inside one server cannot take CUDA IPC (or broadcast) updates: refused, naming the way out
+    cfg = load_rlmt_config(None, BASE + ["rollout.engines=4", _urls(4)])
+    with pytest.raises(run_plan.LayoutError, match=r"--engine-dp 4: SGLang refuses weight updates by cuda_ipc .* "
+                       r"run each replica as an engine of its own \(rollout.engines=16, one URL each\) or sync by disk"):
+        run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=4))
 
 
 def test_fleet_layouts_name_each_engines_gpus():
@@ -232,8 +242,9 @@ def test_fleet_layouts_name_each_engines_gpus():
         (0, 0, [0, 1, 2, 3]), (1, 1, [0, 1, 2, 3]), (2, 0, [4, 5, 6, 7]), (3, 1, [4, 5, 6, 7])]
     # disaggregated, 3 engines of 4 GPUs on 4 nodes: two fill node 2, the third half of node 3; the
     # trainer keeps nodes 0-1
-    cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "rollout.engines=3", _urls(3)])
-    plan = run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=4, engine_dp=2))
+    cfg = load_rlmt_config(None, BASE + ["rollout.placement=disaggregated", "rollout.engines=3", _urls(3),
+                                         "rollout.engine_tp_size=4"])
+    plan = run_plan.make_plan(cfg, run_plan.DryRunOptions(nodes=4))
     assert [(m.node, m.gpus) for m in plan.engine.members] == [(2, [0, 1, 2, 3]), (2, [4, 5, 6, 7]), (3, [0, 1, 2, 3])]
     assert plan.world == 16 and plan.engine.hosted == set()
     # vLLM engines: processes of their node's first rank, one GPU each in turn (rollout/factory.py);
@@ -365,11 +376,14 @@ def _fails(argv: list[str], capsys) -> tuple[str, str]:
     (["rollout.engine_tp_size=8"], ["--gpus-per-node", "4"], "an engine's 8 GPUs \\(engine_tp_size 8 x --engine-dp 1\\) "
      "must be on one node \\(4 GPUs\\)"),
     # 3 colocated engines of 2 x 2 GPUs over 2 nodes of 4 GPUs: node 0 gets two, 8 GPUs of its 4
-    (["rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]"], ["--engine-dp", "2", "--nodes", "2",
-     "--gpus-per-node", "4"], "rollout.engines=3 colocated engine\\(s\\) of 4 GPUs .* put 2 on one node, 8 GPUs of its 4"),
-    (["rollout.placement=disaggregated", "rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]"],
-     ["--engine-dp", "4", "--nodes", "3"], "rollout.engines=3 engine\\(s\\) of 8 GPUs .* need 3 node\\(s\\), "
+    (["rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]", "weight_sync.transport=disk",
+      "weight_sync.disk_dir=/shared"], ["--engine-dp", "2", "--nodes", "2", "--gpus-per-node", "4"],
+     "rollout.engines=3 colocated engine\\(s\\) of 4 GPUs .* put 2 on one node, 8 GPUs of its 4"),
+    (["rollout.placement=disaggregated", "rollout.engines=3", "rollout.sglang_url=[http://a:1,http://b:1,http://c:1]",
+      "rollout.engine_tp_size=8"], ["--nodes", "3"], "rollout.engines=3 engine\\(s\\) of 8 GPUs .* need 3 node\\(s\\), "
      "leaving none of the 3"),
+    (["rollout.placement=disaggregated"], ["--engine-dp", "2", "--nodes", "2"],
+     "--engine-dp 2: SGLang refuses weight updates by nccl on a server with data-parallel replicas"),
     (["rollout.engine=vllm", "rollout.sglang_url=null", "rollout.engines=9"], [], "rollout.engines=9 vllm engines put 9 on one node, .* "
      "two would share a GPU"),
     (["rollout.placement=disaggregated", "rollout.engine_tp_size=8"], [], "leaving none of the 1"),

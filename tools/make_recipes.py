@@ -20,16 +20,21 @@ its step-time projection); the authors ran everything on 1 node of 8xH100 with F
 sizes are global, so they hold on any layout). The layouts are ours, not the authors':
 
 - Every GPU generates: the engines are colocated on the trainer's GPUs (SGLang's memory saver
-  releases them while the trainer works), one SGLang server per node at engine TP 2 with
-  ``--dp-size 4`` (``--engine-dp 4``): 4 replicas fill the node's 8 GPUs. TP 2, not 1: beside the
+  releases them while the trainer works), four SGLang servers per node at engine TP 2 (server k
+  on GPUs 2k, 2k+1, port 30000 + k), each an engine of the fleet: 4 engines fill the node's 8
+  GPUs. Four servers rather than one with ``--dp-size 4``: SGLang 0.5.23 refuses weight updates
+  by tensor (CUDA IPC) and by broadcast on a server with data-parallel replicas (its
+  ``update_weights_from_tensor`` and ``update_weights_from_distributed`` assert ``dp_size == 1``),
+  so each replica is an engine of its own, synced, restarted and balanced by the run. TP 2, not 1: beside the
   trainer's resident weights, gradients and optimizer shard, a TP-2 replica holds more sequences
   per GPU in its KV cache (its weights are halved and each GPU keeps half the KV heads), and both
   models split at TP 2 (Llama 32 heads / 8 KV heads, Qwen2.5-7B 28 / 4). The previous layouts
   (one server at TP 8, or 4 for Qwen, on one node) left 3/4 of the 4-node job's GPUs, and half of
   the 1-node Qwen job's, idle while generating, and TP 8 shards an 8B model far past what it needs.
 - 1 node: policy (critic, reference) TP 4 with sequence parallelism, DP 2; the reward model on the
-  same layout; 8K-token micro-batches. One engine; weights by CUDA IPC.
-- 4 nodes: 4 engines, one per node (``rollout.engines: 4``, one URL each); the trainer on all 32
+  same layout; 8K-token micro-batches. Four engines; weights by CUDA IPC.
+- 4 nodes: 16 engines, four per node (``rollout.engines: 16``, one URL each: engine i is server
+  i // 4 of node i mod 4, as the run places them, ``fleet.member_node``); the trainer on all 32
   GPUs: policy TP 4 + SP, DP 8, 16K-token micro-batches (12K for PPO, which also holds a critic);
   the reward model on its own TP 2 (DP 16). Each node's engine is synced by CUDA IPC from that
   node's own ranks (``trainer/engine_hosts.py``), the default colocated transport: no shared
@@ -76,16 +81,24 @@ STARTS = {  # start -> (thinking variants, strict, lr); strict and lr are also i
     "zero": (("think", "nothink"), False, 1.0e-6),
 }
 ALGORITHMS = ("grpo", "ppo", "dpo")
-# Ours (module docstring, "Layouts"): SGLang on every GPU, one server per node of TP 2 x --dp-size 4.
-ENGINE_TP, ENGINE_DP = 2, 4
+# Ours (module docstring, "Layouts"): SGLang on every GPU, four servers of TP 2 per node.
+ENGINE_TP, SERVERS_PER_NODE, BASE_PORT = 2, 4, 30000
+
+
+def _server_urls(nodes: int, host) -> list[str]:
+    """Engine i's URL: server i // nodes of node i mod nodes (the run's ``fleet.member_node`` and
+    ``member_slot``), listening on BASE_PORT + its place on the node."""
+    return [f"http://{host(i % nodes)}:{BASE_PORT + i // nodes}" for i in range(nodes * SERVERS_PER_NODE)]
+
+
 LAYOUTS = {
     "1node": {"nodes": 1, "placement": "colocated", "parallel": {"tp": 4, "pp": 1, "sequence_parallel": True},
               "reward_parallel": None, "max_tokens": {"grpo": 8192, "ppo": 8192, "dpo": 8192},
-              "sglang_url": "http://127.0.0.1:30000", "weight_sync": {}},
+              "sglang_url": _server_urls(1, lambda node: "127.0.0.1"), "weight_sync": {}},
     "4nodes": {"nodes": 4, "placement": "colocated", "parallel": {"tp": 4, "pp": 1, "sequence_parallel": True},
                "reward_parallel": {"tp": 2, "pp": 1}, "max_tokens": {"grpo": 16384, "ppo": 12288, "dpo": 16384},
-               "sglang_url": [f"http://NODE{i}:30000" for i in range(4)],
-               # each node's engine is synced by CUDA IPC from that node's own ranks: no shared folder
+               "sglang_url": _server_urls(4, lambda node: f"NODE{node}"),
+               # each node's engines are synced by CUDA IPC from that node's own ranks: no shared folder
                "weight_sync": {}},
 }
 
@@ -227,7 +240,7 @@ def checkpoints(total: int, every: int) -> int:
 
 def _engines(lay: dict) -> dict:
     urls = lay["sglang_url"]
-    return {"engines": len(urls), "sglang_url": urls} if isinstance(urls, list) else {"sglang_url": urls}
+    return {"engines": len(urls), "sglang_url": urls}
 
 
 def build(algo: str, model: str, start: str, thinking: str, layout: str) -> dict:
@@ -344,15 +357,16 @@ def header(algo: str, model: str, start: str, thinking: str, layout: str, path: 
             "zero": f"{hub} (base) straight, with the plain-text zero template"}[start]
     think = "with thinking" if thinking == "think" else "without thinking (the paper's baseline)"
     nodes = lay["nodes"]
-    sglang = (f"python -m sglang.launch_server --model-path POLICY --tp {ENGINE_TP} --dp-size {ENGINE_DP} "
-              "--enable-memory-saver --mem-fraction-static F   (F: as the dry run says)")
+    sglang = (f"for k in {' '.join(map(str, range(SERVERS_PER_NODE)))}; do python -m sglang.launch_server "
+              f"--model-path POLICY --tp {ENGINE_TP} --base-gpu-id $(({ENGINE_TP} * k)) --port $(({BASE_PORT} + k)) "
+              "--enable-memory-saver --mem-fraction-static F & done   (F: as the dry run says)")
     if nodes == 1:
         launch = [f"#   {sglang}", f"#   torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train {path}"]
     else:
-        launch = [f"#   on each of the {nodes} nodes, one server (node i: NODEi in rollout.sglang_url):",
+        launch = [f"#   on each of the {nodes} nodes, {SERVERS_PER_NODE} servers (node i is NODEi in rollout.sglang_url):",
                   f"#     {sglang}",
-                  f"#   then on every node: launch/torchrun.sh {path} (each node syncs its own server by CUDA IPC)"]
-    dry = f"rlmt-train {path} --dry-run" + (f" --nodes {nodes}" if nodes != 1 else "") + f" --engine-dp {ENGINE_DP}"
+                  f"#   then on every node: launch/torchrun.sh {path} (each node syncs its own servers by CUDA IPC)"]
+    dry = f"rlmt-train {path} --dry-run" + (f" --nodes {nodes}" if nodes != 1 else "")
     source = authors_run(algo, model, start, thinking)
     if algo == "dpo":
         source_line = ("# Values: princeton-pli/RLMT training/sft_dpo/scripts/launch_dpo_example.sh and "
@@ -365,8 +379,8 @@ def header(algo: str, model: str, start: str, thinking: str, layout: str, path: 
         source_line = f"# Values: princeton-pli/RLMT {source}."
     return "\n".join([
         f"# RLMT {algo.upper()}: {what}, {think}.",
-        f"# {nodes} node(s) of 8xH100, rollouts on SGLang colocated on every GPU: {nodes} server(s), one per node, "
-        f"TP {ENGINE_TP} x DP {ENGINE_DP} (our layout: tools/make_recipes.py, 'Layouts').",
+        f"# {nodes} node(s) of 8xH100, rollouts on SGLang colocated on every GPU: {nodes * SERVERS_PER_NODE} servers, "
+        f"{SERVERS_PER_NODE} per node, TP {ENGINE_TP} each (our layout: tools/make_recipes.py, 'Layouts').",
         source_line,
         _kept_note(algo, cfg["run"]["total_steps"], cfg["run"]["save_every"], cfg["data"]["prompts_per_step"]),
         "# Generated by tools/make_recipes.py from its table: edit the table, not this file.",

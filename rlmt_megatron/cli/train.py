@@ -2,7 +2,7 @@
 
     rlmt-train examples/demo/grpo.yaml models.policy=SFT_DIR models.reward=RM_DIR "data.prompts=[p.jsonl]"
     torchrun --nproc-per-node 8 -m rlmt_megatron.cli.train examples/rlmt/1node/grpo_llama3.1-8b-instruct_think.yaml
-    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4 --engine-dp 4   # layout, memory, step time; no GPU
+    rlmt-train examples/rlmt/4nodes/grpo_qwen2.5-7b-base_think.yaml --dry-run --nodes 4   # layout, memory, step time; no GPU
 
 Every field, its default and meaning: ``rlmt_megatron/config/rlmt.py`` and ``docs/rlmt_train.md``.
 """
@@ -32,7 +32,8 @@ def main(argv=None) -> None:
                         "the policy's (reference and critic follow it), reward=NAME the reward model's; repeatable")
     d.add_argument("--engine-dp", type=int, default=1,
                    help="replicas inside each SGLang engine (the server's --dp-size; default 1): an engine takes "
-                   "engine_tp_size x this GPUs of one node, rollout.engines engines in all")
+                   "engine_tp_size x this GPUs of one node, rollout.engines engines in all; SGLang takes weights "
+                   "from disk only with replicas")
     d.add_argument("--engine-mem-fraction", type=float, default=None,
                    help="SGLang's --mem-fraction-static, if fixed (default: the KV cache gets what is left)")
     d.add_argument("--rate", action="append", default=[], metavar="NAME=VALUE",

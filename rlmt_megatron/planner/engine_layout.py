@@ -73,12 +73,18 @@ def place_engine(cfg, nodes: int, gpus_per_node: int, engine_dp: int) -> EngineP
     processes of their node's first rank, spread the same way, one GPU each (``rollout/factory.py``),
     colocated or not (disaggregated vLLM takes GPUs the trainer does not use only if the launcher
     leaves them free)."""
-    from rlmt_megatron.rollout.weight_sync.select import resolve_transport
+    from rlmt_megatron.rollout.weight_sync.select import SGLANG_DP_TRANSPORTS, resolve_transport
 
     r = cfg.rollout
     tp = _kind_tp(cfg, engine_dp)
     per_engine, count = tp * engine_dp, r.engines
     transport = resolve_transport(r.engine, r.placement, cfg.weight_sync.transport)
+    if engine_dp > 1 and transport not in SGLANG_DP_TRANSPORTS:
+        raise LayoutError(f"--engine-dp {engine_dp}: SGLang refuses weight updates by {transport} on a server with "
+                          f"data-parallel replicas (--dp-size > 1; update_weights_from_tensor and "
+                          f"update_weights_from_distributed assert dp_size == 1); run each replica as an engine of "
+                          f"its own (rollout.engines={count * engine_dp}, one URL each) or sync by "
+                          f"{', '.join(sorted(SGLANG_DP_TRANSPORTS))}")
     sizes = f"engine_tp_size {tp} x --engine-dp {engine_dp}" if r.engine == "sglang" else "one GPU"
     if per_engine > gpus_per_node:
         raise LayoutError(f"rollout.engine_tp_size: an engine's {per_engine} GPUs ({sizes}) must be on one node "

@@ -45,6 +45,10 @@ TRANSPORTS: dict[tuple[str, str], tuple[str, ...]] = {
 # every stage through the rank that drives the engine (hf_export.buckets_for): a pipe, CUDA IPC
 # on one GPU, or one folder.
 SENT_BY_STAGE = frozenset({"nccl"})
+# Transports an SGLang server with data-parallel replicas (``--dp-size`` > 1) accepts: 0.5.23's
+# ``update_weights_from_tensor`` and ``update_weights_from_distributed`` (and the group routes)
+# assert ``dp_size == 1`` (``srt/managers/tokenizer_control_mixin.py``); loading from disk does not.
+SGLANG_DP_TRANSPORTS = frozenset({"disk"})
 _WHY_NOT = {
     ("hf", "disaggregated"): "the hf engine runs inside the trainer's process, so it is always colocated",
 }
