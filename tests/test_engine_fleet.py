@@ -154,7 +154,8 @@ def test_stage_senders_are_the_owners_of_each_engines_feeding_replica():
     layout = StageOwners(replica=[0, 0, 0, 0, 1, 1, 1, 1], stage=[0, 0, 1, 1, 0, 0, 1, 1],
                          owner={(0, 0): 0, (0, 1): 2, (1, 0): 4, (1, 1): 6})
     hosts = EngineHosts(host={0: 0, 1: 4, 2: 0}, node={0: 0, 1: 1, 2: 0}, slot={0: 0, 1: 0, 2: 1},
-                        replica={0: 0, 4: 1}, layout=layout, rank_node=[0, 0, 0, 0, 1, 1, 1, 1])
+                        replica={0: 0, 4: 1}, layout=layout, rank_node=[0, 0, 0, 0, 1, 1, 1, 1],
+                        rank_gpu=[0, 1, 2, 3, 0, 1, 2, 3])
     assert hosts.stages == 2
     assert [hosts.feeding(m) for m in range(3)] == [0, 1, 0]
     assert {r: hosts.fed_by(r, [0, 1, 2]) for r in range(8)} == {
@@ -164,5 +165,5 @@ def test_stage_senders_are_the_owners_of_each_engines_feeding_replica():
     # one replica whose second stage sits on another node: its engine is synced from two nodes
     split = EngineHosts(host={0: 0}, node={0: 0}, slot={0: 0}, replica={0: 0},
                         layout=StageOwners([0, 0, 0, 0], [0, 0, 1, 1], {(0, 0): 0, (0, 1): 2}),
-                        rank_node=[0, 0, 1, 1])
+                        rank_node=[0, 0, 1, 1], rank_gpu=[0, 1, 0, 1])
     assert split.sender_nodes([0]) == {0, 1}

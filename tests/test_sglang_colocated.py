@@ -257,3 +257,42 @@ def test_disk_and_session_request_bodies():
         se.build_update_weights_from_tensor_request([], 2)
     with pytest.raises(ValueError, match="selector"):
         se.build_begin_weight_update_request("both")
+
+
+def test_colocated_fleet_feeds_each_server_from_the_trainer_rank_on_its_gpu(tmp_path, tiny_models, monkeypatch):
+    """A TP-2 trainer (2 ranks, one node) and two colocated servers of TP 1 (engine i at slot i:
+    GPU i): the supervisor's sync hands each server the payload of the trainer rank on its GPU
+    (``weight_sync/same_gpu_ipc.py``). Both servers hold the model bit for bit, every handle of
+    both ranks was opened (exactly once: a second fetch of a shared-memory handle fails), and each
+    server got one request per bucket inside one session."""
+    from safetensors.torch import load_file
+
+    from helpers import torchrun
+    from rlmt_megatron.rollout.weight_sync.same_gpu_ipc import payloads_for
+
+    # the routing itself: engine at slot 1 with TP 2 on GPUs 2, 3 takes their ranks' payloads, in TP order
+    assert payloads_for([2, 3], {0: "a", 1: "b", 2: "c", 3: "d"}) == ["c", "d"]
+    with pytest.raises(ValueError, match=r"no trainer rank on GPU\(s\) \[3\]"):
+        payloads_for([2, 3], {2: "c"})
+    monkeypatch.setenv("RLMT_SENDER_AUTHKEY", bytes(multiprocessing.current_process().authkey).hex())
+    outs = [tmp_path / f"server{i}.pt" for i in range(2)]
+    with sglang_emulator.running(str(outs[0])) as url0, sglang_emulator.running(str(outs[1])) as url1:
+        torchrun(2, ["tests/workers/colocated_fleet_worker.py", "--model", str(tiny_models / "llama-policy"),
+                     "--url", url0, url1, "--out", str(tmp_path / "trainer")], timeout=300)
+        states = [sglang_emulator.dump_state(url, str(out)) for url, out in zip((url0, url1), outs)]
+    ranks = [torch.load(tmp_path / f"trainer.{r}") for r in range(2)]
+    assert ranks[0]["gpus"] == {0: [0], 1: [1]}  # rank 0 hosts both engines, on GPUs 0 and 1
+    assert [r["unfetched"] for r in ranks] == [0, 0]
+    assert ranks[0]["versions"] == {0: 1, 1: 1} and ranks[0]["broken"] == {}
+    expected = {}
+    for f in sorted((tiny_models / "llama-policy").glob("*.safetensors")):
+        expected.update(load_file(str(f)))
+    for state in states:
+        routes = [p.split("?")[0] for p, _ in state["log"] if not p.startswith("/_emulator")]
+        n = routes.count("/update_weights_from_tensor")
+        assert n > 1 and routes == (["/pause_generation", "/begin_weight_update"] + ["/update_weights_from_tensor"] * n
+                                    + ["/end_weight_update", "/flush_cache", "/continue_generation"])
+        got = state["ranks"][0]
+        assert sorted(got) == sorted(expected)
+        for name, t in expected.items():
+            assert torch.equal(got[name].view(torch.uint8), t.contiguous().view(torch.uint8)), name

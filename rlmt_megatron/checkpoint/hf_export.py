@@ -82,16 +82,18 @@ def _full_hf_tensors(built: BuiltModel, rr: ResolvedRule, shard: torch.Tensor, d
 
 
 def iter_hf_tensors(built: BuiltModel, dtype: Optional[torch.dtype] = None,
-                    exporting: Optional[bool] = None) -> Iterator[tuple[str, torch.Tensor]]:
+                    exporting: Optional[bool] = None, every_tp_rank: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) on each stage's sender rank; collective over TP.
 
     ``exporting``: whether this rank's data-parallel replica takes part (default: replica 0 only).
+    ``every_tp_rank``: every TP rank rebuilds and yields the full tensors from the all-gather it
+    takes part in anyway (not only TP rank 0).
     Tensors may be views of the live parameters (TP=1, no cast): copy before the next update."""
     from megatron.core import parallel_state
 
     if not (parallel_state.get_data_parallel_rank() == 0 if exporting is None else exporting):
         return
-    sender = parallel_state.get_tensor_model_parallel_rank() == 0
+    sender = every_tp_rank or parallel_state.get_tensor_model_parallel_rank() == 0
     for rr, param in _local_entries(built):
         parts = _full_hf_tensors(built, rr, param, dtype, sender)
         yield from zip(rr.hf_names, parts)
@@ -193,6 +195,18 @@ def stage_buckets(built: BuiltModel, replicas: set[int], bucket_bytes: int = DEF
     from megatron.core import parallel_state
 
     return iter_hf_buckets(built, bucket_bytes, dtype, exporting=parallel_state.get_data_parallel_rank() in replicas)
+
+
+def buckets_on_every_rank(built: BuiltModel, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                          dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """The whole model's buckets on every rank at once, each replica exporting from its own TP
+    all-gathers, with no other communication: the same buckets, in the same order, everywhere.
+    Collective. One pipeline stage only (each rank holds every layer); for engines fed from the
+    rank on each of their GPUs (``rollout/weight_sync/same_gpu_ipc.py``)."""
+    if built.build.parallel.pp != 1:
+        raise ValueError(f"every rank holds the whole model only with one pipeline stage, not pp={built.build.parallel.pp}")
+    return pack_buckets(iter_hf_tensors(built, dtype or export_dtype(built), exporting=True, every_tp_rank=True),
+                        bucket_bytes)
 
 
 def gather_hf_state_dict(built: BuiltModel, dst: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[dict[str, torch.Tensor]]:

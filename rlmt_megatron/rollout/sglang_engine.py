@@ -485,10 +485,14 @@ class SGLangHTTPEngine(RolloutEngine):
         iterator is advanced only after the server answered, so it may free the previous bucket then."""
         with self._weight_update_session(version):
             for i, serialized in enumerate(payloads):
-                doing = f"syncing weights v{version} (bucket {i}, CUDA IPC to {len(serialized)} TP ranks)"
-                body = build_update_weights_from_tensor_request(serialized, version, flush_cache=False)
-                self._check_success(self._request("/update_weights_from_tensor", body, doing,
-                                                  self.weight_sync_timeout), doing)
+                self.send_tensor_bucket(serialized, version, i)
+
+    def send_tensor_bucket(self, serialized: Sequence[str], version: int, index: int) -> None:
+        """One bucket of :meth:`update_weights_from_tensor` (one payload per server TP rank),
+        without its session: for a sync whose session someone holds open (``weight_sync/same_gpu_ipc.py``)."""
+        doing = f"syncing weights v{version} (bucket {index}, CUDA IPC to {len(serialized)} TP ranks)"
+        body = build_update_weights_from_tensor_request(serialized, version, flush_cache=False)
+        self._check_success(self._request("/update_weights_from_tensor", body, doing, self.weight_sync_timeout), doing)
 
     def update_weights_from_disk(self, model_path: str, version: int, load_format: Optional[str] = None) -> None:
         """Load a safetensors folder the server can read (same machine or shared filesystem)."""

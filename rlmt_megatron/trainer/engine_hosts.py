@@ -36,7 +36,8 @@ def node_key() -> str:
 class EngineHosts:
     """The rank that drives each engine (``host``), each engine's node and place on it, the
     replica that feeds each host (``replica``: host rank -> data-parallel rank), every rank's
-    replica and stage (``layout``) and node (``rank_node``)."""
+    replica and stage (``layout``), node (``rank_node``) and GPU on it (``rank_gpu``: its
+    ``LOCAL_RANK``, else its place among the node's ranks)."""
 
     host: dict[int, int]
     node: dict[int, int]
@@ -44,6 +45,7 @@ class EngineHosts:
     replica: dict[int, int]
     layout: StageOwners
     rank_node: list[int]
+    rank_gpu: list[int]
 
     @property
     def stages(self) -> int:
@@ -79,10 +81,12 @@ def find_engine_hosts(count: int) -> EngineHosts:
     """Where the run's ``count`` engines live. Collective (every rank says its node and stage)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return EngineHosts({m: 0 for m in range(count)}, {m: 0 for m in range(count)},
-                           {m: m for m in range(count)}, {0: 0}, stage_owners(), [0])
+                           {m: m for m in range(count)}, {0: 0}, stage_owners(), [0], [0])
     layout = stage_owners()
-    keys: list = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, node_key())
+    said: list = [None] * dist.get_world_size()
+    local = os.environ.get("LOCAL_RANK")
+    dist.all_gather_object(said, (node_key(), None if local is None else int(local)))
+    keys = [key for key, _ in said]
     nodes = list(dict.fromkeys(keys))  # numbered by their lowest rank
     hosts = []  # per node that can host, its host rank
     for index, key in enumerate(nodes):
@@ -93,5 +97,6 @@ def find_engine_hosts(count: int) -> EngineHosts:
     for m in range(count):
         node[m], host[m] = hosts[member_node(m, len(hosts))]
         slot[m] = member_slot(m, len(hosts))
+    gpu = [local if local is not None else keys[:r].count(keys[r]) for r, (_, local) in enumerate(said)]
     return EngineHosts(host, node, slot, {r: layout.replica[r] for r in set(host.values())}, layout,
-                       [nodes.index(k) for k in keys])
+                       [nodes.index(k) for k in keys], gpu)

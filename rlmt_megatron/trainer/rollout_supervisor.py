@@ -45,7 +45,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from rlmt_megatron.checkpoint.hf_export import buckets_for, stage_buckets
+from rlmt_megatron.checkpoint.hf_export import buckets_for, buckets_on_every_rank, stage_buckets
 from rlmt_megatron.config.rlmt import RolloutConfig
 from rlmt_megatron.distributed.collectives import each_rank_reports, is_rank0, world_rank
 from rlmt_megatron.errors import RLMTError
@@ -53,8 +53,9 @@ from rlmt_megatron.rollout.engine import EngineError, RolloutEngine
 from rlmt_megatron.rollout.factory import make_rollout_engine
 from rlmt_megatron.rollout.fleet import (MemberReport, MembersFailed, Outcome, describe_failures, first_shares,
                                          request_seeds, run_each, serve_across, share_job)
-from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, make_sync_pipeline
-from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, make_transport, sent_by_stage
+from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, drain, make_sync_pipeline
+from rlmt_megatron.rollout.weight_sync.same_gpu_ipc import NodeFeeds, engine_gpus
+from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, fed_from_each_gpu, make_transport, sent_by_stage
 from rlmt_megatron.rollout.weight_sync.stage_groups import StageSenders
 from rlmt_megatron.trainer.engine_hosts import EngineHosts, find_engine_hosts
 from rlmt_megatron.trainer.experience import Rollout
@@ -112,6 +113,8 @@ class RolloutSupervisor:
         # and the engines every stage owner has joined (agreed)
         self._stage_senders: Optional[StageSenders] = None
         self._joined: set[int] = set()
+        # Colocated SGLang by CUDA IPC with PP = 1: this node's part of a sync fed from every GPU
+        self._node_feeds: Optional[NodeFeeds] = None
 
     # ---------------------------------------------------------------- agreement
 
@@ -152,9 +155,10 @@ class RolloutSupervisor:
         try:
             if self.weight_sync.checksum:
                 check_verifiable(engine)
-            transport = make_transport(self.weight_sync, engine, r.placement, engine_tp_size=r.engine_tp_size,
-                                       base_dir=self.model_dir, disk_dir=str(self.out_dir / "weight_sync"),
-                                       member=member if self.count > 1 else None)
+            # fed by the stage owners or from every GPU: the engine's own transport would go unused
+            transport = None if self._stage_senders or self._node_feeds else make_transport(
+                self.weight_sync, engine, r.placement, engine_tp_size=r.engine_tp_size, base_dir=self.model_dir,
+                disk_dir=str(self.out_dir / "weight_sync"), member=member if self.count > 1 else None)
         except BaseException:
             with contextlib.suppress(Exception):  # the original error is the one to report
                 engine.close()
@@ -181,6 +185,7 @@ class RolloutSupervisor:
         if self.hosts.stages > 1 and sent_by_stage(self.weight_sync, self.rollout.engine, self.rollout.placement):
             self._stage_senders = StageSenders(self.rollout, self.weight_sync, self.hosts.layout.stage[world_rank()],
                                                self.hosts.stages)
+        self._node_feeds = self._feeds_from_each_gpu()
         senders = set(self.hosts.node.values())
         if self._stage_senders is not None:
             senders |= self.hosts.sender_nodes(range(self.count))
@@ -203,6 +208,31 @@ class RolloutSupervisor:
             self.push(version)
             if self._broken:
                 raise EngineError(f"the first weight sync failed: {describe_failures(self._broken, self.count)}")
+
+    def _feeds_from_each_gpu(self) -> Optional[NodeFeeds]:
+        """This node's :class:`NodeFeeds` when every server TP rank can be fed from the trainer rank
+        on its GPU (``rollout/weight_sync/same_gpu_ipc.py``): colocated SGLang by CUDA IPC, one
+        pipeline stage, a trainer rank on every engine GPU. Collective (creates the node groups)."""
+        r = self.rollout
+        if (not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1
+                or self.hosts.stages > 1 or not fed_from_each_gpu(self.weight_sync, r.engine, r.placement)):
+            return None
+        by_node: dict[int, list[int]] = {}
+        for rank, node in enumerate(self.hosts.rank_node):
+            by_node.setdefault(node, []).append(rank)
+        gpus = {m: engine_gpus(self.hosts.slot[m], r.engine_tp_size) for m in range(self.count)}
+        lacking = [m for m in gpus if not set(gpus[m]) <= {self.hosts.rank_gpu[x] for x in by_node[self.hosts.node[m]]}]
+        if lacking:
+            if is_rank0():
+                print(f"note: rollout engine(s) {lacking} sit on GPUs without a trainer rank: every engine takes its "
+                      "weights from its node's host rank", file=sys.stderr, flush=True)
+            return None
+        group, _ = torch.distributed.new_subgroups_by_enumeration([by_node[n] for n in sorted(by_node)])
+        node = self.hosts.rank_node[world_rank()]
+        ranks = by_node[node]
+        host = next((self.hosts.host[m] for m in range(self.count) if self.hosts.node[m] == node), ranks[0])
+        return NodeFeeds(group, ranks, host, {x: self.hosts.rank_gpu[x] for x in ranks},
+                         {m: gpus[m] for m in self.hosts.members_of(host)})
 
     def _dispose(self, member: int) -> None:
         """End engine ``member`` (hosted here) whatever its state (a process is killed, then closed)."""
@@ -313,6 +343,8 @@ class RolloutSupervisor:
         with activity(f"weight sync v{version}"):
             if self._stage_senders is not None:
                 failed = self._push_by_stage(version, members)
+            elif self._node_feeds is not None:
+                failed = self._push_from_each_gpu(version, members)
             else:
                 stream = buckets_for(self.policy.built, self.hosts.feeds(members), bucket_bytes=self._bucket_bytes)
                 _, failed = self._agree(f"syncing weights v{version}",
@@ -338,6 +370,36 @@ class RolloutSupervisor:
         _, lost = self._agree(f"syncing weights v{version}",
                               lambda: senders.push(stream, version, self.hosts.fed_by(rank, going), self._pipeline),
                               going)
+        failed.update(lost)
+
+        def close(engine, member):
+            engine.close_weight_update(version, complete=member not in lost)
+
+        _, more = self._agree(f"closing weight-update sessions v{version}", lambda: self._each_mine(going, close), going)
+        failed.update({m: why for m, why in more.items() if m not in failed})
+        return failed
+
+    def _push_from_each_gpu(self, version: int, members: list[int]) -> dict[int, str]:
+        """``push`` when each server TP rank is fed from the trainer rank on its GPU (steps in
+        ``rollout/weight_sync/same_gpu_ipc.py``); the engines that failed, and why."""
+        _, failed = self._agree(f"opening weight-update sessions v{version}",
+                                lambda: self._each_mine(members, lambda engine, member: engine.open_weight_update()),
+                                members)
+        going = [m for m in members if m not in failed]
+        stream = buckets_on_every_rank(self.policy.built, self._bucket_bytes)
+        if self._pipeline.quantize is not None:
+            stream = self._pipeline.quantize(stream)
+        here = self.hosts.rank_node[world_rank()]
+
+        def send():
+            if not any(self.hosts.node[m] == here for m in going):
+                return drain(stream)  # this node's ranks take part in the TP gathers only
+            mine = self._mine(going)
+            lost = self._node_feeds.push(stream, version, {m: self.engines[m] for m in mine})
+            if lost and mine:
+                raise MembersFailed(lost, self.count)
+
+        _, lost = self._agree(f"syncing weights v{version}", send, going)
         failed.update(lost)
 
         def close(engine, member):
@@ -505,7 +567,8 @@ class RolloutSupervisor:
             engine, target = self.engines.pop(member), self._targets.pop(member)
             try:
                 engine.close()
-                target.transport.close()
+                if target.transport is not None:
+                    target.transport.close()
             except Exception:  # closing must not hide why the run ends
                 self.engines[member], self._targets[member] = engine, target
                 self._dispose(member)

@@ -40,10 +40,10 @@ receiver can only open those if it shares this process's multiprocessing authkey
 spawned), which is how the CPU tests emulate the server. Only a GPU proves the CUDA IPC handles
 themselves (``tests/gpu/test_gpu_cuda_ipc.py``).
 
-Scope: every payload refers to memory on this process's GPU. Each server TP rank maps it (CUDA
-IPC works across the GPUs of one node) and copies its shard; slime's alternative, where the
-trainer rank sharing each server rank's GPU sends that rank's payload, is not done here because
-our export delivers whole buckets to one rank.
+Scope: every payload of this transport refers to memory on this process's GPU. Each server TP
+rank maps it (CUDA IPC works across the GPUs of one node) and copies its shard. With one pipeline
+stage the run feeds each server TP rank from the trainer rank on its own GPU instead
+(``same_gpu_ipc.py``, which uses this module's flattening and serializer).
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ TRANSPORTS: dict[tuple[str, str], tuple[str, ...]] = {
 # every stage through the rank that drives the engine (hf_export.buckets_for): a pipe, CUDA IPC
 # on one GPU, or one folder.
 SENT_BY_STAGE = frozenset({"nccl"})
+# Transports whose payload is a handle into one GPU's memory: with one pipeline stage (every
+# rank rebuilds the whole model from its TP all-gather) each server TP rank is fed from the
+# trainer rank on its own GPU (same_gpu_ipc.py), not from the engine's host rank.
+FED_FROM_EACH_GPU = frozenset({"cuda_ipc"})
 # Transports an SGLang server with data-parallel replicas (``--dp-size`` > 1) accepts: 0.5.23's
 # ``update_weights_from_tensor`` and ``update_weights_from_distributed`` (and the group routes)
 # assert ``dp_size == 1`` (``srt/managers/tokenizer_control_mixin.py``); loading from disk does not.
@@ -92,6 +96,12 @@ def resolve_transport(kind: str, placement: str, requested: str = "auto") -> str
 def sent_by_stage(config: "WeightSyncConfig", kind: str, placement: str) -> bool:
     """Whether each pipeline stage's owner sends its own layers (see ``SENT_BY_STAGE``)."""
     return resolve_transport(kind, placement, config.transport) in SENT_BY_STAGE
+
+
+def fed_from_each_gpu(config: "WeightSyncConfig", kind: str, placement: str) -> bool:
+    """Whether each server TP rank can take its payload from the trainer rank on its GPU (see
+    ``FED_FROM_EACH_GPU``; the caller checks the one pipeline stage)."""
+    return resolve_transport(kind, placement, config.transport) in FED_FROM_EACH_GPU
 
 
 def nccl_rendezvous(config: "WeightSyncConfig", member: Optional[int], stage: int = 0, stages: int = 1) -> tuple[str, int]:
