@@ -12,6 +12,23 @@ from rlmt_megatron.distributed.collectives import free_port  # noqa: F401 (tests
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_ports(count: int) -> int:
+    """A free port p with p + 1 .. p + count - 1 free too (servers or groups at consecutive ports)."""
+    import contextlib
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for k in range(1, count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + k))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def torchrun(nproc: int, target: list[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run`` with ``nproc`` local processes.
 

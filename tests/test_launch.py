@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, free_ports
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 SWEEP_LINE = REPO / "launch" / "sweep_line.py"
@@ -542,8 +542,33 @@ def test_single_node_with_colocated_sglang(fake, recipe):
     argv = server["argv"]
     assert argv[argv.index("--tp") + 1] == "2" and argv[argv.index("--mem-fraction-static") + 1] == "0.5"
     assert "--enable-memory-saver" in argv and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--base-gpu-id") + 1] == "0"
     assert (log / f"term-sglang-{server['pid']}").exists()
     (trainer,) = (torchrun_args(r) for r in records(log, "torchrun"))
     assert trainer.nproc_per_node == "2" and trainer.training_script_args == [
-        str(recipe), "rollout.engine=sglang", "rollout.placement=colocated",
-        f"rollout.sglang_url=http://127.0.0.1:{port}", "rollout.engine_tp_size=2"]
+        str(recipe), "rollout.engine=sglang", "rollout.placement=colocated", "rollout.engines=1",
+        f"rollout.sglang_url=[http://127.0.0.1:{port}]", "rollout.engine_tp_size=2"]
+
+
+def test_single_node_with_several_colocated_sglang_servers(fake, recipe):
+    # 4 GPUs at SGLANG_TP=2: two servers, each an engine (server k on GPUs 2k, 2k+1, port + k), all
+    # stopped once the trainer finished
+    env, log = fake
+    port = free_ports(2)
+    job = dict(SLURM_JOB_ID="601", SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(REPO), SGLANG_MODEL="/models/p",
+               SGLANG_TP="2", SGLANG_PORT=str(port), RLMT_HEALTH_POLL_S="0.2", FAKE_SGLANG="serve")
+    proc = run(["bash", SLURM_DIR / "single_node.sbatch", recipe], {**env, **job})
+    assert proc.returncode == 0, proc.stderr
+    servers = sorted(records(log, "sglang"), key=lambda r: int(r["argv"][r["argv"].index("--base-gpu-id") + 1]))
+    assert [(r["argv"][r["argv"].index("--base-gpu-id") + 1], r["argv"][r["argv"].index("--port") + 1],
+             r["argv"][r["argv"].index("--tp") + 1]) for r in servers] == [("0", str(port), "2"), ("2", str(port + 1), "2")]
+    assert all((log / f"term-sglang-{r['pid']}").exists() for r in servers)
+    (trainer,) = (torchrun_args(r) for r in records(log, "torchrun"))
+    assert trainer.nproc_per_node == "4" and trainer.training_script_args == [
+        str(recipe), "rollout.engine=sglang", "rollout.placement=colocated", "rollout.engines=2",
+        f"rollout.sglang_url=[http://127.0.0.1:{port},http://127.0.0.1:{port + 1}]", "rollout.engine_tp_size=2"]
+    # a TP that does not divide the node's GPUs is refused before anything starts
+    bad = run(["bash", SLURM_DIR / "single_node.sbatch", recipe], {**env, **job, "SLURM_JOB_ID": "602", "SGLANG_TP": "3"})
+    assert bad.returncode != 0 and "SGLANG_TP=3 does not divide the node's 4 GPUs" in bad.stderr
+
+

@@ -30,7 +30,6 @@ servers at once through ``SyncPipeline`` and spreads one generation over them wi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -43,7 +42,7 @@ import pytest
 import torch
 
 import sglang_side_env
-from helpers import REPO, free_port, torchrun
+from helpers import REPO, free_ports, torchrun
 from rlmt_megatron.rollout.fleet import request_seeds
 from rlmt_megatron.testing import sglang_emulator
 from rlmt_megatron.rollout import sglang_engine as se
@@ -334,21 +333,6 @@ def test_built_requests_pass_sglangs_own_classes(sglang_verdict):
 # ------------------------------------------------------------------ (e) a fleet of two emulated servers, broadcast over gloo
 
 
-def _free_ports(count: int) -> int:
-    """A port p with p + 1 .. p + count - 1 free too (engine i's stage-s group meets at master_port + 2i + s)."""
-    for _ in range(50):
-        port = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for k in range(1, count):
-                    s = held.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port + k))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 @pytest.fixture(scope="module")
 def fleet_run(tiny_models, tmp_path_factory, sglang_python):
     """Two emulated servers, one torchrun job (TP2 x PP2) whose rollout supervisor syncs both
@@ -360,7 +344,7 @@ def fleet_run(tiny_models, tmp_path_factory, sglang_python):
     servers = [subprocess.Popen(
         [sys.executable, "-m", "rlmt_megatron.testing.sglang_emulator", "--out", str(out), "--timeout", "240"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for out in outs]
-    port = _free_ports(4)
+    port = free_ports(4)
     try:
         urls = [sglang_emulator.wait_ready(str(out), lambda s=s: s.poll() is None) for out, s in zip(outs, servers)]
         torchrun(4, ["tests/workers/broadcast_worker.py", "--role", "trainer", "--model", str(tiny_models / "llama-policy"),
