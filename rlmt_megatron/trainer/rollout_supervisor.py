@@ -361,37 +361,23 @@ class RolloutSupervisor:
             _, failed = self._agree("joining the weight-update groups",
                                     lambda: senders.join(self.hosts.fed_by(rank, joining)), joining)
             self._joined.update(m for m in joining if m not in failed)
-        going = [m for m in members if m not in failed]
-        _, lost = self._agree(f"opening weight-update sessions v{version}",
-                              lambda: self._each_mine(going, lambda engine, member: engine.open_weight_update()), going)
-        failed.update(lost)
-        going = [m for m in going if m not in lost]
-        stream = stage_buckets(self.policy.built, {self.hosts.feeding(m) for m in going}, self._bucket_bytes)
-        _, lost = self._agree(f"syncing weights v{version}",
-                              lambda: senders.push(stream, version, self.hosts.fed_by(rank, going), self._pipeline),
-                              going)
-        failed.update(lost)
 
-        def close(engine, member):
-            engine.close_weight_update(version, complete=member not in lost)
+        def send(going):
+            stream = stage_buckets(self.policy.built, {self.hosts.feeding(m) for m in going}, self._bucket_bytes)
+            senders.push(stream, version, self.hosts.fed_by(rank, going), self._pipeline)
 
-        _, more = self._agree(f"closing weight-update sessions v{version}", lambda: self._each_mine(going, close), going)
-        failed.update({m: why for m, why in more.items() if m not in failed})
+        failed.update(self._push_in_sessions(version, [m for m in members if m not in failed], send))
         return failed
 
     def _push_from_each_gpu(self, version: int, members: list[int]) -> dict[int, str]:
         """``push`` when each server TP rank is fed from the trainer rank on its GPU (steps in
         ``rollout/weight_sync/same_gpu_ipc.py``); the engines that failed, and why."""
-        _, failed = self._agree(f"opening weight-update sessions v{version}",
-                                lambda: self._each_mine(members, lambda engine, member: engine.open_weight_update()),
-                                members)
-        going = [m for m in members if m not in failed]
-        stream = buckets_on_every_rank(self.policy.built, self._bucket_bytes)
-        if self._pipeline.quantize is not None:
-            stream = self._pipeline.quantize(stream)
         here = self.hosts.rank_node[world_rank()]
 
-        def send():
+        def send(going):
+            stream = buckets_on_every_rank(self.policy.built, self._bucket_bytes)
+            if self._pipeline.quantize is not None:
+                stream = self._pipeline.quantize(stream)
             if not any(self.hosts.node[m] == here for m in going):
                 return drain(stream)  # this node's ranks take part in the TP gathers only
             mine = self._mine(going)
@@ -399,7 +385,19 @@ class RolloutSupervisor:
             if lost and mine:
                 raise MembersFailed(lost, self.count)
 
-        _, lost = self._agree(f"syncing weights v{version}", send, going)
+        return self._push_in_sessions(version, members, send)
+
+    def _push_in_sessions(self, version: int, members: list[int], send: Callable[[list[int]], object]
+                          ) -> dict[int, str]:
+        """A sync whose buckets other ranks than the hosts send: each host opens its engines'
+        weight-update sessions, every rank runs ``send(going)`` (raising ``MembersFailed`` for the
+        engines it lost), and the hosts close the sessions (quietly on the engines lost). Returns
+        the engines that failed, and why."""
+        _, failed = self._agree(f"opening weight-update sessions v{version}",
+                                lambda: self._each_mine(members, lambda engine, member: engine.open_weight_update()),
+                                members)
+        going = [m for m in members if m not in failed]
+        _, lost = self._agree(f"syncing weights v{version}", lambda: send(going), going)
         failed.update(lost)
 
         def close(engine, member):
