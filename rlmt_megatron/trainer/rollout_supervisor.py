@@ -54,7 +54,7 @@ from rlmt_megatron.rollout.factory import make_rollout_engine
 from rlmt_megatron.rollout.fleet import (MemberReport, MembersFailed, Outcome, describe_failures, first_shares,
                                          request_seeds, run_each, serve_across, share_job)
 from rlmt_megatron.rollout.weight_sync.pipeline import SyncTarget, check_verifiable, drain, make_sync_pipeline
-from rlmt_megatron.rollout.weight_sync.same_gpu_ipc import NodeFeeds, engine_gpus
+from rlmt_megatron.rollout.weight_sync.same_gpu_ipc import NodeFeeds, node_feeds
 from rlmt_megatron.rollout.weight_sync.select import WeightSyncConfig, fed_from_each_gpu, make_transport, sent_by_stage
 from rlmt_megatron.rollout.weight_sync.stage_groups import StageSenders
 from rlmt_megatron.trainer.engine_hosts import EngineHosts, find_engine_hosts
@@ -185,7 +185,9 @@ class RolloutSupervisor:
         if self.hosts.stages > 1 and sent_by_stage(self.weight_sync, self.rollout.engine, self.rollout.placement):
             self._stage_senders = StageSenders(self.rollout, self.weight_sync, self.hosts.layout.stage[world_rank()],
                                                self.hosts.stages)
-        self._node_feeds = self._feeds_from_each_gpu()
+        r = self.rollout
+        if self.hosts.stages == 1 and fed_from_each_gpu(self.weight_sync, r.engine, r.placement):
+            self._node_feeds = node_feeds(self.hosts, r.engine_tp_size, self.count)
         senders = set(self.hosts.node.values())
         if self._stage_senders is not None:
             senders |= self.hosts.sender_nodes(range(self.count))
@@ -208,31 +210,6 @@ class RolloutSupervisor:
             self.push(version)
             if self._broken:
                 raise EngineError(f"the first weight sync failed: {describe_failures(self._broken, self.count)}")
-
-    def _feeds_from_each_gpu(self) -> Optional[NodeFeeds]:
-        """This node's :class:`NodeFeeds` when every server TP rank can be fed from the trainer rank
-        on its GPU (``rollout/weight_sync/same_gpu_ipc.py``): colocated SGLang by CUDA IPC, one
-        pipeline stage, a trainer rank on every engine GPU. Collective (creates the node groups)."""
-        r = self.rollout
-        if (not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1
-                or self.hosts.stages > 1 or not fed_from_each_gpu(self.weight_sync, r.engine, r.placement)):
-            return None
-        by_node: dict[int, list[int]] = {}
-        for rank, node in enumerate(self.hosts.rank_node):
-            by_node.setdefault(node, []).append(rank)
-        gpus = {m: engine_gpus(self.hosts.slot[m], r.engine_tp_size) for m in range(self.count)}
-        lacking = [m for m in gpus if not set(gpus[m]) <= {self.hosts.rank_gpu[x] for x in by_node[self.hosts.node[m]]}]
-        if lacking:
-            if is_rank0():
-                print(f"note: rollout engine(s) {lacking} sit on GPUs without a trainer rank: every engine takes its "
-                      "weights from its node's host rank", file=sys.stderr, flush=True)
-            return None
-        group, _ = torch.distributed.new_subgroups_by_enumeration([by_node[n] for n in sorted(by_node)])
-        node = self.hosts.rank_node[world_rank()]
-        ranks = by_node[node]
-        host = next((self.hosts.host[m] for m in range(self.count) if self.hosts.node[m] == node), ranks[0])
-        return NodeFeeds(group, ranks, host, {x: self.hosts.rank_gpu[x] for x in ranks},
-                         {m: gpus[m] for m in self.hosts.members_of(host)})
 
     def _dispose(self, member: int) -> None:
         """End engine ``member`` (hosted here) whatever its state (a process is killed, then closed)."""

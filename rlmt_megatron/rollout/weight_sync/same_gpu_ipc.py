@@ -25,6 +25,7 @@ Needs one trainer rank per GPU of the node (``LOCAL_RANK`` = GPU), which colocat
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -86,3 +87,28 @@ class NodeFeeds:
             if self.device.type == "cuda":
                 torch.cuda.ipc_collect()
         return failed
+
+
+def node_feeds(hosts, tp: int, count: int) -> Optional[NodeFeeds]:
+    """This node's :class:`NodeFeeds` for ``count`` engines of TP ``tp`` placed as ``hosts``
+    (``trainer/engine_hosts.EngineHosts``), or None when a single process runs or an engine GPU
+    has no trainer rank (every engine then takes its payloads from its host rank's GPU).
+    Collective (creates the node groups)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    by_node: dict[int, list[int]] = {}
+    for rank, node in enumerate(hosts.rank_node):
+        by_node.setdefault(node, []).append(rank)
+    gpus = {m: engine_gpus(hosts.slot[m], tp) for m in range(count)}
+    lacking = [m for m in gpus if not set(gpus[m]) <= {hosts.rank_gpu[x] for x in by_node[hosts.node[m]]}]
+    if lacking:
+        if dist.get_rank() == 0:
+            print(f"note: rollout engine(s) {lacking} sit on GPUs without a trainer rank: every engine takes its "
+                  "weights from its node's host rank", file=sys.stderr, flush=True)
+        return None
+    group, _ = dist.new_subgroups_by_enumeration([by_node[n] for n in sorted(by_node)])
+    node = hosts.rank_node[dist.get_rank()]
+    ranks = by_node[node]
+    host = next((hosts.host[m] for m in range(count) if hosts.node[m] == node), ranks[0])
+    return NodeFeeds(group, ranks, host, {x: hosts.rank_gpu[x] for x in ranks},
+                     {m: gpus[m] for m in hosts.members_of(host)})
