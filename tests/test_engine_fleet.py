@@ -153,9 +153,10 @@ def test_stage_senders_are_the_owners_of_each_engines_feeding_replica():
     # 8 ranks, TP2 x PP2 x DP2, replica r on node r: ranks 0,1 | 2,3 are replica 0's stages 0 | 1.
     layout = StageOwners(replica=[0, 0, 0, 0, 1, 1, 1, 1], stage=[0, 0, 1, 1, 0, 0, 1, 1],
                          owner={(0, 0): 0, (0, 1): 2, (1, 0): 4, (1, 1): 6})
-    hosts = EngineHosts(host={0: 0, 1: 4, 2: 0}, node={0: 0, 1: 1, 2: 0}, slot={0: 0, 1: 0, 2: 1},
-                        replica={0: 0, 4: 1}, layout=layout, rank_node=[0, 0, 0, 0, 1, 1, 1, 1],
-                        rank_gpu=[0, 1, 2, 3, 0, 1, 2, 3])
+    hosts = EngineHosts(host={0: 0, 1: 4, 2: 0}, slot={0: 0, 1: 0, 2: 1}, layout=layout,
+                        rank_node=[0, 0, 0, 0, 1, 1, 1, 1], rank_gpu=[0, 1, 2, 3, 0, 1, 2, 3])
+    assert hosts.node == {0: 0, 1: 1, 2: 0} and hosts.replica == {0: 0, 4: 1}
+    assert hosts.feeds([0, 1, 2]) == {0: 0, 4: 1}
     assert hosts.stages == 2
     assert [hosts.feeding(m) for m in range(3)] == [0, 1, 0]
     assert {r: hosts.fed_by(r, [0, 1, 2]) for r in range(8)} == {
@@ -163,7 +164,7 @@ def test_stage_senders_are_the_owners_of_each_engines_feeding_replica():
     assert hosts.fed_by(2, [1]) == []  # rank 2 owns a stage of replica 0 only
     assert hosts.sender_nodes([0, 2]) == {0} and hosts.sender_nodes([0, 1, 2]) == {0, 1}
     # one replica whose second stage sits on another node: its engine is synced from two nodes
-    split = EngineHosts(host={0: 0}, node={0: 0}, slot={0: 0}, replica={0: 0},
+    split = EngineHosts(host={0: 0}, slot={0: 0},
                         layout=StageOwners([0, 0, 0, 0], [0, 0, 1, 1], {(0, 0): 0, (0, 1): 2}),
                         rank_node=[0, 0, 1, 1], rank_gpu=[0, 1, 0, 1])
     assert split.sender_nodes([0]) == {0, 1}

@@ -378,9 +378,9 @@ def serve(out: str, port: int = 0, tp_size: int = 1, timeout: float = 240.0, wei
             if route == "/generate":
                 return self._reply(_generate(body, shared["weight_version"]))
             if route == "/init_weights_update_group":
-                shared["groups"][body["group_name"]] = join_as_receiver(body["master_address"], body["master_port"], body["rank_offset"],
-                                                   body["world_size"], body["group_name"], body["backend"],
-                                                   tp_rank=0, timeout_s=60)
+                shared["groups"][body["group_name"]] = join_as_receiver(
+                    body["master_address"], body["master_port"], body["rank_offset"], body["world_size"],
+                    body["group_name"], body["backend"], tp_rank=0, timeout_s=60)
                 return self._result(True, "Succeeded to initialize custom process group.")
             if route == "/destroy_weights_update_group":
                 group = shared["groups"].pop(body["group_name"], None)

@@ -34,15 +34,12 @@ def node_key() -> str:
 
 @dataclass(frozen=True)
 class EngineHosts:
-    """The rank that drives each engine (``host``), each engine's node and place on it, the
-    replica that feeds each host (``replica``: host rank -> data-parallel rank), every rank's
-    replica and stage (``layout``), node (``rank_node``) and GPU on it (``rank_gpu``: its
-    ``LOCAL_RANK``, else its place among the node's ranks)."""
+    """The rank that drives each engine (``host``) and each engine's place among its node's
+    engines (``slot``); every rank's replica and stage (``layout``), node (``rank_node``) and GPU on
+    it (``rank_gpu``: its ``LOCAL_RANK``, else its place among the node's ranks)."""
 
     host: dict[int, int]
-    node: dict[int, int]
     slot: dict[int, int]
-    replica: dict[int, int]
     layout: StageOwners
     rank_node: list[int]
     rank_gpu: list[int]
@@ -51,9 +48,19 @@ class EngineHosts:
     def stages(self) -> int:
         return len(set(self.layout.stage))
 
+    @property
+    def node(self) -> dict[int, int]:
+        """Each engine's node: its host's."""
+        return {m: self.rank_node[h] for m, h in self.host.items()}
+
+    @property
+    def replica(self) -> dict[int, int]:
+        """The replica that feeds each host: its own (host rank -> data-parallel rank)."""
+        return {h: self.layout.replica[h] for h in set(self.host.values())}
+
     def feeding(self, member: int) -> int:
         """The data-parallel replica whose weights engine ``member`` gets."""
-        return self.replica[self.host[member]]
+        return self.layout.replica[self.host[member]]
 
     def fed_by(self, rank: int, members) -> list[int]:
         """Those of ``members`` whose feeding replica has ``rank`` as a stage owner."""
@@ -71,7 +78,7 @@ class EngineHosts:
 
     def feeds(self, members) -> dict[int, int]:
         """What ``buckets_for`` needs to stream the weights to the hosts of ``members``."""
-        return {self.host[m]: self.replica[self.host[m]] for m in members}
+        return {self.host[m]: self.feeding(m) for m in members}
 
     def describe(self) -> str:
         return "; ".join(f"engine {m} on node {self.node[m]} (rank {self.host[m]})" for m in sorted(self.host))
@@ -80,8 +87,7 @@ class EngineHosts:
 def find_engine_hosts(count: int) -> EngineHosts:
     """Where the run's ``count`` engines live. Collective (every rank says its node and stage)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return EngineHosts({m: 0 for m in range(count)}, {m: 0 for m in range(count)},
-                           {m: m for m in range(count)}, {0: 0}, stage_owners(), [0], [0])
+        return EngineHosts({m: 0 for m in range(count)}, {m: m for m in range(count)}, stage_owners(), [0], [0])
     layout = stage_owners()
     said: list = [None] * dist.get_world_size()
     local = os.environ.get("LOCAL_RANK")
@@ -89,14 +95,11 @@ def find_engine_hosts(count: int) -> EngineHosts:
     keys = [key for key, _ in said]
     nodes = list(dict.fromkeys(keys))  # numbered by their lowest rank
     hosts = []  # per node that can host, its host rank
-    for index, key in enumerate(nodes):
+    for key in nodes:
         owners = [r for r, k in enumerate(keys) if k == key and layout.owns(r)]
         if owners:
-            hosts.append((index, owners[0]))
-    host, node, slot = {}, {}, {}
-    for m in range(count):
-        node[m], host[m] = hosts[member_node(m, len(hosts))]
-        slot[m] = member_slot(m, len(hosts))
+            hosts.append(owners[0])
+    host = {m: hosts[member_node(m, len(hosts))] for m in range(count)}
+    slot = {m: member_slot(m, len(hosts)) for m in range(count)}
     gpu = [local if local is not None else keys[:r].count(keys[r]) for r, (_, local) in enumerate(said)]
-    return EngineHosts(host, node, slot, {r: layout.replica[r] for r in set(host.values())}, layout,
-                       [nodes.index(k) for k in keys], gpu)
+    return EngineHosts(host, slot, layout, [nodes.index(k) for k in keys], gpu)

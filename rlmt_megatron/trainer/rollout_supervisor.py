@@ -156,7 +156,7 @@ class RolloutSupervisor:
             if self.weight_sync.checksum:
                 check_verifiable(engine)
             # fed by the stage owners or from every GPU: the engine's own transport would go unused
-            transport = None if self._stage_senders or self._node_feeds else make_transport(
+            transport = None if self._stage_senders is not None or self._node_feeds is not None else make_transport(
                 self.weight_sync, engine, r.placement, engine_tp_size=r.engine_tp_size, base_dir=self.model_dir,
                 disk_dir=str(self.out_dir / "weight_sync"), member=member if self.count > 1 else None)
         except BaseException:

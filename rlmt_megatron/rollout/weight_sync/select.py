@@ -70,8 +70,8 @@ class WeightSyncConfig(StrictModel):
                                     "default <run dir>/weight_sync")
     fp8: Literal["none", "per_tensor", "block"] = Field("none", description="quantize the synced weights to FP8 for "
                                                        "the rollout engine (weight_sync/fp8.py)")
-    master_address: Optional[str] = Field(None, description="nccl: an address of the engine's host rank the SGLang "
-                                          "server can reach; default: this host's IP")
+    master_address: Optional[str] = Field(None, description="nccl: an address of the sending rank the SGLang "
+                                          "server can reach; default: that rank's host IP")
     master_port: Optional[int] = Field(None, ge=1, le=65535, description="nccl: rendezvous port (engine i of a fleet, "
                                        "pipeline stage s of S: master_port + i*S + s); default: a free one per group")
     nccl_backend: Literal["nccl", "gloo"] = Field("nccl", description="nccl: process-group backend (gloo: CPU tests)")
